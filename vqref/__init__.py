@@ -1,0 +1,2 @@
+"""vqref: a NumPy-first reference implementation of vector quantization with manual gradients."""
+__version__ = "0.1.0"
