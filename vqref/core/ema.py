@@ -1,0 +1,178 @@
+"""The exponential-moving-average (EMA) codebook of VQ-VAE (arXiv 1711.00937, appendix A.1).
+
+Symbols: N vectors, D features, K codes; gamma the decay, eps the Laplace-smoothing constant.
+
+Instead of a codebook loss, each code follows the running mean of the vectors assigned to it.
+With this batch's counts ``n_k`` and sums ``s_k`` (from the assignment made with the codebook
+*before* the update):
+
+    N_k <- gamma N_k + (1 - gamma) n_k                  cluster-size EMA, (K,)
+    m_k <- gamma m_k + (1 - gamma) s_k                  cluster-sum EMA, (K, D)
+    c_k  = m_k / N~_k                                   the new code
+
+Laplace smoothing keeps the denominator positive for codes that are never chosen while
+preserving the total count ``n = sum_k N_k``:
+
+    N~_k = (N_k + eps) / (n + K eps) * n
+
+vqref starts from the state vector-quantize-pytorch uses: ``N_k = 1`` and ``m_k = c_k`` (one
+pseudo-count of the initial code), with no debiasing.  Every re-initialisation (k-means,
+dead-code restarts) keeps the invariant ``c_k = m_k / N~_k`` by setting ``m_k = c_k N_k``.
+
+All functions are pure: they return new arrays and never modify their inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from .. import backend as B
+
+__all__ = [
+    "EMAState",
+    "batch_statistics",
+    "laplace_smoothing",
+    "codebook_from_state",
+    "ema_update",
+    "expire_dead_codes",
+]
+
+
+class EMAState(NamedTuple):
+    codebook: Any  # (K, D)
+    cluster_size: Any  # (K,) N_k
+    embed_avg: Any  # (K, D) m_k
+
+
+def batch_statistics(x: Any, indices: Any, num_codes: int) -> tuple[Any, Any]:
+    """This batch's counts ``n_k`` and sums ``s_k``.
+
+    Parameters
+    ----------
+    x : (N, D) float, the vectors that were quantized
+    indices : (N,) int, their codes
+    num_codes : K
+
+    Returns
+    -------
+    counts : (K,) in x's dtype
+    sums : (K, D) in x's dtype
+    """
+    xp = B.get_namespace(x, indices)
+    counts = xp.astype(B.bincount(indices, num_codes), x.dtype)  # (K,)
+    sums = B.segment_sum(x, indices, num_codes)  # (K, D)
+    return counts, sums
+
+
+def laplace_smoothing(cluster_size: Any, eps: float) -> Any:
+    """``N~_k = (N_k + eps) / (sum N + K eps) * sum N``: positive, same total (K,)."""
+    xp = B.get_namespace(cluster_size)
+    K = cluster_size.shape[0]
+    total = xp.sum(cluster_size)
+    return (cluster_size + eps) / (total + K * eps) * total
+
+
+def codebook_from_state(
+    cluster_size: Any, embed_avg: Any, *, eps: float, normalize: bool = False, fallback: Any = None
+) -> Any:
+    """``c_k = m_k / N~_k``; with ``normalize`` (cosine codebooks) each code is then l2-normalised.
+
+    With ``eps > 0`` and a positive total count every ``N~_k`` is positive.  With ``eps = 0`` a
+    code whose count is exactly zero would be 0/0: such a code keeps its ``fallback`` value (the
+    previous code) instead, or becomes zero when no fallback is given.
+
+    Returns
+    -------
+    codebook : (K, D)
+    """
+    xp = B.get_namespace(cluster_size, embed_avg)
+    smoothed = laplace_smoothing(cluster_size, eps)  # (K,)
+    positive = smoothed > 0  # (K,)
+    safe = xp.where(positive, smoothed, xp.ones_like(smoothed))
+    codebook = embed_avg / safe[:, None]  # (K, D)
+    if fallback is not None:
+        codebook = xp.where(positive[:, None], codebook, fallback)
+    if normalize:
+        norm = xp.linalg.vector_norm(codebook, axis=-1, keepdims=True)  # (K, 1)
+        codebook = codebook / xp.maximum(norm, xp.full_like(norm, 1e-6))
+    return codebook
+
+
+def ema_update(
+    state: EMAState,
+    counts: Any,
+    sums: Any,
+    *,
+    decay: float,
+    eps: float,
+    normalize: bool = False,
+) -> EMAState:
+    """One EMA step from a batch's statistics; returns the new state (the input is unchanged).
+
+    Parameters
+    ----------
+    state : EMAState(codebook (K, D), cluster_size (K,), embed_avg (K, D))
+    counts : (K,) this batch's ``n_k`` (see :func:`batch_statistics`)
+    sums : (K, D) this batch's ``s_k``
+    decay : gamma in [0, 1]; 1 freezes the statistics, 0 replaces them by the batch's
+    eps : Laplace smoothing constant
+    normalize : l2-normalise the new codes (cosine-similarity codebooks)
+
+    Returns
+    -------
+    EMAState with the new cluster_size, embed_avg and codebook
+    """
+    # Written as the interpolation a + (1 - gamma)(b - a), which is gamma a + (1 - gamma) b.
+    cluster_size = state.cluster_size + (1.0 - decay) * (counts - state.cluster_size)  # (K,)
+    embed_avg = state.embed_avg + (1.0 - decay) * (sums - state.embed_avg)  # (K, D)
+    codebook = codebook_from_state(
+        cluster_size, embed_avg, eps=eps, normalize=normalize, fallback=state.codebook
+    )
+    return EMAState(codebook, cluster_size, embed_avg)
+
+
+def expire_dead_codes(
+    state: EMAState,
+    x: Any,
+    *,
+    threshold: float,
+    rng: Any,
+    normalize: bool = False,
+) -> tuple[EMAState, Any]:
+    """Replace codes whose EMA count fell below ``threshold`` by random vectors of the batch.
+
+    Dead-code restarts (SoundStream, arXiv 2107.03312; vector-quantize-pytorch's
+    ``threshold_ema_dead_code``): a code with ``N_k < threshold`` is moved onto a row of the
+    current batch, and its EMA state is reset consistently with ``N_k = threshold`` and
+    ``m_k = threshold * c_k`` -- so ``c_k = m_k / N~_k`` keeps holding (up to smoothing).
+
+    Parameters
+    ----------
+    state : EMAState
+    x : (N, D) float, this batch's (normalised, for cosine) vectors
+    threshold : float > 0
+    rng : numpy Generator; one row per code is drawn on the host (distinct rows when N >= K,
+        with replacement otherwise), and dead codes take theirs
+    normalize : l2-normalise the replacements (cosine codebooks)
+
+    Returns
+    -------
+    new_state : EMAState
+    dead : (K,) bool, which codes were replaced
+    """
+    xp = B.get_namespace(state.codebook, x)
+    K = state.codebook.shape[0]
+    N = x.shape[0]
+    gen = B.as_generator(rng)
+    rows = gen.permutation(N)[:K] if N >= K else gen.integers(0, N, size=K)
+    rows = B.from_numpy(rows, xp, device=B.get_device(x))
+    samples = xp.take(x, rows, axis=0)  # (K, D), one candidate per code
+    if normalize:
+        norm = xp.linalg.vector_norm(samples, axis=-1, keepdims=True)
+        samples = samples / xp.maximum(norm, xp.full_like(norm, 1e-6))
+    samples = xp.astype(samples, state.codebook.dtype)
+    dead = state.cluster_size < threshold  # (K,)
+    codebook = xp.where(dead[:, None], samples, state.codebook)
+    cluster_size = xp.where(dead, xp.full_like(state.cluster_size, threshold), state.cluster_size)
+    embed_avg = xp.where(dead[:, None], threshold * samples, state.embed_avg)
+    return EMAState(codebook, cluster_size, embed_avg), dead

@@ -1,0 +1,571 @@
+"""Stateful facades with the API of vector-quantize-pytorch: ``quantized, indices, loss = vq(x)``.
+
+Symbols: N tokens (all leading axes of the input flattened), D = dim, K = codebook_size.
+
+A module holds the codebook and its EMA statistics, validates every input before touching any
+state, calls the pure functions of :mod:`vqref.core` and keeps the cache of the last training
+forward so that ``vq.backward(dquantized)`` can return the input's gradient.  All the math lives
+in the pure functions; this file only orchestrates, visibly:
+
+    training forward:  [k-means init on the first batch] -> quantize (old codebook)
+                       -> EMA update -> [dead-code restarts] -> commit the new state
+    eval forward:      quantize; nothing in the module changes
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import MutableMapping
+from typing import Any
+
+import numpy as np
+
+from . import backend as B
+from .core.ema import EMAState, batch_statistics, codebook_from_state, ema_update, expire_dead_codes
+from .core.quantize import quantize_backward, quantize_forward
+
+__all__ = ["VectorQuantize", "ParamView"]
+
+_STATE_KEYS = ("codebook", "cluster_size", "embed_avg", "initted")
+
+
+class ParamView(MutableMapping):
+    """A live dict view of a module's learnable arrays.
+
+    ``view[k]`` is the module's current array and ``view[k] = new`` (also ``view[k] -= step``)
+    writes back into the module after checking the shape, so optimizers can work on plain
+    mappings without knowing which module owns each array.
+    """
+
+    def __init__(self, getters: dict, setters: dict):
+        self._get = getters
+        self._set = setters
+
+    def __getitem__(self, key):
+        return self._get[key]()
+
+    def __setitem__(self, key, value):
+        if key not in self._set:
+            raise KeyError(f"unknown parameter {key!r}; parameters are {sorted(self._set)}")
+        self._set[key](value)
+
+    def __delitem__(self, key):
+        raise TypeError("parameters cannot be deleted")
+
+    def __iter__(self):
+        return iter(self._get)
+
+    def __len__(self):
+        return len(self._get)
+
+    def __repr__(self):
+        return "ParamView(" + ", ".join(f"{k}: {tuple(self[k].shape)}" for k in self) + ")"
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_real(name: str, value: Any, lo: float | None = None, hi: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if lo is not None and v < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {v}")
+    return v
+
+
+def _alias(name: str, value: Any, alias: str, alias_value: Any, default: Any) -> Any:
+    if value is not None and alias_value is not None and value != alias_value:
+        raise ValueError(f"{name}={value!r} and its alias {alias}={alias_value!r} disagree; give one")
+    if value is not None:
+        return value
+    if alias_value is not None:
+        return alias_value
+    return default
+
+
+class VectorQuantize:
+    """Vector quantization layer (VQ-VAE, arXiv 1711.00937) with manual gradients.
+
+    ``quantized, indices, loss = vq(x)`` for ``x`` of shape ``(..., dim)``; then
+    ``dx = vq.backward(dquantized, dloss=1.0)``; parameter gradients in ``vq.grads``.
+
+    Parameters
+    ----------
+    dim : D, the size of the last axis
+    codebook_size : K (alias ``n_embed``)
+    decay : EMA decay gamma in [0, 1] (vector-quantize-pytorch's default 0.8)
+    eps : Laplace smoothing of the EMA counts (1e-5)
+    commitment_weight : beta (alias ``commitment``), default 1.0
+    codebook_weight : with ``learnable_codebook``: weight of a separate codebook term
+        ``mse(sg[x], q)`` (the VQ-VAE paper's split, e.g. 1.0 with commitment 0.25); ``None``
+        (default) is vector-quantize-pytorch's single term ``commitment_weight * mse(x, q)``
+    ema_update : update the codebook by EMA in training (default True)
+    learnable_codebook : the losses send a gradient to the codebook (needs ``ema_update=False``)
+    kmeans_init, kmeans_iters : initialise the codebook by k-means on the first training batch
+    use_cosine_sim : l2-normalised inputs and codes, assignment by cosine similarity
+    orthogonal_reg_weight : weight of the orthogonal regulariser (> 0 makes the codebook learnable)
+    orthogonal_reg_active_codes_only, orthogonal_reg_max_codes : restrict the regulariser's codes
+    threshold_ema_dead_code : restart codes whose EMA count falls below this (0 = off)
+    rotation_trick : the rotation trick (arXiv 2410.06424) instead of the straight-through
+        estimator (default False: vqref's default estimator is the STE)
+    num_quantizers : > 1 quantizes residually in that many depths (see ``ResidualVQ``)
+    seed : seed or numpy Generator for every random choice (init, k-means, restarts)
+    dtype : dtype of the stored state (default "float32"); inputs may be float32 or float64, and
+        outputs keep the input's dtype
+    xp : array library of the state (numpy by default; cupy; array_api_strict); see :meth:`to`
+    chunk_size : rows per chunk of the nearest-code search (default: automatic)
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int | None = None,
+        *,
+        n_embed: int | None = None,
+        decay: float = 0.8,
+        eps: float = 1e-5,
+        commitment_weight: float | None = None,
+        commitment: float | None = None,
+        codebook_weight: float | None = None,
+        ema_update: bool = True,
+        learnable_codebook: bool = False,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        use_cosine_sim: bool = False,
+        orthogonal_reg_weight: float = 0.0,
+        orthogonal_reg_active_codes_only: bool = False,
+        orthogonal_reg_max_codes: int | None = None,
+        threshold_ema_dead_code: float = 0,
+        rotation_trick: bool = False,
+        num_quantizers: int = 1,
+        seed: Any = None,
+        dtype: Any = "float32",
+        xp: Any = None,
+        device: Any = None,
+        chunk_size: int | None = None,
+    ):
+        codebook_size = _alias("codebook_size", codebook_size, "n_embed", n_embed, None)
+        if codebook_size is None:
+            raise TypeError("VectorQuantize needs codebook_size (or its alias n_embed)")
+        commitment_weight = _alias("commitment_weight", commitment_weight, "commitment", commitment, 1.0)
+        self.dim = _check_int("dim", dim, 1)
+        self.codebook_size = _check_int("codebook_size", codebook_size, 1)
+        self.decay = _check_real("decay", decay, 0.0, 1.0)
+        self.eps = _check_real("eps", eps, 0.0)
+        self.commitment_weight = _check_real("commitment_weight", commitment_weight, 0.0)
+        self.codebook_weight = None if codebook_weight is None else _check_real("codebook_weight", codebook_weight, 0.0)
+        self.ema_update = bool(ema_update)
+        self.learnable_codebook = bool(learnable_codebook)
+        self.kmeans_init = bool(kmeans_init)
+        self.kmeans_iters = _check_int("kmeans_iters", kmeans_iters, 1)
+        self.use_cosine_sim = bool(use_cosine_sim)
+        self.orthogonal_reg_weight = _check_real("orthogonal_reg_weight", orthogonal_reg_weight, 0.0)
+        self.orthogonal_reg_active_codes_only = bool(orthogonal_reg_active_codes_only)
+        self.orthogonal_reg_max_codes = (
+            None if orthogonal_reg_max_codes is None else _check_int("orthogonal_reg_max_codes", orthogonal_reg_max_codes, 1)
+        )
+        self.threshold_ema_dead_code = _check_real("threshold_ema_dead_code", threshold_ema_dead_code, 0.0)
+        self.rotation_trick = bool(rotation_trick)
+        self.num_quantizers = _check_int("num_quantizers", num_quantizers, 1)
+        self.chunk_size = None if chunk_size is None else _check_int("chunk_size", chunk_size, 1)
+        if self.ema_update and self.learnable_codebook:
+            raise ValueError(
+                "learnable_codebook=True needs ema_update=False: the EMA would overwrite every gradient step"
+            )
+        if self.use_cosine_sim and self.learnable_codebook:
+            raise ValueError("use_cosine_sim cannot be combined with learnable_codebook (as in vector-quantize-pytorch)")
+        if self.codebook_weight is not None and not self.learnable_codebook:
+            raise ValueError("codebook_weight only applies with learnable_codebook=True and ema_update=False")
+        if self.rotation_trick and self.dim == 1:
+            raise ValueError("rotation_trick needs dim > 1: in one dimension the only rotation is the identity")
+        if self.num_quantizers != 1:
+            raise NotImplementedError("num_quantizers > 1 is residual quantization: use ResidualVQ")
+
+        self._rng = B.as_generator(seed)
+        self._xp = B.namespace_from_module(xp)
+        self._device = device
+        self._dtype_name = np.dtype(dtype).name if not hasattr(dtype, "__array_namespace__") else str(dtype)
+        if self._dtype_name not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+        self.training = True
+        self._cache = None
+        self._cache_shape = None
+        self.grads: dict = {}
+
+        # Initial codebook: uniform in +-sqrt(6 / (K D)), as torch's kaiming_uniform_ on a
+        # (1, K, D) tensor gives in vector-quantize-pytorch.  Cosine codebooks start unit-norm.
+        K, D = self.codebook_size, self.dim
+        bound = math.sqrt(6.0 / (K * D))
+        init = self._rng.uniform(-bound, bound, size=(K, D))
+        if self.use_cosine_sim:
+            init = init / np.maximum(np.linalg.norm(init, axis=1, keepdims=True), 1e-6)
+        if self.kmeans_init:
+            init = np.zeros((K, D))  # replaced by the k-means centroids of the first batch
+        self.codebook = self._from_host(init)
+        self.cluster_size = self._from_host(np.ones(K))
+        self.embed_avg = self._from_host(init)
+        self.initted = not self.kmeans_init
+
+    # ------------------------------------------------------------------ configuration helpers
+
+    @property
+    def dtype(self):
+        return getattr(self._xp, self._dtype_name)
+
+    @property
+    def xp(self):
+        return self._xp
+
+    def _from_host(self, a: Any) -> Any:
+        return B.from_numpy(np.asarray(a, dtype=self._dtype_name), self._xp, device=self._device)
+
+    def config(self) -> dict:
+        """The constructor arguments (without seed, xp and device), JSON-serialisable."""
+        return {
+            "dim": self.dim,
+            "codebook_size": self.codebook_size,
+            "decay": self.decay,
+            "eps": self.eps,
+            "commitment_weight": self.commitment_weight,
+            "codebook_weight": self.codebook_weight,
+            "ema_update": self.ema_update,
+            "learnable_codebook": self.learnable_codebook,
+            "kmeans_init": self.kmeans_init,
+            "kmeans_iters": self.kmeans_iters,
+            "use_cosine_sim": self.use_cosine_sim,
+            "orthogonal_reg_weight": self.orthogonal_reg_weight,
+            "orthogonal_reg_active_codes_only": self.orthogonal_reg_active_codes_only,
+            "orthogonal_reg_max_codes": self.orthogonal_reg_max_codes,
+            "threshold_ema_dead_code": self.threshold_ema_dead_code,
+            "rotation_trick": self.rotation_trick,
+            "num_quantizers": self.num_quantizers,
+            "dtype": self._dtype_name,
+            "chunk_size": self.chunk_size,
+        }
+
+    def __repr__(self) -> str:
+        flags = [k for k in ("use_cosine_sim", "kmeans_init", "rotation_trick", "learnable_codebook") if getattr(self, k)]
+        return (
+            f"VectorQuantize(dim={self.dim}, codebook_size={self.codebook_size}, decay={self.decay}, "
+            f"commitment_weight={self.commitment_weight}{''.join(', ' + f + '=True' for f in flags)})"
+        )
+
+    # ------------------------------------------------------------------ modes
+
+    def train(self, mode: bool = True) -> "VectorQuantize":
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "VectorQuantize":
+        return self.train(False)
+
+    @property
+    def codebook_is_learnable(self) -> bool:
+        """True when the codebook receives a gradient (a learnable codebook or the orthogonal
+        regulariser, which makes it learnable as in vector-quantize-pytorch)."""
+        return self.learnable_codebook or self.orthogonal_reg_weight > 0
+
+    @property
+    def params(self) -> ParamView:
+        """The live learnable arrays: ``{"codebook": ...}`` when learnable, else empty."""
+        if not self.codebook_is_learnable:
+            return ParamView({}, {})
+        return ParamView({"codebook": lambda: self.codebook}, {"codebook": self._set_codebook})
+
+    def _set_codebook(self, value: Any) -> None:
+        self._check_array("codebook", value, (self.codebook_size, self.dim))
+        self.codebook = value if value.dtype == self.dtype else self._xp.astype(value, self.dtype)
+
+    def to(self, xp: Any, device: Any = None) -> "VectorQuantize":
+        """Move the state to another array library (``numpy``, ``cupy``, ``array_api_strict``)."""
+        new_xp = B.namespace_from_module(xp)
+        moved = {k: B.to_numpy(getattr(self, k)) for k in ("codebook", "cluster_size", "embed_avg")}
+        self._xp, self._device = new_xp, device
+        for k, v in moved.items():
+            setattr(self, k, self._from_host(v))
+        self._cache = None
+        self.grads = {}
+        return self
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_array(self, name: str, a: Any, shape: tuple | None = None, *, last_dim: int | None = None) -> None:
+        if not B._is_array(a):
+            raise TypeError(f"{name} must be an array, got {type(a).__name__}")
+        lib = B.library_name(a)
+        try:
+            xp = B.get_namespace(a, self.codebook)
+        except TypeError:
+            raise TypeError(
+                f"{name} is a {lib} array but this module holds {B.library_name(self.codebook)} arrays; "
+                f"move one of them (e.g. module.to({lib}))"
+            ) from None
+        if not xp.isdtype(a.dtype, "real floating"):
+            raise TypeError(f"{name} must be a real floating-point array, got dtype {a.dtype}")
+        if shape is not None and tuple(a.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
+        if last_dim is not None:
+            if a.ndim < 1 or a.shape[-1] != last_dim:
+                raise ValueError(f"{name} must have shape (..., {last_dim}), got {tuple(a.shape)}")
+            if B.numel(tuple(a.shape)) == 0:
+                raise ValueError(f"{name} is empty (shape {tuple(a.shape)}); at least one vector is needed")
+        if not B.all_finite(a):
+            raise ValueError(f"{name} contains NaN or infinite values")
+
+    # ------------------------------------------------------------------ forward / backward
+
+    def __call__(self, x: Any):
+        return self.forward(x)
+
+    def forward(self, x: Any):
+        """Quantize ``x``.
+
+        Parameters
+        ----------
+        x : (..., dim) float32 or float64 array of the module's library
+
+        Returns
+        -------
+        quantized : (..., dim), x's dtype; its rows are (normalised) codebook rows
+        indices : (...) int64
+        loss : 0-d, ``commitment_weight * mse(x, sg[q])`` plus the enabled terms
+        """
+        self._check_array("x", x, last_dim=self.dim)
+        xp = self._xp
+        lead = tuple(x.shape[:-1])
+        xf = xp.reshape(x, (-1, self.dim))  # (N, D)
+        state = EMAState(self.codebook, self.cluster_size, self.embed_avg)
+        initted = self.initted
+        rng_state = self._rng.bit_generator.state
+
+        try:
+            # Everything below computes new values only; they are committed at the very end,
+            # so a failure leaves the module as it was.
+            if self.training and not initted:
+                state = self._kmeans_state(xf, state)
+                initted = True
+            codebook = xp.astype(state.codebook, x.dtype)  # compute in the input's dtype
+            code_ids = self._orthogonal_code_ids(xf, codebook) if self.orthogonal_reg_weight > 0 else None
+            out, cache = quantize_forward(
+                xf,
+                codebook,
+                commitment_weight=self.commitment_weight,
+                codebook_weight=self.codebook_weight,
+                learnable_codebook=self.learnable_codebook,
+                use_cosine_sim=self.use_cosine_sim,
+                rotation_trick=self.rotation_trick,
+                orthogonal_reg_weight=self.orthogonal_reg_weight,
+                orthogonal_code_ids=code_ids,
+                chunk_size=self.chunk_size,
+            )
+            if self.training:
+                state = self._state_update(state, xf, out.indices, cache)
+        except BaseException:
+            self._rng.bit_generator.state = rng_state
+            raise
+
+        if self.training:
+            self.codebook, self.cluster_size, self.embed_avg = state
+            self.initted = initted
+            self._cache = cache
+            self._cache_shape = tuple(x.shape)
+            self._cache_dtype = x.dtype
+        self.last_losses = {"commitment": out.commitment, "orthogonal": out.orthogonal}
+        quantized = xp.reshape(out.quantized, tuple(x.shape))
+        indices = xp.reshape(out.indices, lead)
+        return quantized, indices, out.loss
+
+    def _kmeans_state(self, xf: Any, state: EMAState) -> EMAState:
+        """k-means on the first batch; EMA state seeded so that ``c_k = m_k / N~_k`` holds."""
+        from .core.kmeans import kmeans
+
+        xp = self._xp
+        data = xf
+        if self.use_cosine_sim:
+            from .ops.l2norm import l2norm_forward
+
+            data, _ = l2norm_forward(xf)
+        res = kmeans(data, self.codebook_size, self.kmeans_iters, rng=self._rng, use_cosine_sim=self.use_cosine_sim)
+        means = xp.astype(res.means, self.dtype)  # (K, D)
+        counts = xp.astype(res.counts, self.dtype)  # (K,)
+        embed_avg = means * counts[:, None]
+        codebook = codebook_from_state(counts, embed_avg, eps=self.eps, normalize=self.use_cosine_sim)
+        # vector-quantize-pytorch sets an empty cluster's code to m_k / N~_k = 0; vqref keeps the
+        # k-means centroid there instead (docs/deviations.md), with zero count.
+        empty = counts == 0
+        codebook = xp.where(empty[:, None], means, codebook)
+        return EMAState(codebook, counts, embed_avg)
+
+    def _orthogonal_code_ids(self, xf: Any, codebook: Any):
+        from .ops.orthogonal import select_codes
+
+        used = None
+        if self.orthogonal_reg_active_codes_only:
+            from .core.quantize import assign
+
+            used = B.to_numpy(assign(xf, codebook, use_cosine_sim=self.use_cosine_sim, chunk_size=self.chunk_size))
+        if used is None and self.orthogonal_reg_max_codes is None:
+            return None
+        ids = select_codes(self.codebook_size, used_indices=used, max_codes=self.orthogonal_reg_max_codes, rng=self._rng)
+        return B.from_numpy(ids, self._xp, device=B.get_device(xf))
+
+    def _state_update(self, state: EMAState, xf: Any, indices: Any, cache) -> EMAState:
+        """EMA step on this batch (codes move toward their cluster means), then dead-code restarts."""
+        xp = self._xp
+        data = xf if cache.x_norm is None else cache.x_norm.y
+        data = xp.astype(data, self.dtype)
+        if self.ema_update:
+            counts, sums = batch_statistics(data, indices, self.codebook_size)
+            state = ema_update(state, counts, sums, decay=self.decay, eps=self.eps, normalize=self.use_cosine_sim)
+        if self.threshold_ema_dead_code > 0:
+            state, _ = expire_dead_codes(
+                state, data, threshold=self.threshold_ema_dead_code, rng=self._rng, normalize=self.use_cosine_sim
+            )
+        return state
+
+    def backward(self, dquantized: Any, dloss: Any = 1.0) -> Any:
+        """Gradient for the input of the last training forward.
+
+        Parameters
+        ----------
+        dquantized : (..., dim), the upstream gradient of ``quantized``
+        dloss : scalar or 0-d array, the upstream gradient of ``loss`` (1.0 when the loss is
+            added to the training objective as is)
+
+        Returns
+        -------
+        dx : (..., dim), the input's dtype.  The codebook's gradient (when learnable) is stored
+            in ``self.grads["codebook"]``.  The cache is consumed: a second backward raises.
+        """
+        if self._cache is None:
+            raise RuntimeError(
+                "backward() needs a training-mode forward first (and each forward allows one backward)"
+            )
+        self._check_array("dquantized", dquantized, self._cache_shape)
+        xp = self._xp
+        if B._is_array(dloss):
+            self._check_array("dloss", dloss, ())
+            dloss = xp.astype(dloss, self._cache_dtype)
+        else:
+            dloss = _check_real("dloss", dloss)
+        dq = xp.astype(xp.reshape(dquantized, (-1, self.dim)), self._cache_dtype)
+        dx, dcodebook = quantize_backward(dq, dloss, self._cache)
+        self._cache = None
+        self.grads = {}
+        if self.codebook_is_learnable:
+            if dcodebook is None:
+                dcodebook = xp.zeros((self.codebook_size, self.dim), dtype=self.dtype, device=B.get_device(dx))
+            self.grads["codebook"] = xp.astype(dcodebook, self.dtype)
+        return xp.reshape(dx, self._cache_shape)
+
+    # ------------------------------------------------------------------ decoding
+
+    def get_codes_from_indices(self, indices: Any) -> Any:
+        """Codes ``(..., dim)`` for integer ``indices (...)`` (unit codes for cosine codebooks)."""
+        xp = self._xp
+        if not B._is_array(indices) or not xp.isdtype(indices.dtype, "integral"):
+            raise TypeError("indices must be an integer array")
+        flat = xp.reshape(indices, (-1,))
+        if flat.shape[0] and (int(xp.min(flat)) < 0 or int(xp.max(flat)) >= self.codebook_size):
+            raise ValueError(f"indices must lie in [0, {self.codebook_size})")
+        codebook = self.codebook
+        if self.use_cosine_sim:
+            from .ops.l2norm import l2norm_forward
+
+            codebook, _ = l2norm_forward(codebook)
+        return xp.reshape(xp.take(codebook, flat, axis=0), tuple(indices.shape) + (self.dim,))
+
+    def get_output_from_indices(self, indices: Any) -> Any:
+        """The quantized output for ``indices``; equals the eval-mode forward output."""
+        return self.get_codes_from_indices(indices)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """Copies of the state as arrays of the module's library (``initted`` is a 0-d bool)."""
+        xp = self._xp
+        return {
+            "codebook": xp.asarray(self.codebook, copy=True),
+            "cluster_size": xp.asarray(self.cluster_size, copy=True),
+            "embed_avg": xp.asarray(self.embed_avg, copy=True),
+            "initted": xp.asarray(self.initted),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a state from :meth:`state_dict` (any library); shapes are checked first."""
+        missing = [k for k in _STATE_KEYS if k not in state]
+        extra = [k for k in state if k not in _STATE_KEYS]
+        if missing or extra:
+            raise KeyError(f"state_dict keys mismatch: missing {missing}, unexpected {extra}")
+        K, D = self.codebook_size, self.dim
+        expected = {"codebook": (K, D), "cluster_size": (K,), "embed_avg": (K, D), "initted": ()}
+        host = {}
+        for k, shape in expected.items():
+            a = np.asarray(B.to_numpy(state[k]))
+            if a.shape != shape:
+                raise ValueError(f"state_dict[{k!r}] must have shape {shape}, got {a.shape}")
+            if k != "initted":
+                if not np.issubdtype(a.dtype, np.floating):
+                    raise TypeError(f"state_dict[{k!r}] must be floating point, got {a.dtype}")
+                if not np.all(np.isfinite(a)):
+                    raise ValueError(f"state_dict[{k!r}] contains NaN or infinite values")
+            host[k] = a
+        for k in ("codebook", "cluster_size", "embed_avg"):
+            setattr(self, k, self._from_host(host[k]))
+        self.initted = bool(host["initted"])
+        self._cache = None
+
+    def save(self, path: str) -> None:
+        """Save configuration and state to an ``.npz`` file (plain arrays, no pickle)."""
+        arrays = {k: np.asarray(B.to_numpy(v)) for k, v in self.state_dict().items()}
+        arrays["config"] = np.asarray(json.dumps({"class": type(self).__name__, **self.config()}))
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+    def load(self, path: str) -> None:
+        """Load a state saved by :meth:`save`; the file's configuration must match this module's."""
+        config, state = _read_npz(path)
+        mine = {"class": type(self).__name__, **self.config()}
+        diff = {k: (config.get(k), v) for k, v in mine.items() if k not in ("dtype", "chunk_size") and config.get(k) != v}
+        if diff:
+            raise ValueError(
+                "the file was saved from a different configuration: "
+                + ", ".join(f"{k}: file {a!r} vs module {b!r}" for k, (a, b) in diff.items())
+            )
+        self.load_state_dict(state)
+
+    @classmethod
+    def from_file(cls, path: str, **kwargs) -> "VectorQuantize":
+        """Build a module from a file written by :meth:`save` (``kwargs``: seed, xp, device)."""
+        config, state = _read_npz(path)
+        if config.pop("class", cls.__name__) != cls.__name__:
+            raise ValueError(f"{path} does not hold a {cls.__name__}")
+        module = cls(**config, **kwargs)
+        module.load_state_dict(state)
+        return module
+
+
+def _read_npz(path: str) -> tuple[dict, dict]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            files = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable vqref .npz file: {e}") from None
+    if "config" not in files:
+        raise ValueError(f"{path} is not a vqref file: it has no 'config' entry")
+    try:
+        config = json.loads(str(files.pop("config")))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: its configuration is not valid JSON ({e})") from None
+    return config, files
