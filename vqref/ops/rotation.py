@@ -1,0 +1,315 @@
+"""The rotation trick (Fifty et al., arXiv 2410.06424): a surrogate gradient that rotates, not copies.
+
+Symbols: N vectors, D features (D >= 2).  Per row, ``e`` is the encoder output and ``q`` the
+code selected for it; ``g`` is the upstream gradient with respect to the quantizer's output.
+
+Why: the straight-through estimator hands ``g`` to ``e`` unchanged, so it forgets where ``e``
+sits relative to its code.  The rotation trick writes the quantizer's output as a rotation plus
+a rescaling of ``e``,
+
+    q~ = sg[lambda R] e,     lambda = ||q|| / ||e||,     R e^ = q^            (paper, section 4)
+
+with ``e^ = e/||e||``, ``q^ = q/||q||`` and ``R`` the rotation that turns ``e^`` into ``q^``
+inside the plane span{e^, q^} and leaves every vector orthogonal to that plane alone.  The value
+is ``lambda ||e|| q^ = q``, the same as with the STE; only the backward changes:
+
+    de = lambda R^T g                  (lambda and R held constant: sg[.])
+
+It is a *surrogate* gradient, not the derivative of the forward (the true derivative of the
+piecewise-constant lookup is zero almost everywhere).  Check it against an autograd expression
+written with ``.detach()``, never against finite differences of the quantizer.  Two consequences
+serve as tests: ``||de|| = lambda ||g||`` (rotations keep lengths) and ``e . de = q . g`` (the
+angle between ``g`` and ``q`` becomes the angle between ``de`` and ``e``).  The codebook gets
+nothing through this path.
+
+How ``R`` is applied.  The paper defines ``R = I - 2 r r^T + 2 q^ e^T`` with
+``r = (e^ + q^)/||e^ + q^||`` (its O(D) "efficient" form, section 4.2, is
+:func:`householder_rotate`).  That form divides by ``||e^ + q^|| = sqrt(2 (1 + cos theta))``: its
+errors grow like ``u / sqrt(1 + cos theta)`` as the angle approaches pi, and it is 0/0 (NaN) when
+``e`` and ``q`` point in exactly opposite directions.  vqref uses the plane (Rodrigues) form
+instead, with an explicitly orthonormal basis (e^, p) of the plane:
+
+    q^ = c e^ + s p,        c = cos theta,   s = sin theta >= 0,   p . e^ = 0, ||p|| = 1
+    R v   = v + (c - 1)(e^ (e^.v) + p (p.v)) + s (p (e^.v) - e^ (p.v))
+    R^T v = v + (c - 1)(e^ (e^.v) + p (p.v)) - s (p (e^.v) - e^ (p.v))
+
+In the basis (e^, p) this is the 2x2 rotation [[c, -s], [s, c]]; on the orthogonal complement it
+is the identity.  It is the same matrix as the Householder form wherever that one is defined, it
+costs O(D) per row (never a D x D matrix), and it stays orthogonal to rounding error for every
+angle, including theta = pi.
+
+Degenerate rows never give NaN:
+
+* ``e`` and ``q`` (anti)parallel: the plane is not determined (``w = q^ - c e^`` vanishes).  Any
+  unit ``p`` orthogonal to ``e^`` then gives a valid rotation (the identity for c = 1, a proper
+  rotation by pi, det +1, for c = -1); vqref takes the coordinate axis where ``|e^_j|`` is
+  smallest, with its ``e^`` component removed.
+* ``e = 0`` or ``q = 0`` (more precisely ``lambda`` outside ``[eps, 1/eps]``): ``e^`` or ``q^``
+  is undefined and ``lambda`` is 0 or unbounded.  Those rows fall back to the straight-through
+  estimator, which is the rotation trick with ``R = I`` and ``lambda = 1``: ``de = g``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from .. import backend as B
+
+__all__ = [
+    "RotationBasis",
+    "RotationTrickCache",
+    "rotation_basis",
+    "rotate",
+    "rotate_transpose",
+    "householder_rotate",
+    "rotation_matrix",
+    "rotation_trick_forward",
+    "rotation_trick_backward",
+]
+
+
+class RotationBasis(NamedTuple):
+    """Per row, the rotation ``R`` that maps ``e^`` to ``q^``, in plane form."""
+
+    ehat: Any  # (N, D) unit e (zero for a zero row)
+    p: Any  # (N, D) unit, orthogonal to ehat: the second axis of the rotation plane
+    cos: Any  # (N, 1) cos theta
+    sin: Any  # (N, 1) sin theta >= 0, with cos^2 + sin^2 = 1 to rounding
+
+
+class RotationTrickCache(NamedTuple):
+    basis: RotationBasis  # R, held constant in the backward
+    scale: Any  # (N, 1) lambda = ||q|| / ||e|| (1 on straight-through rows)
+
+
+def _unit(x: Any, xp: Any) -> tuple[Any, Any]:
+    """Rows of ``x`` scaled to unit length, and their lengths: ``(N, D)``, ``(N, 1)``.
+
+    A zero row gives a zero direction and length 0 (no NaN).  Why the division by the largest
+    ``|x_j|`` first: the squares inside ``||x||`` underflow for entries below about 1e-19 in
+    float32 (1e-154 in float64), which would leave a direction that is not unit length.  After
+    the division every entry lies in [-1, 1] and one is +-1, so the norm lies in [1, sqrt(D)].
+    """
+    m = xp.max(xp.abs(x), axis=1, keepdims=True)  # (N, 1)
+    nonzero = m > 0  # (N, 1)
+    y = x / xp.where(nonzero, m, 1.0)  # (N, D), entries in [-1, 1]
+    n = xp.linalg.vector_norm(y, axis=1, keepdims=True)  # (N, 1), in [1, sqrt(D)] or 0
+    return y / xp.where(nonzero, n, 1.0), m * n
+
+
+def _plane_basis(ehat: Any, qhat: Any, live: Any, xp: Any) -> RotationBasis:
+    """The plane-form basis of the rotation taking unit ``ehat`` to unit ``qhat``, row by row.
+
+    Rows where ``live`` is False get the identity (cos 1, sin 0).
+    """
+    N, D = ehat.shape
+    c = xp.sum(ehat * qhat, axis=1, keepdims=True)  # (N, 1) cos theta
+    w = qhat - c * ehat  # (N, D), the part of q^ orthogonal to e^
+    # Subtracting c e^ once leaves a component along e^ of the size of the rounding error,
+    # which is large next to w itself when theta is near 0 or pi.  A second projection removes
+    # it ("twice is enough", Parlett and Kahan).
+    w = w - xp.sum(ehat * w, axis=1, keepdims=True) * ehat  # (N, D)
+    p, s = _unit(w, xp)  # (N, D), (N, 1): s = ||w|| = sin theta
+
+    # When ||w|| is at the rounding level, its direction is noise and is no longer reliably
+    # orthogonal to e^ (the error of the projections is about sqrt(D) u / ||w||).  There e^ and
+    # q^ are parallel or opposite to working precision, any unit p orthogonal to e^ is right,
+    # and a fixed one is used.  The threshold sqrt(D) * eps balances the two errors:
+    # a noisy p below it, and the neglected in-plane direction (of size s) above it.
+    axis = xp.argmin(xp.abs(ehat), axis=1, keepdims=True)  # (N, 1) the coordinate least along e^
+    cols = xp.arange(D, device=B.get_device(ehat))  # (D,)
+    a = xp.astype(cols[None, :] == axis, ehat.dtype)  # (N, D) that coordinate axis
+    a = a - xp.sum(ehat * a, axis=1, keepdims=True) * ehat  # (N, D), ||a||^2 >= 1 - 1/D
+    p_fixed, _ = _unit(a, xp)  # (N, D)
+    tiny = math.sqrt(D) * xp.finfo(ehat.dtype).eps
+    p = xp.where(s > tiny, p, p_fixed)  # (N, D)
+
+    # c and s are rounded separately; rescale them so that c^2 + s^2 = 1 and R stays orthogonal.
+    # On dead rows (q^ = 0 or e^ = 0) the radius is 0: those become the identity rotation.
+    radius = xp.sqrt(c * c + s * s)  # (N, 1), 1 to rounding on live rows
+    ok = live & (radius > 0)  # (N, 1)
+    safe = xp.where(ok, radius, 1.0)  # (N, 1)
+    cos = xp.where(ok, c / safe, 1.0)  # (N, 1)
+    sin = xp.where(ok, s / safe, 0.0)  # (N, 1)
+    return RotationBasis(ehat, p, cos, sin)
+
+
+def _check_pair(e: Any, q: Any, name: str) -> None:
+    if tuple(e.shape) != tuple(q.shape) or e.ndim != 2:
+        raise ValueError(f"{name}: e and q must both be (N, D), got {tuple(e.shape)} and {tuple(q.shape)}")
+    if e.shape[1] < 2:
+        raise ValueError(
+            f"{name}: the rotation trick needs D >= 2 (in one dimension no rotation maps +1 to -1); "
+            "use the straight-through estimator"
+        )
+
+
+def rotation_basis(e: Any, q: Any) -> RotationBasis:
+    """The rotation ``R`` with ``R e^ = q^`` for every row, in plane form (O(N D)).
+
+    Parameters
+    ----------
+    e : (N, D) float, D >= 2 (only the directions of e and q matter)
+    q : (N, D) float
+
+    Returns
+    -------
+    RotationBasis(ehat, p, cos, sin): ``ehat (N, D)``, ``p (N, D)``, ``cos (N, 1)``, ``sin (N, 1)``
+    with ``q^ = cos e^ + sin p``.  Apply it with :func:`rotate` and :func:`rotate_transpose`.
+
+    Notes
+    -----
+    Exactly (anti)parallel rows use a fixed ``p`` orthogonal to ``e^`` (see the module notes); a
+    row where ``e`` or ``q`` is zero gets the identity.  No branch leaves the device.
+    """
+    _check_pair(e, q, "rotation_basis")
+    xp = B.get_namespace(e, q)
+    ehat, e_norm = _unit(e, xp)  # (N, D), (N, 1)
+    qhat, q_norm = _unit(q, xp)  # (N, D), (N, 1)
+    return _plane_basis(ehat, qhat, (e_norm > 0) & (q_norm > 0), xp)
+
+
+def _apply(v: Any, basis: RotationBasis, sign: float) -> Any:
+    xp = B.get_namespace(v, basis.ehat)
+    ehat, p, c, s = basis
+    ev = xp.sum(ehat * v, axis=1, keepdims=True)  # (N, 1) e^ . v
+    pv = xp.sum(p * v, axis=1, keepdims=True)  # (N, 1) p . v
+    in_plane = ehat * ev + p * pv  # (N, D) projection of v onto the plane
+    turn = p * ev - ehat * pv  # (N, D) that projection turned by +90 degrees
+    return v + (c - 1) * in_plane + (sign * s) * turn  # (N, D)
+
+
+def rotate(v: Any, basis: RotationBasis) -> Any:
+    """``R v`` for every row, in O(N D).
+
+    ``R v = v + (c - 1)(e^ (e^.v) + p (p.v)) + s (p (e^.v) - e^ (p.v))``
+
+    Parameters
+    ----------
+    v : (N, D) float
+    basis : RotationBasis from :func:`rotation_basis` (or a forward cache)
+
+    Returns
+    -------
+    (N, D)
+    """
+    return _apply(v, basis, 1.0)
+
+
+def rotate_transpose(v: Any, basis: RotationBasis) -> Any:
+    """``R^T v = R^{-1} v`` for every row, in O(N D): :func:`rotate` with the sine negated."""
+    return _apply(v, basis, -1.0)
+
+
+def householder_rotate(v: Any, e: Any, q: Any, *, transpose: bool = False) -> Any:
+    """The paper's O(D) form ``R v = v - 2 r (r.v) + 2 q^ (e^.v)``, for teaching and tests.
+
+    ``R^T v = v - 2 r (r.v) + 2 e^ (q^.v)``, with ``r = (e^ + q^)/||e^ + q^||``.  This is the
+    expression of arXiv 2410.06424 section 4.2 (and of vector-quantize-pytorch, without its
+    clamps).  It has no guards: rows with ``e = -q`` (or a zero ``e`` or ``q``) give NaN, and
+    its rounding errors grow like ``u / sqrt(1 + cos theta)`` near theta = pi.  The library path
+    is :func:`rotate`.
+
+    Parameters
+    ----------
+    v, e, q : (N, D) float
+    transpose : apply ``R^T`` instead of ``R``
+
+    Returns
+    -------
+    (N, D)
+    """
+    xp = B.get_namespace(v, e, q)
+    ehat = e / xp.linalg.vector_norm(e, axis=1, keepdims=True)  # (N, D)
+    qhat = q / xp.linalg.vector_norm(q, axis=1, keepdims=True)  # (N, D)
+    r = ehat + qhat  # (N, D)
+    r = r / xp.linalg.vector_norm(r, axis=1, keepdims=True)  # (N, D) the bisector of e^ and q^
+    src, dst = (qhat, ehat) if transpose else (ehat, qhat)
+    rv = xp.sum(r * v, axis=1, keepdims=True)  # (N, 1)
+    sv = xp.sum(src * v, axis=1, keepdims=True)  # (N, 1)
+    return v - 2 * r * rv + 2 * dst * sv  # (N, D)
+
+
+def rotation_matrix(e_row: Any, q_row: Any) -> Any:
+    """The dense ``(D, D)`` matrix ``R = I - 2 r r^T + 2 q^ e^T`` of one pair, for tests only.
+
+    Building it costs O(D^2) memory; the op never does.  Unguarded, like :func:`householder_rotate`.
+
+    Parameters
+    ----------
+    e_row, q_row : (D,) float
+
+    Returns
+    -------
+    R : (D, D) with ``R e^ = q^``
+    """
+    xp = B.get_namespace(e_row, q_row)
+    D = e_row.shape[0]
+    ehat = e_row / xp.linalg.vector_norm(e_row)  # (D,)
+    qhat = q_row / xp.linalg.vector_norm(q_row)  # (D,)
+    r = ehat + qhat  # (D,)
+    r = r / xp.linalg.vector_norm(r)  # (D,)
+    eye = xp.eye(D, dtype=e_row.dtype, device=B.get_device(e_row))  # (D, D)
+    return eye - 2 * r[:, None] * r[None, :] + 2 * qhat[:, None] * ehat[None, :]  # (D, D)
+
+
+def rotation_trick_forward(e: Any, q: Any, *, eps: float | None = None) -> tuple[Any, RotationTrickCache]:
+    """The rotation-trick quantizer output: value ``q``, gradient routed to ``e`` by a rotation.
+
+    ``q~ = sg[lambda R] e`` with ``R e^ = q^`` and ``lambda = ||q|| / ||e||`` (arXiv 2410.06424,
+    section 4).  Because ``lambda R e = lambda ||e|| q^ = q``, the forward returns ``q`` itself,
+    bit for bit (as :func:`~vqref.ops.straight_through.straight_through_forward` does); the
+    trick only changes the backward.  ``cache.scale * rotate(e, cache.basis)`` recomputes
+    ``lambda R e`` and equals ``q`` to rounding.
+
+    Parameters
+    ----------
+    e : (N, D) float, encoder outputs (where the gradient goes), D >= 2
+    q : (N, D) float, selected codes (the value)
+    eps : rows whose ``lambda`` falls outside ``[eps, 1/eps]`` (``e`` or ``q`` numerically zero
+        next to the other, including exactly zero) use the straight-through estimator instead.
+        Default: the machine epsilon of the dtype (2.2e-16 in float64, 1.2e-7 in float32).
+
+    Returns
+    -------
+    q_tilde : (N, D), ``q`` itself
+    cache : RotationTrickCache(basis, scale): the rotation in plane form and ``lambda (N, 1)``;
+        straight-through rows hold the identity rotation and ``lambda = 1``.
+
+    Notes
+    -----
+    Nothing here synchronises with the device: the fallbacks are ``xp.where`` selections.
+    """
+    _check_pair(e, q, "rotation_trick_forward")
+    xp = B.get_namespace(e, q)
+    # A Python float, so that a float32 input is never promoted by a numpy float64 scalar.
+    eps = float(xp.finfo(e.dtype).eps if eps is None else eps)
+    ehat, e_norm = _unit(e, xp)  # (N, D), (N, 1)
+    qhat, q_norm = _unit(q, xp)  # (N, D), (N, 1)
+    # lambda in [eps, 1/eps], written without dividing; False whenever e or q is zero.
+    live = (q_norm > eps * e_norm) & (e_norm > eps * q_norm)  # (N, 1)
+    scale = xp.where(live, q_norm / xp.where(live, e_norm, 1.0), 1.0)  # (N, 1) lambda
+    basis = _plane_basis(ehat, qhat, live, xp)
+    return q, RotationTrickCache(basis, scale)
+
+
+def rotation_trick_backward(dq_tilde: Any, cache: RotationTrickCache) -> Any:
+    """``de = lambda R^T dq_tilde``: the rotation trick's surrogate gradient for ``e``.
+
+    ``lambda`` and ``R`` come from the cache and are constants (``sg[lambda R]``), so this is
+    the exact VJP of ``v -> lambda R v`` with the rotation frozen, not a derivative of the
+    forward value ``q``.  The codebook receives nothing through this path (train it with the
+    codebook loss or an EMA).  Straight-through rows (``R = I``, ``lambda = 1``) return
+    ``dq_tilde`` unchanged.
+
+    Parameters
+    ----------
+    dq_tilde : (N, D) float, upstream gradient of the quantizer output
+    cache : RotationTrickCache
+
+    Returns
+    -------
+    de : (N, D), with ``||de_i|| = lambda_i ||dq_tilde_i||`` and ``e_i . de_i = q_i . dq_tilde_i``
+    """
+    return cache.scale * rotate_transpose(dq_tilde, cache.basis)  # (N, D)
