@@ -1,0 +1,37 @@
+"""The tiny neural-network kit of the demo and the training notebook: layers with hand-written
+backward passes (:mod:`vqref.nn.layers`) and the optimizers that update them (:mod:`vqref.nn.optim`).
+"""
+
+from .layers import (
+    ACTIVATIONS,
+    MLP,
+    Linear,
+    NamedArrays,
+    linear_backward,
+    linear_forward,
+    mse_loss_backward,
+    mse_loss_forward,
+    relu_backward,
+    relu_forward,
+    tanh_backward,
+    tanh_forward,
+)
+from .optim import SGD, Adam, Optimizer
+
+__all__ = [
+    "ACTIVATIONS",
+    "MLP",
+    "Linear",
+    "NamedArrays",
+    "linear_forward",
+    "linear_backward",
+    "relu_forward",
+    "relu_backward",
+    "tanh_forward",
+    "tanh_backward",
+    "mse_loss_forward",
+    "mse_loss_backward",
+    "Optimizer",
+    "SGD",
+    "Adam",
+]
