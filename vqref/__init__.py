@@ -1,6 +1,6 @@
 """vqref: a NumPy-first reference implementation of vector quantization with manual gradients."""
 __version__ = "0.1.0"
 
-from .modules import VectorQuantize
+from .modules import ResidualVQ, VectorQuantize
 
-__all__ = ["VectorQuantize", "__version__"]
+__all__ = ["VectorQuantize", "ResidualVQ", "__version__"]

@@ -178,7 +178,7 @@ def segment_sum(values: Any, ids: Any, num_segments: int) -> Any:
     Notes
     -----
     numpy: sort by id once, then ``np.add.reduceat`` over the sorted rows (faster than
-    ``np.add.at``).  cupy: ``cupyx.scatter_add`` (atomic adds).  Anything else: a one-hot
+    ``np.add.at``).  cupy: ``cupy.add.at`` (atomic adds).  Anything else: a one-hot
     matrix product ``onehot(ids, K).T @ values`` computed in blocks of rows, so memory stays
     bounded.  The three agree to rounding (the order of the additions differs).
     """
@@ -197,10 +197,10 @@ def segment_sum(values: Any, ids: Any, num_segments: int) -> Any:
             starts = np.flatnonzero(np.concatenate(([True], sorted_ids[1:] != sorted_ids[:-1])))
             out[sorted_ids[starts]] = np.add.reduceat(np.asarray(values)[order], starts, axis=0)
     elif is_cupy(xp):
-        import cupyx
-
         out = xp.zeros((K, D), dtype=values.dtype)
-        cupyx.scatter_add(out, ids, values)
+        import cupy
+
+        cupy.add.at(out, ids, values)  # atomic adds: exact sums, order not deterministic
     else:
         dev = get_device(values)
         out = xp.zeros((K, D), dtype=values.dtype, device=dev)

@@ -22,10 +22,14 @@ from typing import Any
 import numpy as np
 
 from . import backend as B
-from .core.ema import EMAState, batch_statistics, codebook_from_state, ema_update, expire_dead_codes
+from .core.ema import EMAState, expire_dead_codes
+from .core.kmeans import assign
 from .core.quantize import quantize_backward, quantize_forward
+from .core.state import kmeans_init_state, training_update
+from .ops.l2norm import l2norm_forward
+from .ops.orthogonal import select_codes
 
-__all__ = ["VectorQuantize", "ParamView"]
+__all__ = ["VectorQuantize", "ResidualVQ", "ParamView"]
 
 _STATE_KEYS = ("codebook", "cluster_size", "embed_avg", "initted")
 
@@ -94,7 +98,52 @@ def _alias(name: str, value: Any, alias: str, alias_value: Any, default: Any) ->
     return default
 
 
-class VectorQuantize:
+class _Quantizer:
+    """What both quantizer modules share: train/eval modes and saving to ``.npz``."""
+
+    training: bool = True
+
+    def train(self, mode: bool = True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def __call__(self, x: Any):
+        return self.forward(x)
+
+    def save(self, path: str) -> None:
+        """Save configuration and state to an ``.npz`` file (plain arrays, no pickle)."""
+        arrays = {k: np.asarray(B.to_numpy(v)) for k, v in self.state_dict().items()}
+        arrays["config"] = np.asarray(json.dumps({"class": type(self).__name__, **self.config()}))
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+    def load(self, path: str) -> None:
+        """Load a state saved by :meth:`save`; the file's configuration must match this module's."""
+        config, state = _read_npz(path)
+        mine = {"class": type(self).__name__, **self.config()}
+        diff = {k: (config.get(k), v) for k, v in mine.items() if k not in ("dtype", "chunk_size") and config.get(k) != v}
+        if diff:
+            raise ValueError(
+                "the file was saved from a different configuration: "
+                + ", ".join(f"{k}: file {a!r} vs module {b!r}" for k, (a, b) in diff.items())
+            )
+        self.load_state_dict(state)
+
+    @classmethod
+    def from_file(cls, path: str, **kwargs):
+        """Build a module from a file written by :meth:`save` (``kwargs``: seed, xp, device)."""
+        config, state = _read_npz(path)
+        if config.pop("class", cls.__name__) != cls.__name__:
+            raise ValueError(f"{path} does not hold a {cls.__name__}")
+        module = cls(**config, **kwargs)
+        module.load_state_dict(state)
+        return module
+
+
+class VectorQuantize(_Quantizer):
     """Vector quantization layer (VQ-VAE, arXiv 1711.00937) with manual gradients.
 
     ``quantized, indices, loss = vq(x)`` for ``x`` of shape ``(..., dim)``; then
@@ -126,6 +175,16 @@ class VectorQuantize:
     xp : array library of the state (numpy by default; cupy; array_api_strict); see :meth:`to`
     chunk_size : rows per chunk of the nearest-code search (default: automatic)
     """
+
+    def __new__(cls, *args: Any, num_quantizers: int = 1, **kwargs: Any):
+        # VectorQuantize(num_quantizers=Q) with Q > 1 *is* residual quantization in Q depths, as
+        # the seed document uses it: build (and return) the equivalent ResidualVQ.
+        if cls is VectorQuantize and not isinstance(num_quantizers, bool) and isinstance(num_quantizers, int) and num_quantizers > 1:
+            names = ("dim", "codebook_size")
+            for name, value in zip(names, args):
+                kwargs[name] = value
+            return ResidualVQ(num_quantizers=num_quantizers, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -189,8 +248,6 @@ class VectorQuantize:
             raise ValueError("codebook_weight only applies with learnable_codebook=True and ema_update=False")
         if self.rotation_trick and self.dim == 1:
             raise ValueError("rotation_trick needs dim > 1: in one dimension the only rotation is the identity")
-        if self.num_quantizers != 1:
-            raise NotImplementedError("num_quantizers > 1 is residual quantization: use ResidualVQ")
 
         self._rng = B.as_generator(seed)
         self._xp = B.namespace_from_module(xp)
@@ -263,13 +320,6 @@ class VectorQuantize:
 
     # ------------------------------------------------------------------ modes
 
-    def train(self, mode: bool = True) -> "VectorQuantize":
-        self.training = bool(mode)
-        return self
-
-    def eval(self) -> "VectorQuantize":
-        return self.train(False)
-
     @property
     def codebook_is_learnable(self) -> bool:
         """True when the codebook receives a gradient (a learnable codebook or the orthogonal
@@ -325,9 +375,6 @@ class VectorQuantize:
 
     # ------------------------------------------------------------------ forward / backward
 
-    def __call__(self, x: Any):
-        return self.forward(x)
-
     def forward(self, x: Any):
         """Quantize ``x``.
 
@@ -353,7 +400,7 @@ class VectorQuantize:
             # Everything below computes new values only; they are committed at the very end,
             # so a failure leaves the module as it was.
             if self.training and not initted:
-                state = self._kmeans_state(xf, state)
+                state = self._kmeans_state(xf)
                 initted = True
             codebook = xp.astype(state.codebook, x.dtype)  # compute in the input's dtype
             code_ids = self._orthogonal_code_ids(xf, codebook) if self.orthogonal_reg_weight > 0 else None
@@ -386,34 +433,24 @@ class VectorQuantize:
         indices = xp.reshape(out.indices, lead)
         return quantized, indices, out.loss
 
-    def _kmeans_state(self, xf: Any, state: EMAState) -> EMAState:
-        """k-means on the first batch; EMA state seeded so that ``c_k = m_k / N~_k`` holds."""
-        from .core.kmeans import kmeans
-
-        xp = self._xp
+    def _kmeans_state(self, xf: Any) -> EMAState:
+        """k-means on the first training batch (normalised first for cosine codebooks)."""
         data = xf
         if self.use_cosine_sim:
-            from .ops.l2norm import l2norm_forward
-
             data, _ = l2norm_forward(xf)
-        res = kmeans(data, self.codebook_size, self.kmeans_iters, rng=self._rng, use_cosine_sim=self.use_cosine_sim)
-        means = xp.astype(res.means, self.dtype)  # (K, D)
-        counts = xp.astype(res.counts, self.dtype)  # (K,)
-        embed_avg = means * counts[:, None]
-        codebook = codebook_from_state(counts, embed_avg, eps=self.eps, normalize=self.use_cosine_sim)
-        # vector-quantize-pytorch sets an empty cluster's code to m_k / N~_k = 0; vqref keeps the
-        # k-means centroid there instead (docs/deviations.md), with zero count.
-        empty = counts == 0
-        codebook = xp.where(empty[:, None], means, codebook)
-        return EMAState(codebook, counts, embed_avg)
+        return kmeans_init_state(
+            data,
+            self.codebook_size,
+            iters=self.kmeans_iters,
+            rng=self._rng,
+            eps=self.eps,
+            use_cosine_sim=self.use_cosine_sim,
+            dtype=self.dtype,
+        )
 
     def _orthogonal_code_ids(self, xf: Any, codebook: Any):
-        from .ops.orthogonal import select_codes
-
         used = None
         if self.orthogonal_reg_active_codes_only:
-            from .core.quantize import assign
-
             used = B.to_numpy(assign(xf, codebook, use_cosine_sim=self.use_cosine_sim, chunk_size=self.chunk_size))
         if used is None and self.orthogonal_reg_max_codes is None:
             return None
@@ -422,17 +459,18 @@ class VectorQuantize:
 
     def _state_update(self, state: EMAState, xf: Any, indices: Any, cache) -> EMAState:
         """EMA step on this batch (codes move toward their cluster means), then dead-code restarts."""
-        xp = self._xp
-        data = xf if cache.x_norm is None else cache.x_norm.y
-        data = xp.astype(data, self.dtype)
-        if self.ema_update:
-            counts, sums = batch_statistics(data, indices, self.codebook_size)
-            state = ema_update(state, counts, sums, decay=self.decay, eps=self.eps, normalize=self.use_cosine_sim)
-        if self.threshold_ema_dead_code > 0:
-            state, _ = expire_dead_codes(
-                state, data, threshold=self.threshold_ema_dead_code, rng=self._rng, normalize=self.use_cosine_sim
-            )
-        return state
+        data = xf if cache.x_norm is None else cache.x_norm.y  # the vectors that were quantized
+        return training_update(
+            state,
+            self._xp.astype(data, self.dtype),
+            indices,
+            decay=self.decay,
+            eps=self.eps,
+            ema=self.ema_update,
+            dead_code_threshold=self.threshold_ema_dead_code,
+            rng=self._rng,
+            normalize=self.use_cosine_sim,
+        )
 
     def backward(self, dquantized: Any, dloss: Any = 1.0) -> Any:
         """Gradient for the input of the last training forward.
@@ -481,8 +519,6 @@ class VectorQuantize:
             raise ValueError(f"indices must lie in [0, {self.codebook_size})")
         codebook = self.codebook
         if self.use_cosine_sim:
-            from .ops.l2norm import l2norm_forward
-
             codebook, _ = l2norm_forward(codebook)
         return xp.reshape(xp.take(codebook, flat, axis=0), tuple(indices.shape) + (self.dim,))
 
@@ -526,34 +562,292 @@ class VectorQuantize:
         self.initted = bool(host["initted"])
         self._cache = None
 
-    def save(self, path: str) -> None:
-        """Save configuration and state to an ``.npz`` file (plain arrays, no pickle)."""
-        arrays = {k: np.asarray(B.to_numpy(v)) for k, v in self.state_dict().items()}
-        arrays["config"] = np.asarray(json.dumps({"class": type(self).__name__, **self.config()}))
-        with open(path, "wb") as f:
-            np.savez(f, **arrays)
 
-    def load(self, path: str) -> None:
-        """Load a state saved by :meth:`save`; the file's configuration must match this module's."""
-        config, state = _read_npz(path)
-        mine = {"class": type(self).__name__, **self.config()}
-        diff = {k: (config.get(k), v) for k, v in mine.items() if k not in ("dtype", "chunk_size") and config.get(k) != v}
-        if diff:
-            raise ValueError(
-                "the file was saved from a different configuration: "
-                + ", ".join(f"{k}: file {a!r} vs module {b!r}" for k, (a, b) in diff.items())
+class ResidualVQ(_Quantizer):
+    """Residual vector quantization (SoundStream, arXiv 2107.03312; RQ-VAE, arXiv 2203.01941).
+
+    ``quantized, indices, losses = rq(x)`` with ``x (..., dim)``, ``indices (..., Q)`` and one loss
+    per depth ``losses (Q,)`` (not summed, as in vector-quantize-pytorch); then
+    ``dx = rq.backward(dquantized, dlosses=ones(Q))``.
+
+    Parameters
+    ----------
+    dim, num_quantizers : D and Q
+    codebook_size : K per depth (alias ``n_embed``)
+    shared_codebook : one codebook for every depth (RQ-VAE).  Its EMA statistics take one step
+        per depth within a forward and the codes are recomputed once after the last depth, so
+        every depth of a forward sees the same codebook (vector-quantize-pytorch's design)
+    gradient_routing : ``"per_depth"`` (default, vector-quantize-pytorch: the decoder gradient
+        reaches the input once per depth) or ``"sum"`` (RQ-VAE: one estimator on the total);
+        see :mod:`vqref.core.residual`
+    seed : seed or numpy Generator (each depth gets its own stream)
+    **vq_kwargs : every :class:`VectorQuantize` option, applied at every depth (decay,
+        commitment/commitment_weight, kmeans_init, kmeans_iters, use_cosine_sim,
+        orthogonal_reg_weight, rotation_trick, threshold_ema_dead_code, ...)
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_quantizers: int,
+        codebook_size: int | None = None,
+        n_embed: int | None = None,
+        shared_codebook: bool = False,
+        gradient_routing: str = "per_depth",
+        seed: Any = None,
+        **vq_kwargs: Any,
+    ):
+        from .core.residual import GRADIENT_ROUTINGS
+
+        self.num_quantizers = _check_int("num_quantizers", num_quantizers, 1)
+        codebook_size = _alias("codebook_size", codebook_size, "n_embed", n_embed, None)
+        if codebook_size is None:
+            raise TypeError("ResidualVQ needs codebook_size (or its alias n_embed)")
+        if gradient_routing not in GRADIENT_ROUTINGS:
+            raise ValueError(f"gradient_routing must be one of {GRADIENT_ROUTINGS}, got {gradient_routing!r}")
+        vq_kwargs.pop("num_quantizers", None)
+        self.shared_codebook = bool(shared_codebook)
+        self.gradient_routing = gradient_routing
+        self._rng = B.as_generator(seed)
+        n_layers = 1 if self.shared_codebook else self.num_quantizers
+        seeds = self._rng.spawn(n_layers)
+        # Each depth's configuration and state lives in a VectorQuantize; with a shared codebook
+        # there is one, used at every depth.
+        self.layers = [VectorQuantize(dim, codebook_size, seed=seeds[i], **vq_kwargs) for i in range(n_layers)]
+        self.dim = self.layers[0].dim
+        self.codebook_size = self.layers[0].codebook_size
+        self.training = True
+        self._cache = None
+        self.grads: dict = {}
+
+    # ------------------------------------------------------------------ helpers
+
+    def _layer(self, level: int) -> VectorQuantize:
+        return self.layers[0 if self.shared_codebook else level]
+
+    @property
+    def _xp(self):
+        return self.layers[0].xp
+
+    def config(self) -> dict:
+        cfg = self.layers[0].config()
+        cfg.pop("num_quantizers", None)
+        cfg.update(
+            num_quantizers=self.num_quantizers,
+            shared_codebook=self.shared_codebook,
+            gradient_routing=self.gradient_routing,
+        )
+        return cfg
+
+    def __repr__(self) -> str:
+        return (
+            f"ResidualVQ(dim={self.dim}, num_quantizers={self.num_quantizers}, codebook_size={self.codebook_size}, "
+            f"shared_codebook={self.shared_codebook}, gradient_routing={self.gradient_routing!r})"
+        )
+
+    def to(self, xp: Any, device: Any = None) -> "ResidualVQ":
+        for layer in self.layers:
+            layer.to(xp, device)
+        self._cache = None
+        self.grads = {}
+        return self
+
+    def _names(self) -> list[str]:
+        return [""] if self.shared_codebook else [f"{i}." for i in range(self.num_quantizers)]
+
+    @property
+    def params(self) -> ParamView:
+        """Live learnable arrays: ``"codebook"`` (shared) or ``"0.codebook"``, ``"1.codebook"``, ..."""
+        getters, setters = {}, {}
+        for prefix, layer in zip(self._names(), self.layers):
+            if layer.codebook_is_learnable:
+                getters[prefix + "codebook"] = (lambda lay=layer: lay.codebook)
+                setters[prefix + "codebook"] = layer._set_codebook
+        return ParamView(getters, setters)
+
+    # ------------------------------------------------------------------ forward / backward
+
+    def forward(self, x: Any):
+        """Quantize ``x (..., dim)``; returns ``quantized (..., dim)``, ``indices (..., Q)``, ``losses (Q,)``."""
+        from .core.ema import accumulate_statistics, batch_statistics, recompute_codebook
+        from .core.residual import residual_forward
+
+        first = self.layers[0]
+        first._check_array("x", x, last_dim=self.dim)
+        xp = self._xp
+        Q = self.num_quantizers
+        lead = tuple(x.shape[:-1])
+        xf = xp.reshape(x, (-1, self.dim))  # (N, D)
+        states = [EMAState(l.codebook, l.cluster_size, l.embed_avg) for l in self.layers]
+        initted = [l.initted for l in self.layers]
+        rng_states = [l._rng.bit_generator.state for l in self.layers]
+        opts = dict(
+            commitment_weight=first.commitment_weight,
+            codebook_weight=first.codebook_weight,
+            learnable_codebook=first.learnable_codebook,
+            use_cosine_sim=first.use_cosine_sim,
+            rotation_trick=first.rotation_trick,
+            orthogonal_reg_weight=first.orthogonal_reg_weight,
+            chunk_size=first.chunk_size,
+        )
+        try:
+            if self.training and not all(initted):
+                # k-means on the first batch, depth by depth: depth l clusters the residuals
+                # left by the already-initialised depths before it.  A shared codebook is
+                # initialised from the first depth's input.
+                residual = xf
+                for level in range(Q):
+                    i = 0 if self.shared_codebook else level
+                    if not initted[i]:
+                        states[i] = self.layers[i]._kmeans_state(residual)
+                        initted[i] = True
+                    out, _ = quantize_forward(residual, xp.astype(states[i].codebook, x.dtype), **opts)
+                    residual = residual - out.quantized
+            codebooks = [xp.astype(states[0 if self.shared_codebook else l].codebook, x.dtype) for l in range(Q)]
+            if self.shared_codebook:
+                codebooks = [codebooks[0]] * Q
+            code_ids = None
+            if first.orthogonal_reg_weight > 0 and (
+                first.orthogonal_reg_active_codes_only or first.orthogonal_reg_max_codes is not None
+            ):
+                code_ids = [None] * Q  # filled depth by depth below, from each depth's residual
+                residual = xf
+                for level in range(Q):
+                    layer = self._layer(level)
+                    code_ids[level] = layer._orthogonal_code_ids(residual, codebooks[level])
+                    out, _ = quantize_forward(residual, codebooks[level], **opts)
+                    residual = residual - out.quantized
+            out, cache = residual_forward(xf, codebooks, routing=self.gradient_routing, code_ids=code_ids, **opts)
+
+            if self.training:
+                data = [
+                    xp.astype(out.residuals[l] if c.x_norm is None else c.x_norm.y, first.dtype)
+                    for l, c in enumerate(cache.depths)
+                ]
+                idx = [out.indices[:, l] for l in range(Q)]
+                if not self.shared_codebook:
+                    for l in range(Q):
+                        states[l] = self.layers[l]._state_update(states[l], data[l], idx[l], cache.depths[l])
+                else:
+                    # one EMA step of the statistics per depth, the codes recomputed once at the end
+                    st = states[0]
+                    if first.ema_update or first.threshold_ema_dead_code > 0:
+                        for l in range(Q):
+                            counts, sums = batch_statistics(data[l], idx[l], self.codebook_size)
+                            st = accumulate_statistics(st, counts, sums, decay=first.decay)
+                    if first.ema_update:
+                        st = recompute_codebook(st, eps=first.eps, normalize=first.use_cosine_sim)
+                    if first.threshold_ema_dead_code > 0:
+                        st, _ = expire_dead_codes(
+                            st, xp.concat(data, axis=0), threshold=first.threshold_ema_dead_code,
+                            rng=first._rng, normalize=first.use_cosine_sim,
+                        )
+                    states[0] = st
+        except BaseException:
+            for layer, rs in zip(self.layers, rng_states):
+                layer._rng.bit_generator.state = rs
+            raise
+
+        if self.training:
+            for layer, st, ini in zip(self.layers, states, initted):
+                layer.codebook, layer.cluster_size, layer.embed_avg = st
+                layer.initted = ini
+            self._cache = cache
+            self._cache_shape = tuple(x.shape)
+            self._cache_dtype = x.dtype
+        self.last_residuals = out.residuals
+        quantized = xp.reshape(out.quantized, tuple(x.shape))
+        indices = xp.reshape(out.indices, lead + (Q,))
+        return quantized, indices, out.losses
+
+    def backward(self, dquantized: Any, dlosses: Any = 1.0) -> Any:
+        """Gradient for the input of the last training forward; codebook gradients in ``self.grads``.
+
+        Parameters
+        ----------
+        dquantized : (..., dim)
+        dlosses : (Q,) array or a scalar for every depth (default 1.0: the losses are summed)
+        """
+        from .core.residual import residual_backward
+
+        if self._cache is None:
+            raise RuntimeError("backward() needs a training-mode forward first (and each forward allows one backward)")
+        first = self.layers[0]
+        first._check_array("dquantized", dquantized, self._cache_shape)
+        xp = self._xp
+        Q = self.num_quantizers
+        if B._is_array(dlosses):
+            if tuple(dlosses.shape) not in ((), (Q,)):
+                raise ValueError(f"dlosses must have shape ({Q},) or (), got {tuple(dlosses.shape)}")
+            first._check_array("dlosses", dlosses, tuple(dlosses.shape))
+            dlosses = xp.astype(dlosses, self._cache_dtype)
+        else:
+            dlosses = _check_real("dlosses", dlosses)
+        dq = xp.astype(xp.reshape(dquantized, (-1, self.dim)), self._cache_dtype)
+        dx, dcodebooks = residual_backward(dq, dlosses, self._cache)
+        self._cache = None
+        self.grads = {}
+        for prefix, layer, level_grads in zip(self._names(), self.layers, self._group(dcodebooks)):
+            if layer.codebook_is_learnable:
+                total = None
+                for g in level_grads:
+                    if g is not None:
+                        total = g if total is None else total + g
+                if total is None:
+                    total = xp.zeros((self.codebook_size, self.dim), dtype=layer.dtype, device=B.get_device(dx))
+                self.grads[prefix + "codebook"] = xp.astype(total, layer.dtype)
+        return xp.reshape(dx, self._cache_shape)
+
+    def _group(self, per_depth: list) -> list[list]:
+        # a shared codebook collects the gradients of every depth (one scatter-add per depth)
+        return [per_depth] if self.shared_codebook else [[g] for g in per_depth]
+
+    # ------------------------------------------------------------------ decoding
+
+    def get_codes_from_indices(self, indices: Any) -> Any:
+        """Per-depth codes ``(Q, ..., dim)`` for ``indices (..., Q)``."""
+        xp = self._xp
+        if not B._is_array(indices) or indices.ndim < 1 or indices.shape[-1] != self.num_quantizers:
+            raise ValueError(f"indices must be an integer array of shape (..., {self.num_quantizers})")
+        return xp.stack(
+            [self._layer(l).get_codes_from_indices(indices[..., l]) for l in range(self.num_quantizers)], axis=0
+        )
+
+    def get_output_from_indices(self, indices: Any) -> Any:
+        """``sum_l codes_l``, shape ``(..., dim)``: equals the eval-mode forward output."""
+        codes = self.get_codes_from_indices(indices)
+        out = codes[0, ...]
+        for l in range(1, self.num_quantizers):
+            out = out + codes[l, ...]
+        return out
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """``codebook``, ``cluster_size``, ``embed_avg``, ``initted`` per depth, prefixed ``"l."``
+        (no prefix with a shared codebook)."""
+        out = {}
+        for prefix, layer in zip(self._names(), self.layers):
+            out.update({prefix + k: v for k, v in layer.state_dict().items()})
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        expected = {prefix + k for prefix in self._names() for k in _STATE_KEYS}
+        if set(state) != expected:
+            raise KeyError(
+                f"state_dict keys mismatch: missing {sorted(expected - set(state))}, unexpected {sorted(set(state) - expected)}"
             )
-        self.load_state_dict(state)
-
-    @classmethod
-    def from_file(cls, path: str, **kwargs) -> "VectorQuantize":
-        """Build a module from a file written by :meth:`save` (``kwargs``: seed, xp, device)."""
-        config, state = _read_npz(path)
-        if config.pop("class", cls.__name__) != cls.__name__:
-            raise ValueError(f"{path} does not hold a {cls.__name__}")
-        module = cls(**config, **kwargs)
-        module.load_state_dict(state)
-        return module
+        # check every depth before changing any, so a bad state leaves the module as it was
+        snapshots = [layer.state_dict() for layer in self.layers]
+        try:
+            for prefix, layer in zip(self._names(), self.layers):
+                layer.load_state_dict({k: state[prefix + k] for k in _STATE_KEYS})
+        except BaseException:
+            for layer, snap in zip(self.layers, snapshots):
+                layer.load_state_dict(snap)
+            raise
+        self._cache = None
 
 
 def _read_npz(path: str) -> tuple[dict, dict]:

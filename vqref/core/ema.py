@@ -33,6 +33,8 @@ __all__ = [
     "batch_statistics",
     "laplace_smoothing",
     "codebook_from_state",
+    "accumulate_statistics",
+    "recompute_codebook",
     "ema_update",
     "expire_dead_codes",
 ]
@@ -98,6 +100,25 @@ def codebook_from_state(
     return codebook
 
 
+def accumulate_statistics(state: EMAState, counts: Any, sums: Any, *, decay: float) -> EMAState:
+    """The EMA of the statistics alone: ``N <- gamma N + (1 - gamma) n``, ``m <- gamma m + (1 - gamma) s``.
+
+    The codebook is returned unchanged.  Written as the interpolation ``a + (1 - gamma)(b - a)``,
+    which equals ``gamma a + (1 - gamma) b``.
+    """
+    cluster_size = state.cluster_size + (1.0 - decay) * (counts - state.cluster_size)  # (K,)
+    embed_avg = state.embed_avg + (1.0 - decay) * (sums - state.embed_avg)  # (K, D)
+    return EMAState(state.codebook, cluster_size, embed_avg)
+
+
+def recompute_codebook(state: EMAState, *, eps: float, normalize: bool = False) -> EMAState:
+    """``c_k = m_k / N~_k`` from the state's statistics (codes with a zero count keep their value)."""
+    codebook = codebook_from_state(
+        state.cluster_size, state.embed_avg, eps=eps, normalize=normalize, fallback=state.codebook
+    )
+    return state._replace(codebook=codebook)
+
+
 def ema_update(
     state: EMAState,
     counts: Any,
@@ -122,13 +143,8 @@ def ema_update(
     -------
     EMAState with the new cluster_size, embed_avg and codebook
     """
-    # Written as the interpolation a + (1 - gamma)(b - a), which is gamma a + (1 - gamma) b.
-    cluster_size = state.cluster_size + (1.0 - decay) * (counts - state.cluster_size)  # (K,)
-    embed_avg = state.embed_avg + (1.0 - decay) * (sums - state.embed_avg)  # (K, D)
-    codebook = codebook_from_state(
-        cluster_size, embed_avg, eps=eps, normalize=normalize, fallback=state.codebook
-    )
-    return EMAState(codebook, cluster_size, embed_avg)
+    state = accumulate_statistics(state, counts, sums, decay=decay)
+    return recompute_codebook(state, eps=eps, normalize=normalize)
 
 
 def expire_dead_codes(

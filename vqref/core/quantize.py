@@ -28,11 +28,14 @@ from typing import Any, NamedTuple
 
 from .. import backend as B
 from ..ops.distance import nearest_code
+from ..ops.l2norm import l2norm_backward, l2norm_forward
 from ..ops.lookup import LookupCache, lookup_backward, lookup_forward
 from ..ops.losses import MSECache, mse_backward, mse_forward
+from ..ops.orthogonal import orthogonal_loss_backward, orthogonal_loss_forward
+from ..ops.rotation import rotation_trick_backward, rotation_trick_forward
 from ..ops.straight_through import straight_through_backward, straight_through_forward
 
-__all__ = ["QuantizeOutput", "QuantizeCache", "quantize_forward", "quantize_backward", "assign"]
+__all__ = ["QuantizeOutput", "QuantizeCache", "quantize_forward", "quantize_backward"]
 
 
 class QuantizeOutput(NamedTuple):
@@ -54,17 +57,6 @@ class QuantizeCache(NamedTuple):
     codebook_weight: float  # 0 when the codebook gets no gradient from the losses
     orthogonal: Any  # orthogonal-loss cache, or None
     orthogonal_weight: float
-
-
-def assign(x: Any, codebook: Any, *, use_cosine_sim: bool = False, chunk_size: int | None = None) -> Any:
-    """Nearest-code indices (N,) for inputs (N, D): the argmin step alone, no gradient."""
-    if use_cosine_sim:
-        from ..ops.l2norm import l2norm_forward
-
-        xn, _ = l2norm_forward(x)
-        cn, _ = l2norm_forward(codebook)
-        return nearest_code(xn, cn, metric="dot", chunk_size=chunk_size)
-    return nearest_code(x, codebook, metric="euclidean", chunk_size=chunk_size)
 
 
 def quantize_forward(
@@ -109,8 +101,6 @@ def quantize_forward(
     x_norm = c_norm = None
     xh, ch = x, codebook
     if use_cosine_sim:
-        from ..ops.l2norm import l2norm_forward
-
         xh, x_norm = l2norm_forward(x)  # (N, D) unit rows
         ch, c_norm = l2norm_forward(codebook)  # (K, D) unit rows
     if indices is None:
@@ -118,8 +108,6 @@ def quantize_forward(
     q, lookup_cache = lookup_forward(ch, indices)  # (N, D)
 
     if rotation_trick:
-        from ..ops.rotation import rotation_trick_forward
-
         quantized, est_cache = rotation_trick_forward(xh, q)
         estimator = "rotation"
     else:
@@ -136,8 +124,6 @@ def quantize_forward(
 
     orth = orth_cache = None
     if orthogonal_reg_weight > 0:
-        from ..ops.orthogonal import orthogonal_loss_forward
-
         orth, orth_cache = orthogonal_loss_forward(codebook, code_ids=orthogonal_code_ids)
         loss = loss + orthogonal_reg_weight * orth
 
@@ -173,8 +159,6 @@ def quantize_backward(dquantized: Any, dloss: Any, cache: QuantizeCache) -> tupl
     """
     # 1. The estimator carries the decoder's gradient to x^ (STE: unchanged; rotation: lambda R^T g).
     if cache.estimator == "rotation":
-        from ..ops.rotation import rotation_trick_backward
-
         dxh = rotation_trick_backward(dquantized, cache.estimator_cache)  # (N, D)
     else:
         dxh = straight_through_backward(dquantized, cache.estimator_cache)  # (N, D)
@@ -189,8 +173,6 @@ def quantize_backward(dquantized: Any, dloss: Any, cache: QuantizeCache) -> tupl
 
     # 3. Undo the l2 normalisations (cosine codebooks).
     if cache.x_norm is not None:
-        from ..ops.l2norm import l2norm_backward
-
         dx = l2norm_backward(dxh, cache.x_norm)
         dcodebook = None if dch is None else l2norm_backward(dch, cache.c_norm)
     else:
@@ -198,8 +180,6 @@ def quantize_backward(dquantized: Any, dloss: Any, cache: QuantizeCache) -> tupl
 
     # 4. The orthogonal regulariser acts on the raw codebook.
     if cache.orthogonal is not None:
-        from ..ops.orthogonal import orthogonal_loss_backward
-
         dorth = orthogonal_loss_backward(cache.orthogonal_weight * dloss, cache.orthogonal)  # (K, D)
         dcodebook = dorth if dcodebook is None else dcodebook + dorth
     return dx, dcodebook

@@ -52,7 +52,8 @@ def mse_forward(a: Any, b: Any) -> tuple[Any, MSECache]:
     xp = B.get_namespace(a, b)
     diff = a - b  # (N, D)
     count = B.numel(diff.shape)
-    return xp.sum(diff * diff) / max(count, 1), MSECache(diff, count)
+    # xp.asarray: numpy reductions return numpy scalars; vqref's losses are 0-d arrays
+    return xp.asarray(xp.sum(diff * diff) / max(count, 1)), MSECache(diff, count)
 
 
 def mse_backward(dloss: Any, cache: MSECache) -> tuple[Any, Any]:

@@ -14,6 +14,8 @@ __all__ = [
     "squared_distance_grads",
     "lookup_grads",
     "mse_grads",
+    "rotation_trick_torch",
+    "vq_layer_torch",
     "vector_quantize_grads",
 ]
 
@@ -61,12 +63,26 @@ def mse_grads(a: Any, b: Any, dloss: float = 1.0, *, detach_a: bool = False, det
     )
 
 
-def vector_quantize_grads(
-    x: Any,
-    codebook: Any,
-    indices: Any,
-    dquantized: Any,
-    dloss: float = 1.0,
+def rotation_trick_torch(e, q):
+    """The rotation trick on torch tensors: value q, gradient ``lambda R^T g`` to ``e`` only.
+
+    ``e^``, ``q^``, ``r = (e^ + q^)/||e^ + q^||`` and ``lambda = ||q||/||e||`` are detached,
+    as in the paper and vector-quantize-pytorch.  Generic rows only (no guards).
+    """
+    import torch.nn.functional as F
+
+    eh = F.normalize(e, dim=-1).detach()
+    qh = F.normalize(q, dim=-1).detach()
+    r = F.normalize(eh + qh, dim=-1).detach()
+    lam = (q.norm(dim=-1, keepdim=True) / e.norm(dim=-1, keepdim=True)).detach()
+    dot = lambda a, b: (a * b).sum(-1, keepdim=True)  # noqa: E731
+    return lam * (e - 2 * dot(e, r) * r + 2 * dot(e, eh) * qh)
+
+
+def vq_layer_torch(
+    xt,
+    ct,
+    k,
     *,
     commitment_weight: float = 1.0,
     codebook_weight: float | None = None,
@@ -75,31 +91,18 @@ def vector_quantize_grads(
     rotation_trick: bool = False,
     orthogonal_reg_weight: float = 0.0,
 ):
-    """The whole VQ layer with autograd, codes held fixed at ``indices``.
+    """One VQ layer on torch tensors with codes ``k`` fixed; returns ``(out, loss, q)``.
 
     Written as vector-quantize-pytorch writes it: ``F.normalize`` for cosine codebooks, the
     straight-through estimator ``x + (q - x).detach()`` (or the rotation trick with the rotation
-    detached), ``F.mse_loss`` for the losses with ``.detach()`` on the side that must not learn.
-    The objective is ``sum(quantized * dquantized) + dloss * loss``.
-
-    Returns
-    -------
-    (quantized, loss, dx, dcodebook) as numpy arrays (``dcodebook`` zeros when it gets nothing)
+    detached), ``F.mse_loss`` with ``.detach()`` on the side that must not learn.
     """
-    import torch
     import torch.nn.functional as F
 
-    xt, ct = torch_tensor(x, True), torch_tensor(codebook, True)
-    k = torch.as_tensor(np.asarray(B.to_numpy(indices)), dtype=torch.long)
     xh = F.normalize(xt, dim=-1, eps=1e-6) if use_cosine_sim else xt
     ch = F.normalize(ct, dim=-1, eps=1e-6) if use_cosine_sim else ct
     q = ch[k]
-    if rotation_trick:
-        from .rotation import rotation_trick_torch
-
-        out = rotation_trick_torch(xh, q)
-    else:
-        out = xh + (q - xh).detach()
+    out = rotation_trick_torch(xh, q) if rotation_trick else xh + (q - xh).detach()
     if learnable_codebook and codebook_weight is None:
         loss = commitment_weight * F.mse_loss(xh, q)
     elif learnable_codebook:
@@ -109,7 +112,24 @@ def vector_quantize_grads(
     if orthogonal_reg_weight > 0:
         cn = F.normalize(ct, dim=-1, eps=1e-6)
         n = cn.shape[0]
-        loss = loss + orthogonal_reg_weight * ((cn @ cn.t()) ** 2).sum() / n**2 - orthogonal_reg_weight / n
+        loss = loss + orthogonal_reg_weight * (((cn @ cn.t()) ** 2).sum() / n**2 - 1.0 / n)
+    return out, loss, q
+
+
+def vector_quantize_grads(x: Any, codebook: Any, indices: Any, dquantized: Any, dloss: float = 1.0, **options):
+    """The whole VQ layer with autograd, codes held fixed at ``indices`` (see :func:`vq_layer_torch`).
+
+    The objective is ``sum(quantized * dquantized) + dloss * loss``.
+
+    Returns
+    -------
+    (quantized, loss, dx, dcodebook) as numpy arrays (``dcodebook`` zeros when it gets nothing)
+    """
+    import torch
+
+    xt, ct = torch_tensor(x, True), torch_tensor(codebook, True)
+    k = torch.as_tensor(np.asarray(B.to_numpy(indices)), dtype=torch.long)
+    out, loss, _ = vq_layer_torch(xt, ct, k, **options)
     objective = (out * torch_tensor(dquantized)).sum() + dloss * loss
     objective.backward()
     dcb = ct.grad if ct.grad is not None else torch.zeros_like(ct)
