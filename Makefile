@@ -12,7 +12,7 @@ ARGS   ?=
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,notebooks]"
+	$(PY) -m pip install --quiet -e ".[test]"
 	@touch $(STAMP)
 
 ## make demo: the main job (see README)
