@@ -19,13 +19,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m vqref demo $(ARGS)
 
+# Two pytest workers with one BLAS thread each: two workers with two BLAS threads apiece on a
+# 2-core machine oversubscribe it and make small matrix products 100x slower.
+TEST_ENV := OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MPLBACKEND=Agg
+
 ## make test: the whole suite (torch cross-checks, conformance, notebooks) on 2 cores
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -p no:cacheprovider $(ARGS)
+	$(TEST_ENV) $(PY) -m pytest -n 2 -p no:cacheprovider $(ARGS)
 
 ## make test-fast: the library tests without notebooks
 test-fast: $(STAMP)
-	$(PY) -m pytest -n 2 -p no:cacheprovider --ignore=notebooks $(ARGS)
+	$(TEST_ENV) $(PY) -m pytest -n 2 -p no:cacheprovider --ignore=notebooks $(ARGS)
 
 ## make bench: the CPU benchmarks against the peers (prints a table, writes reports/bench.*)
 bench: $(STAMP)

@@ -45,3 +45,15 @@ def test_guard_detects_a_flip():
     x = np.array([0.5 + 1e-8, 0.0])
     with pytest.raises(AssertionError, match="discrete state changed"):
         numerical_vjp(lambda a: a, [x], np.ones(2), h=1e-6, guard=lambda a: a > 0.5)
+
+
+def test_atol_lets_an_exactly_zero_gradient_pass():
+    # the true VJP is zero: finite differences give rounding noise, so the relative error is ~1
+    f = lambda a: a - np.mean(a)  # noqa: E731  centring; with dout = ones its VJP is 0
+    vjp = lambda d, a: (d - np.mean(d),)  # noqa: E731
+    x = np.random.default_rng(0).standard_normal(7) * 100
+    res = check_vjp(f, vjp, [x], dout=np.ones(7), raise_on_failure=False)
+    assert not res.passed or res.errors[0] == 0.0
+    assert check_vjp(f, vjp, [x], dout=np.ones(7), atol=1e-8).passed
+    wrong = lambda d, a: (d,)  # noqa: E731  the centring forgotten: off by far more than atol
+    assert not check_vjp(f, wrong, [x], dout=np.ones(7), atol=1e-8, raise_on_failure=False).passed

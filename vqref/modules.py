@@ -9,7 +9,11 @@ in the pure functions; this file only orchestrates, visibly:
 
     training forward:  [k-means init on the first batch] -> quantize (old codebook)
                        -> EMA update -> [dead-code restarts] -> commit the new state
-    eval forward:      quantize; nothing in the module changes
+    eval forward:      quantize; the state (codebook, EMA statistics, k-means flag, RNG) and the
+                       backward cache do not change
+
+``last_losses`` (VectorQuantize) and ``last_residuals`` (ResidualVQ) are diagnostics of the
+last call in either mode, not state.
 """
 
 from __future__ import annotations
@@ -163,7 +167,10 @@ class VectorQuantize(_Quantizer):
     learnable_codebook : the losses send a gradient to the codebook (needs ``ema_update=False``)
     kmeans_init, kmeans_iters : initialise the codebook by k-means on the first training batch
     use_cosine_sim : l2-normalised inputs and codes, assignment by cosine similarity
-    orthogonal_reg_weight : weight of the orthogonal regulariser (> 0 makes the codebook learnable)
+    orthogonal_reg_weight : weight of the orthogonal regulariser (> 0 makes the codebook learnable,
+        so its gradient appears in ``grads``).  With ``ema_update=True`` (as in
+        vector-quantize-pytorch) the next training forward's EMA recompute overwrites any gradient
+        step on the codebook; use ``ema_update=False`` for the regulariser to act persistently
     orthogonal_reg_active_codes_only, orthogonal_reg_max_codes : restrict the regulariser's codes
     threshold_ema_dead_code : restart codes whose EMA count falls below this (0 = off)
     rotation_trick : the rotation trick (arXiv 2410.06424) instead of the straight-through
@@ -263,12 +270,15 @@ class VectorQuantize(_Quantizer):
         # Initial codebook: uniform in +-sqrt(6 / (K D)), as torch's kaiming_uniform_ on a
         # (1, K, D) tensor gives in vector-quantize-pytorch.  Cosine codebooks start unit-norm.
         K, D = self.codebook_size, self.dim
-        bound = math.sqrt(6.0 / (K * D))
-        init = self._rng.uniform(-bound, bound, size=(K, D))
-        if self.use_cosine_sim:
-            init = init / np.maximum(np.linalg.norm(init, axis=1, keepdims=True), 1e-6)
         if self.kmeans_init:
-            init = np.zeros((K, D))  # replaced by the k-means centroids of the first batch
+            # replaced by the k-means centroids of the first training batch; no random numbers
+            # are drawn here, so the seed's first draws are k-means' initial means
+            init = np.zeros((K, D))
+        else:
+            bound = math.sqrt(6.0 / (K * D))
+            init = self._rng.uniform(-bound, bound, size=(K, D))
+            if self.use_cosine_sim:
+                init = init / np.maximum(np.linalg.norm(init, axis=1, keepdims=True), 1e-6)
         self.codebook = self._from_host(init)
         self.cluster_size = self._from_host(np.ones(K))
         self.embed_avg = self._from_host(init)
@@ -336,6 +346,19 @@ class VectorQuantize(_Quantizer):
     def _set_codebook(self, value: Any) -> None:
         self._check_array("codebook", value, (self.codebook_size, self.dim))
         self.codebook = value if value.dtype == self.dtype else self._xp.astype(value, self.dtype)
+
+    def init_codebook(self, codebook: Any, cluster_size: Any = None) -> None:
+        """Set the codebook (e.g. your own initial codes) with a consistent EMA state.
+
+        ``cluster_size`` defaults to ones (one pseudo-count per code, the initial state of
+        vector-quantize-pytorch); ``embed_avg`` is set to ``codebook * cluster_size`` so that the
+        invariant ``codebook = embed_avg / smoothed(cluster_size)`` holds, and the module counts
+        as initialised (no k-means on the next batch).  Any array library; shapes are checked.
+        """
+        K, D = self.codebook_size, self.dim
+        cb = np.asarray(B.to_numpy(codebook), dtype=np.float64)
+        cs = np.ones(K) if cluster_size is None else np.asarray(B.to_numpy(cluster_size), dtype=np.float64)
+        self.load_state_dict({"codebook": cb, "cluster_size": cs, "embed_avg": cb * cs[:, None], "initted": True})
 
     def to(self, xp: Any, device: Any = None) -> "VectorQuantize":
         """Move the state to another array library (``numpy``, ``cupy``, ``array_api_strict``)."""
@@ -576,7 +599,9 @@ class ResidualVQ(_Quantizer):
     codebook_size : K per depth (alias ``n_embed``)
     shared_codebook : one codebook for every depth (RQ-VAE).  Its EMA statistics take one step
         per depth within a forward and the codes are recomputed once after the last depth, so
-        every depth of a forward sees the same codebook (vector-quantize-pytorch's design)
+        every depth of a forward sees the same codebook (vector-quantize-pytorch's design).  The
+        old statistics therefore decay by ``decay ** Q`` per forward, and the deepest depth's
+        statistics weigh the most; with many depths a decay closer to 1 may be wanted
     gradient_routing : ``"per_depth"`` (default, vector-quantize-pytorch: the decoder gradient
         reaches the input once per depth) or ``"sum"`` (RQ-VAE: one estimator on the total);
         see :mod:`vqref.core.residual`
