@@ -295,7 +295,10 @@ class VectorQuantize(_Quantizer):
         return self._xp
 
     def _from_host(self, a: Any) -> Any:
-        return B.from_numpy(np.asarray(a, dtype=self._dtype_name), self._xp, device=self._device)
+        # A fresh buffer every time: the state arrays must never alias each other (codebook and
+        # embed_avg start from the same values) nor the caller's arrays, because a gradient step
+        # may update params["codebook"] in place.
+        return B.from_numpy(np.array(a, dtype=self._dtype_name, copy=True), self._xp, device=self._device)
 
     def config(self) -> dict:
         """The constructor arguments (without seed, xp and device), JSON-serialisable."""

@@ -79,9 +79,10 @@ def codebook_from_state(
 ) -> Any:
     """``c_k = m_k / N~_k``; with ``normalize`` (cosine codebooks) each code is then l2-normalised.
 
-    With ``eps > 0`` and a positive total count every ``N~_k`` is positive.  With ``eps = 0`` a
-    code whose count is exactly zero would be 0/0: such a code keeps its ``fallback`` value (the
-    previous code) instead, or becomes zero when no fallback is given.
+    With ``eps > 0`` and a positive total count every ``N~_k`` is positive.  A code whose count is
+    exactly zero (an empty k-means cluster, or an unused code with ``decay = 0``) has ``m_k = 0``:
+    it keeps its ``fallback`` value (the previous code) instead of becoming the zero vector (or
+    0/0 with ``eps = 0``); without a fallback it becomes zero.
 
     Returns
     -------
@@ -93,7 +94,10 @@ def codebook_from_state(
     safe = xp.where(positive, smoothed, xp.ones_like(smoothed))
     codebook = embed_avg / safe[:, None]  # (K, D)
     if fallback is not None:
-        codebook = xp.where(positive[:, None], codebook, fallback)
+        # N_k = 0 exactly: no vector has reached this code since it was (re)seeded, m_k = 0
+        # carries no information, and m_k / N~_k would turn the code into the zero vector.
+        keep = positive & (cluster_size > 0)  # (K,)
+        codebook = xp.where(keep[:, None], codebook, fallback)
     if normalize:
         norm = xp.linalg.vector_norm(codebook, axis=-1, keepdims=True)  # (K, 1)
         codebook = codebook / xp.maximum(norm, xp.full_like(norm, 1e-6))
