@@ -117,6 +117,17 @@ class _Quantizer:
     def __call__(self, x: Any):
         return self.forward(x)
 
+    def __deepcopy__(self, memo: dict):
+        # The array namespace is a Python module, which cannot be copied: share it.
+        import copy
+        import types
+
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            setattr(new, key, value if isinstance(value, types.ModuleType) else copy.deepcopy(value, memo))
+        return new
+
     def save(self, path: str) -> None:
         """Save configuration and state to an ``.npz`` file (plain arrays, no pickle)."""
         arrays = {k: np.asarray(B.to_numpy(v)) for k, v in self.state_dict().items()}
@@ -186,7 +197,12 @@ class VectorQuantize(_Quantizer):
     def __new__(cls, *args: Any, num_quantizers: int = 1, **kwargs: Any):
         # VectorQuantize(num_quantizers=Q) with Q > 1 *is* residual quantization in Q depths, as
         # the seed document uses it: build (and return) the equivalent ResidualVQ.
-        if cls is VectorQuantize and not isinstance(num_quantizers, bool) and isinstance(num_quantizers, int) and num_quantizers > 1:
+        if (
+            cls is VectorQuantize
+            and not isinstance(num_quantizers, bool)
+            and isinstance(num_quantizers, (int, np.integer))
+            and num_quantizers > 1
+        ):
             names = ("dim", "codebook_size")
             for name, value in zip(names, args):
                 kwargs[name] = value
@@ -244,6 +260,8 @@ class VectorQuantize(_Quantizer):
         self.threshold_ema_dead_code = _check_real("threshold_ema_dead_code", threshold_ema_dead_code, 0.0)
         self.rotation_trick = bool(rotation_trick)
         self.num_quantizers = _check_int("num_quantizers", num_quantizers, 1)
+        if self.num_quantizers > 1:
+            raise ValueError("num_quantizers > 1 builds a ResidualVQ; construct ResidualVQ directly")
         self.chunk_size = None if chunk_size is None else _check_int("chunk_size", chunk_size, 1)
         if self.ema_update and self.learnable_codebook:
             raise ValueError(

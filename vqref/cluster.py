@@ -1,0 +1,563 @@
+"""Vector quantization and residual vector quantization used as clustering algorithms.
+
+Symbols: N rows, D features, K clusters (codes) per level, L levels.
+
+A vector quantizer *is* a clusterer: its codebook is a set of K centroids and its indices are
+cluster labels.  The EMA codebook update of VQ-VAE with decay 0 (and no smoothing) is exactly one
+step of Lloyd's algorithm, ``c_k <- mean of the rows assigned to k``, so fitting a quantizer to a
+fixed data set by repeated full-batch forwards is k-means.  This module offers that use directly,
+with a scikit-learn-like interface, for users who want cluster ids rather than a layer.
+
+:class:`VQClustering`
+    One level: k-means (``k-means++`` or random-row initial centroids, then Lloyd iterations
+    via :func:`vqref.core.kmeans.kmeans`).  ``labels_`` are the nearest centroids.
+
+:class:`ResidualClustering`
+    L levels fitted greedily, level by level, on what the levels before left over:
+
+        r_0 = x,   k_l = argmin_k ||r_l - c^(l)_k||^2,   r_{l+1} = r_l - c^(l)_{k_l}
+
+    Level l is a k-means of the residuals ``r_l``.  This is the hierarchical clustering view of
+    residual VQ (RQ-VAE, arXiv 2203.01941; SoundStream, arXiv 2107.03312): level 0 finds
+    coarse clusters, level 1 clusters the offsets of the rows from their level-0 centroids, and
+    so on.  A row's code tuple ``(k_0, ..., k_{L-1})`` is its "semantic ID" (as in generative
+    retrieval, Rajput et al., arXiv 2305.05065): rows with a common prefix are close.  Two rows
+    *collide* when their whole tuples are equal; :func:`collision_rate` measures how often.
+
+Cosine variant (``use_cosine_sim=True``): assignments by cosine similarity and spherical
+k-means centroids (unit vectors), as vector-quantize-pytorch's ``use_cosine_sim`` codebooks.
+In the residual stack the unit centroid is subtracted from the raw residual, exactly as
+:class:`vqref.ResidualVQ` does with a cosine codebook, so :meth:`ResidualClustering.to_residual_vq`
+reproduces :meth:`ResidualClustering.predict`.
+
+Backends: any Array API array in (numpy, cupy, array_api_strict), the same library, device and
+float dtype out; lists and integer arrays are converted to float64 numpy / the library's
+float64.  Random choices are made on the host from a ``numpy.random.Generator``, so a seed gives
+the same clusters on every backend.  These are drivers, not ops: they synchronise with the
+device (k-means++ once per centroid, the inertia once per fit).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import backend as B
+from .core.ema import laplace_smoothing
+from .core.kmeans import assign, kmeans, sample_initial_means
+from .ops.l2norm import l2norm_forward
+
+__all__ = ["VQClustering", "ResidualClustering", "kmeans_plusplus", "collision_rate"]
+
+_INITS = ("k-means++", "random")
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_data(X: Any, name: str = "X") -> Any:
+    """``X`` as a 2-D real floating array of its own library (array-likes become numpy float64)."""
+    if not B._is_array(X):
+        X = np.asarray(X, dtype=np.float64)
+    xp = B.get_namespace(X)
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (N, D), got shape {tuple(X.shape)}")
+    if xp.isdtype(X.dtype, "integral") or xp.isdtype(X.dtype, "bool"):
+        X = xp.astype(X, xp.float64)
+    if not xp.isdtype(X.dtype, "real floating"):
+        raise TypeError(f"{name} must hold real numbers, got dtype {X.dtype}")
+    if X.shape[0] < 1 or X.shape[1] < 1:
+        raise ValueError(f"{name} is empty (shape {tuple(X.shape)})")
+    if not B.all_finite(X):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return X
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _unit_rows(a: Any) -> Any:
+    """l2-normalised rows (zero rows stay zero), the normalisation every cosine codebook uses."""
+    return l2norm_forward(a)[0]
+
+
+def _dtype_name(xp: Any, dtype: Any) -> str:
+    return "float32" if dtype == xp.float32 else "float64"
+
+
+def kmeans_plusplus(x: Any, num_clusters: int, rng: Any = None) -> Any:
+    """k-means++ seeding (Arthur and Vassilvitskii, SODA 2007): spread-out initial centroids.
+
+    The first centroid is a uniformly random row; each next one is a row drawn with probability
+    proportional to its squared distance to the nearest centroid chosen so far,
+
+        P(i) = d_i^2 / sum_j d_j^2,     d_i = min_{chosen c} ||x_i - c||.
+
+    This is the plain version (one candidate per step); scikit-learn's default is the "greedy"
+    version, which draws ``2 + log K`` candidates per step and keeps the best, so the two do not
+    pick the same rows for the same seed.
+
+    Parameters
+    ----------
+    x : (N, D) float, any Array API backend
+    num_clusters : K >= 1 (may exceed N: once every row is a centroid, rows are drawn uniformly)
+    rng : numpy Generator or seed; the draws happen on the host
+
+    Returns
+    -------
+    means : (K, D), rows of x (same namespace, device and dtype)
+
+    Notes
+    -----
+    The distances are direct differences (no expansion), so they are never negative.  Each
+    step moves the (N,) distances to the host to draw from them: K synchronisations in all.
+    """
+    xp = B.get_namespace(x)
+    N = x.shape[0]
+    K = _check_int("num_clusters", num_clusters, 1)
+    gen = B.as_generator(rng)
+    rows = [int(gen.integers(N))]
+    d2 = xp.sum((x - x[rows[0] : rows[0] + 1, :]) ** 2, axis=1)  # (N,) squared distance to the nearest centroid
+    for _ in range(1, K):
+        weights = np.asarray(B.to_numpy(d2), dtype=np.float64)  # host copy to sample from
+        total = float(weights.sum())
+        if total > 0.0 and np.isfinite(total):
+            row = int(gen.choice(N, p=weights / total))
+        else:  # every row already coincides with a centroid (duplicates, or K > N)
+            row = int(gen.integers(N))
+        rows.append(row)
+        d2 = xp.minimum(d2, xp.sum((x - x[row : row + 1, :]) ** 2, axis=1))  # (N,)
+    idx = B.from_numpy(np.asarray(rows, dtype=np.int64), xp, device=B.get_device(x))  # (K,)
+    return xp.take(x, idx, axis=0)  # (K, D)
+
+
+def collision_rate(codes: Any) -> float:
+    """The fraction of rows whose whole code tuple is shared with at least one other row.
+
+    ``codes`` are semantic IDs, one tuple per row; two rows collide when every level agrees.
+    0 means every row has an ID of its own; 1 means no row does.  A prefix ``codes[:, :l]``
+    gives the collision rate of the first l levels.
+
+    Parameters
+    ----------
+    codes : (N, L) or (N,) integer array of any backend (or array-like)
+
+    Returns
+    -------
+    rate : float in [0, 1]
+
+    Notes
+    -----
+    A reporting function: the codes are moved to the host and grouped there with
+    ``numpy.unique(axis=0)`` (the Array API's ``unique_counts`` is one-dimensional, and packing a
+    tuple into one integer overflows int64 once ``K^L > 2^63``).
+    """
+    host = np.asarray(B.to_numpy(codes) if B._is_array(codes) else codes)
+    if host.ndim == 1:
+        host = host[:, None]
+    if host.ndim != 2:
+        raise ValueError(f"codes must be (N, L) or (N,), got shape {host.shape}")
+    if not np.issubdtype(host.dtype, np.integer):
+        raise TypeError(f"codes must be integers, got dtype {host.dtype}")
+    if host.shape[0] == 0:
+        return 0.0
+    _, inverse, counts = np.unique(host, axis=0, return_inverse=True, return_counts=True)
+    shared = counts[np.reshape(inverse, (-1,))] > 1  # (N,) this row's tuple occurs elsewhere too
+    return float(np.mean(shared))
+
+
+# --------------------------------------------------------------------------------------------
+# one level
+# --------------------------------------------------------------------------------------------
+
+
+class VQClustering:
+    """A vector quantizer fitted as a clusterer: k-means with VQ's conventions.
+
+    ``fit(X)`` chooses initial centroids (``init``), then runs ``iters`` Lloyd iterations
+    (:func:`vqref.core.kmeans.kmeans`):
+
+        a_i = argmin_k ||x_i - mu_k||^2,      mu_k <- mean_{i : a_i = k} x_i
+
+    (a cluster that becomes empty keeps its centroid).  Afterwards every row is assigned to its
+    nearest final centroid, as ``predict`` and a quantizer's forward would do.
+
+    Parameters
+    ----------
+    n_clusters : K
+    iters : Lloyd iterations T (no early stop; default 20)
+    init : ``"k-means++"`` (default, :func:`kmeans_plusplus`), ``"random"`` (K distinct rows,
+        vector-quantize-pytorch's k-means initialisation) or a (K, D) array of initial centroids
+    use_cosine_sim : cosine-similarity assignment and spherical k-means (unit centroids)
+    seed : seed or numpy Generator for the initialisation
+    chunk_size : rows per chunk of the nearest-centroid search
+
+    Attributes
+    ----------
+    (set by ``fit``)
+
+    cluster_centers_ : (K, D), X's library and dtype (unit rows with ``use_cosine_sim``)
+    labels_ : (N,) int64, the nearest centroid of every training row
+    counts_ : (K,) int64, cluster sizes of ``labels_``
+    inertia_ : float, ``sum_i ||x_i - mu_{a_i}||^2`` with the final centroids and ``labels_``
+        (cosine: the same on l2-normalised rows, ``= sum_i (2 - 2 cos)`` for non-zero rows)
+    inertia_history_ : tuple of T floats, the k-means objective at each iteration's assignment
+    n_features_in_ : D
+    """
+
+    def __init__(
+        self,
+        n_clusters: int,
+        *,
+        iters: int = 20,
+        init: Any = "k-means++",
+        use_cosine_sim: bool = False,
+        seed: Any = None,
+        chunk_size: int | None = None,
+    ):
+        self.n_clusters = _check_int("n_clusters", n_clusters, 1)
+        self.iters = _check_int("iters", iters, 1)
+        if not B._is_array(init) and init not in _INITS:
+            raise ValueError(f"init must be one of {_INITS} or a (K, D) array, got {init!r}")
+        self.init = init
+        self.use_cosine_sim = bool(use_cosine_sim)
+        self.seed = seed
+        self.chunk_size = None if chunk_size is None else _check_int("chunk_size", chunk_size, 1)
+
+    def __repr__(self) -> str:
+        init = "array" if B._is_array(self.init) else repr(self.init)
+        return (
+            f"VQClustering(n_clusters={self.n_clusters}, iters={self.iters}, init={init}, "
+            f"use_cosine_sim={self.use_cosine_sim})"
+        )
+
+    # ------------------------------------------------------------------ fitting
+
+    def _initial_means(self, X: Any, rng: np.random.Generator) -> Any:
+        xp = B.get_namespace(X)
+        K, D = self.n_clusters, X.shape[1]
+        if B._is_array(self.init):
+            if tuple(self.init.shape) != (K, D):
+                raise ValueError(f"init must have shape ({K}, {D}), got {tuple(self.init.shape)}")
+            means = B.from_numpy(B.to_numpy(self.init), xp, device=B.get_device(X), dtype=X.dtype)
+            if not B.all_finite(means):
+                raise ValueError("init contains NaN or infinite values")
+            return means
+        data = _unit_rows(X) if self.use_cosine_sim else X  # k-means++ on the sphere for cosine
+        if self.init == "k-means++":
+            return kmeans_plusplus(data, K, rng)
+        return sample_initial_means(data, K, rng)
+
+    def fit(self, X: Any) -> "VQClustering":
+        """Fit the centroids to ``X (N, D)``; returns ``self``."""
+        X = _check_data(X)
+        rng = B.as_generator(self.seed)
+        res = kmeans(
+            X,
+            self.n_clusters,
+            self.iters,
+            use_cosine_sim=self.use_cosine_sim,
+            init_means=self._initial_means(X, rng),
+            chunk_size=self.chunk_size,
+        )
+        self.cluster_centers_ = res.means  # (K, D)
+        self.n_features_in_ = X.shape[1]
+        self.labels_ = self._assign(X)  # (N,)
+        self.counts_ = B.bincount(self.labels_, self.n_clusters)  # (K,)
+        self.inertia_ = B.to_float(self._energy(X, self.labels_))
+        self.inertia_history_ = res.inertia
+        return self
+
+    def fit_predict(self, X: Any) -> Any:
+        """``fit(X)`` and return ``labels_ (N,)``."""
+        return self.fit(X).labels_
+
+    # ------------------------------------------------------------------ using the fit
+
+    def _check_fitted(self, X: Any) -> Any:
+        if not hasattr(self, "cluster_centers_"):
+            raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit(X) first")
+        X = _check_data(X)
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} features, the fit had {self.n_features_in_}")
+        B.get_namespace(X, self.cluster_centers_)  # same library, or a clear TypeError
+        return X
+
+    def _centers_as(self, X: Any) -> Any:
+        xp = B.get_namespace(X)
+        c = self.cluster_centers_
+        return c if c.dtype == X.dtype else xp.astype(c, X.dtype)
+
+    def _assign(self, X: Any) -> Any:
+        return assign(X, self._centers_as(X), self.use_cosine_sim, chunk_size=self.chunk_size)
+
+    def _energy(self, X: Any, labels: Any) -> Any:
+        """``sum_i ||x_i - mu_{a_i}||^2`` by direct differences (unit rows for cosine), 0-d."""
+        xp = B.get_namespace(X)
+        data = _unit_rows(X) if self.use_cosine_sim else X
+        diff = data - xp.take(self._centers_as(X), labels, axis=0)  # (N, D)
+        return xp.sum(diff * diff)
+
+    def predict(self, X: Any) -> Any:
+        """The nearest centroid of every row: ``(N,)`` int64."""
+        return self._assign(self._check_fitted(X))
+
+    def transform(self, X: Any) -> Any:
+        """Distances from every row to every centroid, ``(N, K)`` (scikit-learn's ``transform``).
+
+        Euclidean distances ``||x_i - mu_k||`` (cosine: between the l2-normalised row and the unit
+        centroid, ``sqrt(2 - 2 cos)``), computed by direct differences in blocks of rows.
+        """
+        X = self._check_fitted(X)
+        xp = B.get_namespace(X)
+        data = _unit_rows(X) if self.use_cosine_sim else X
+        c = self._centers_as(X)
+        N = data.shape[0]
+        step = max(1, (1 << 22) // max(1, self.n_clusters * data.shape[1]))
+        blocks = []
+        for start in range(0, N, step):
+            blk = data[start : min(start + step, N), :]
+            diff = blk[:, None, :] - c[None, :, :]  # (n, K, D)
+            blocks.append(xp.sqrt(xp.sum(diff * diff, axis=2)))  # (n, K)
+        return xp.concat(blocks, axis=0)
+
+    def quantize(self, X: Any) -> Any:
+        """Every row replaced by its centroid, ``(N, D)`` (a unit centroid for cosine)."""
+        X = self._check_fitted(X)
+        xp = B.get_namespace(X)
+        return xp.take(self._centers_as(X), self._assign(X), axis=0)
+
+    def score(self, X: Any) -> float:
+        """Minus the inertia of ``X`` with the fitted centroids (higher is better, as scikit-learn)."""
+        X = self._check_fitted(X)
+        return -B.to_float(self._energy(X, self._assign(X)))
+
+    def to_vector_quantize(self, **vq_kwargs: Any):
+        """A :class:`vqref.VectorQuantize` in eval mode whose codebook is the fitted centroids.
+
+        Its indices equal :meth:`predict`.  ``vq_kwargs`` (decay, commitment_weight, ...) pass to
+        the constructor; the EMA statistics are seeded consistently (``N_k`` = cluster sizes,
+        ``m_k = mu_k N~_k``), so training can continue from the fit.
+        """
+        from .modules import VectorQuantize
+
+        if not hasattr(self, "cluster_centers_"):
+            raise RuntimeError("this VQClustering is not fitted yet; call fit(X) first")
+        c = self.cluster_centers_
+        xp = B.get_namespace(c)
+        vq = VectorQuantize(
+            self.n_features_in_,
+            self.n_clusters,
+            use_cosine_sim=self.use_cosine_sim,
+            dtype=_dtype_name(xp, c.dtype),
+            xp=xp,
+            device=B.get_device(c),
+            chunk_size=self.chunk_size,
+            **vq_kwargs,
+        )
+        vq.load_state_dict(_ema_state(c, self.counts_, vq.eps))
+        return vq.eval()
+
+
+def _ema_state(centers: Any, counts: Any, eps: float) -> dict:
+    """An EMA state whose codebook is exactly ``centers``: ``N_k = n_k``, ``m_k = c_k N~_k``."""
+    xp = B.get_namespace(centers)
+    cluster_size = xp.astype(counts, centers.dtype)  # (K,)
+    smoothed = laplace_smoothing(cluster_size, eps)  # (K,)
+    return {
+        "codebook": centers,
+        "cluster_size": cluster_size,
+        "embed_avg": centers * smoothed[:, None],
+        "initted": True,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# several levels
+# --------------------------------------------------------------------------------------------
+
+
+class ResidualClustering:
+    """Residual VQ fitted as a hierarchical clusterer: one k-means per level, on the residuals.
+
+    ``fit(X)`` runs, for l = 0..L-1, a :class:`VQClustering` with K clusters on ``r_l`` and then
+    ``r_{l+1} = r_l - mu^(l)_{k_l}``.  ``predict(X)`` encodes new rows greedily with the fitted
+    codebooks (what :class:`vqref.ResidualVQ` does in eval mode) and returns the semantic IDs.
+
+    Parameters
+    ----------
+    num_levels : L
+    codebook_size : K, clusters per level
+    iters : Lloyd iterations per level (default 20)
+    init : ``"k-means++"`` (default) or ``"random"``, the initialisation of every level
+    use_cosine_sim : cosine assignment and unit centroids at every level (see the module notes)
+    seed : seed or numpy Generator; level l uses the l-th of L generators spawned from it
+    chunk_size : rows per chunk of the nearest-centroid search
+
+    Attributes
+    ----------
+    (set by ``fit``)
+
+    cluster_centers_ : (L, K, D), X's library and dtype: the codebooks
+    labels_ : (N, L) int64, the training rows' semantic IDs (equal to ``predict(X)``)
+    counts_ : (L, K) int64, how many training rows chose each code at each level
+    inertia_ : tuple of L floats, the residual energy ``sum_i ||r_{l+1, i}||^2`` after each level.
+        Euclidean: non-increasing, because each level's centroids are means of the rows
+        assigned to them; cosine: not guaranteed (a unit centroid is subtracted whatever the
+        residual's length)
+    n_features_in_ : D
+    """
+
+    def __init__(
+        self,
+        num_levels: int,
+        codebook_size: int,
+        *,
+        iters: int = 20,
+        init: str = "k-means++",
+        use_cosine_sim: bool = False,
+        seed: Any = None,
+        chunk_size: int | None = None,
+    ):
+        self.num_levels = _check_int("num_levels", num_levels, 1)
+        self.codebook_size = _check_int("codebook_size", codebook_size, 1)
+        self.iters = _check_int("iters", iters, 1)
+        if init not in _INITS:
+            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+        self.init = init
+        self.use_cosine_sim = bool(use_cosine_sim)
+        self.seed = seed
+        self.chunk_size = None if chunk_size is None else _check_int("chunk_size", chunk_size, 1)
+
+    def __repr__(self) -> str:
+        return (
+            f"ResidualClustering(num_levels={self.num_levels}, codebook_size={self.codebook_size}, "
+            f"iters={self.iters}, init={self.init!r}, use_cosine_sim={self.use_cosine_sim})"
+        )
+
+    def _level_codes(self, centers: Any) -> Any:
+        """The vectors a level subtracts: the centroids, l2-normalised for cosine codebooks."""
+        return _unit_rows(centers) if self.use_cosine_sim else centers
+
+    def fit(self, X: Any) -> "ResidualClustering":
+        """Fit the L codebooks level by level on ``X (N, D)``; returns ``self``."""
+        X = _check_data(X)
+        xp = B.get_namespace(X)
+        gens = B.as_generator(self.seed).spawn(self.num_levels)
+        residual = X  # r_0
+        centers, labels, counts, energy = [], [], [], []
+        for level in range(self.num_levels):
+            vq = VQClustering(
+                self.codebook_size,
+                iters=self.iters,
+                init=self.init,
+                use_cosine_sim=self.use_cosine_sim,
+                seed=gens[level],
+                chunk_size=self.chunk_size,
+            ).fit(residual)
+            centers.append(vq.cluster_centers_)
+            labels.append(vq.labels_)
+            counts.append(vq.counts_)
+            residual = residual - xp.take(self._level_codes(vq.cluster_centers_), vq.labels_, axis=0)  # r_{l+1}
+            energy.append(xp.sum(residual * residual))
+        self.cluster_centers_ = xp.stack(centers, axis=0)  # (L, K, D)
+        self.labels_ = xp.stack(labels, axis=1)  # (N, L)
+        self.counts_ = xp.stack(counts, axis=0)  # (L, K)
+        self.inertia_ = tuple(float(v) for v in B.to_numpy(xp.stack(energy)))  # one host sync
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def fit_predict(self, X: Any) -> Any:
+        """``fit(X)`` and return ``labels_ (N, L)``."""
+        return self.fit(X).labels_
+
+    def _check_fitted(self, X: Any) -> Any:
+        if not hasattr(self, "cluster_centers_"):
+            raise RuntimeError("this ResidualClustering is not fitted yet; call fit(X) first")
+        X = _check_data(X)
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} features, the fit had {self.n_features_in_}")
+        B.get_namespace(X, self.cluster_centers_)
+        return X
+
+    def _codebooks_as(self, X: Any) -> Any:
+        xp = B.get_namespace(X)
+        c = self.cluster_centers_
+        return c if c.dtype == X.dtype else xp.astype(c, X.dtype)
+
+    def predict(self, X: Any) -> Any:
+        """Semantic IDs ``(N, L)`` int64: the greedy residual code of every row."""
+        X = self._check_fitted(X)
+        xp = B.get_namespace(X)
+        codebooks = self._codebooks_as(X)  # (L, K, D)
+        residual = X
+        codes = []
+        for level in range(self.num_levels):
+            centers = codebooks[level, ...]  # (K, D)
+            k = assign(residual, centers, self.use_cosine_sim, chunk_size=self.chunk_size)  # (N,)
+            residual = residual - xp.take(self._level_codes(centers), k, axis=0)  # (N, D)
+            codes.append(k)
+        return xp.stack(codes, axis=1)
+
+    def decode(self, codes: Any) -> Any:
+        """The reconstruction ``sum_l mu^(l)_{k_l}`` of semantic IDs ``codes (N, L)``: ``(N, D)``.
+
+        A prefix ``codes[:, :l]`` (l < L) decodes the coarser reconstruction of the first l levels.
+        """
+        if not hasattr(self, "cluster_centers_"):
+            raise RuntimeError("this ResidualClustering is not fitted yet; call fit(X) first")
+        xp = B.get_namespace(codes, self.cluster_centers_)
+        if codes.ndim != 2 or not 1 <= codes.shape[1] <= self.num_levels or not xp.isdtype(codes.dtype, "integral"):
+            raise ValueError(f"codes must be an integer array (N, l) with 1 <= l <= {self.num_levels}")
+        if codes.shape[0] and (int(xp.min(codes)) < 0 or int(xp.max(codes)) >= self.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.codebook_size})")
+        out = None
+        for level in range(codes.shape[1]):
+            q = xp.take(self._level_codes(self.cluster_centers_[level, ...]), codes[:, level], axis=0)  # (N, D)
+            out = q if out is None else out + q
+        return out
+
+    def collision_rate(self, codes: Any) -> float:
+        """The fraction of rows whose whole ID is shared with another row (see :func:`collision_rate`)."""
+        return collision_rate(codes)
+
+    def to_residual_vq(self, **vq_kwargs: Any):
+        """A :class:`vqref.ResidualVQ` in eval mode holding the fitted codebooks.
+
+        Its indices equal :meth:`predict` and its output equals :meth:`decode` of them, so the fit
+        can be used as a quantizer (or trained further: the EMA statistics are seeded with the
+        cluster sizes, ``m_k = mu_k N~_k``).  ``vq_kwargs`` pass to the constructor (decay,
+        commitment_weight, gradient_routing, ...).
+        """
+        from .modules import ResidualVQ
+
+        if not hasattr(self, "cluster_centers_"):
+            raise RuntimeError("this ResidualClustering is not fitted yet; call fit(X) first")
+        c = self.cluster_centers_
+        xp = B.get_namespace(c)
+        rq = ResidualVQ(
+            dim=self.n_features_in_,
+            num_quantizers=self.num_levels,
+            codebook_size=self.codebook_size,
+            use_cosine_sim=self.use_cosine_sim,
+            dtype=_dtype_name(xp, c.dtype),
+            xp=xp,
+            device=B.get_device(c),
+            chunk_size=self.chunk_size,
+            **vq_kwargs,
+        )
+        eps = rq.layers[0].eps
+        state = {}
+        for level in range(self.num_levels):
+            level_state = _ema_state(c[level, ...], self.counts_[level, ...], eps)
+            state.update({f"{level}.{k}": v for k, v in level_state.items()})
+        rq.load_state_dict(state)
+        return rq.eval()
