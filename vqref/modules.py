@@ -389,7 +389,7 @@ class VectorQuantize(_Quantizer):
         for k, v in moved.items():
             setattr(self, k, self._from_host(v))
         self._cache = None
-        self.grads = {}
+        self.grads.clear()  # in place: views of this dict stay valid
         return self
 
     # ------------------------------------------------------------------ validation
@@ -544,7 +544,7 @@ class VectorQuantize(_Quantizer):
         dq = xp.astype(xp.reshape(dquantized, (-1, self.dim)), self._cache_dtype)
         dx, dcodebook = quantize_backward(dq, dloss, self._cache)
         self._cache = None
-        self.grads = {}
+        self.grads.clear()  # in place: views of this dict stay valid
         if self.codebook_is_learnable:
             if dcodebook is None:
                 dcodebook = xp.zeros((self.codebook_size, self.dim), dtype=self.dtype, device=B.get_device(dx))
@@ -696,7 +696,7 @@ class ResidualVQ(_Quantizer):
         for layer in self.layers:
             layer.to(xp, device)
         self._cache = None
-        self.grads = {}
+        self.grads.clear()  # in place: views of this dict stay valid
         return self
 
     def _names(self) -> list[str]:
@@ -833,7 +833,7 @@ class ResidualVQ(_Quantizer):
         dq = xp.astype(xp.reshape(dquantized, (-1, self.dim)), self._cache_dtype)
         dx, dcodebooks = residual_backward(dq, dlosses, self._cache)
         self._cache = None
-        self.grads = {}
+        self.grads.clear()  # in place: views of this dict stay valid
         for prefix, layer, level_grads in zip(self._names(), self.layers, self._group(dcodebooks)):
             if layer.codebook_is_learnable:
                 total = None

@@ -17,6 +17,7 @@ from .layers import (
     tanh_forward,
 )
 from .optim import SGD, Adam, Optimizer
+from .vqvae import VQVAE, VQVAELosses
 
 __all__ = [
     "ACTIVATIONS",
@@ -34,4 +35,6 @@ __all__ = [
     "Optimizer",
     "SGD",
     "Adam",
+    "VQVAE",
+    "VQVAELosses",
 ]

@@ -1,0 +1,267 @@
+"""A small VQ-VAE with hand-written gradients: MLP encoder, any vqref quantizer, MLP decoder.
+
+Symbols: N images, P pixels per image (64 for 8x8 digits), H hidden units, T tokens per image,
+d token dim (= the quantizer's ``dim``), E = T * d latent features, Q residual depths.
+
+Why tokens: a VQ-VAE on images quantizes one vector per spatial position.  An 8x8 image is too
+small for a convolutional encoder to be worth writing by hand, so here the encoder's output of
+E = T * d features is cut into T consecutive chunks of d features, and each chunk is one token
+for the quantizer.  An image is then described by T code indices (T * Q with residual VQ),
+a discrete "sentence" of T words from a vocabulary of K codes; the decoder reads the T
+quantized tokens side by side and paints the image back.
+
+Forward (van den Oord et al. 2017, arXiv 1711.00937, eq. 3, with the losses of the quantizer)::
+
+    z      = encoder(x)                            (N, E)
+    tokens = reshape(z, (N, T, d))                 (N, T, d)
+    zq, k, L_vq = quantizer(tokens)                (N, T, d), (N, T[, Q]), () or (Q,)
+    recon  = decoder(reshape(zq, (N, E)))          (N, P)
+    L      = mse(recon, x) + sum(L_vq)             ()
+
+Backward, read from the loss back to the image (every arrow is one hand-written backward)::
+
+    drecon  = dL * (2/M) (recon - x)               mse backward, M = N * P
+    dzq     = decoder.backward(drecon)             (N, E) -> reshaped (N, T, d)
+    dtokens = quantizer.backward(dzq, dL)          the estimator (STE / rotation) carries dzq to
+                                                   the tokens, the losses add their own share
+    dx      = encoder.backward(dtokens)            (N, P); fills the encoder's gradients
+
+The quantizer's estimator is a surrogate: with the codes held fixed, the true derivative of the
+reconstruction with respect to the encoder is zero.  So a finite-difference check of the whole
+model must freeze ``sg[q - z]`` at its value (the straight-through identity), which is what the
+tests and notebook 9 do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .. import backend as B
+from .layers import MLP, MSECache, NamedArrays, mse_loss_backward, mse_loss_forward
+
+__all__ = ["VQVAELosses", "VQVAE"]
+
+
+class VQVAELosses(NamedTuple):
+    total: Any  # () reconstruction + quantizer: the training objective
+    reconstruction: Any  # () mse(recon, x), the mean over all N * P pixels
+    quantizer: Any  # () the quantizer's loss (summed over depths for residual VQ)
+    per_depth: Any  # (Q,) the residual quantizer's losses; the 0-d loss for a single quantizer
+
+
+class _Cache(NamedTuple):
+    mse: MSECache
+    batch: int  # N, for reshaping the gradients
+
+
+class VQVAE:
+    """Encoder MLP -> T tokens of dim d -> quantizer -> decoder MLP, with a manual backward.
+
+    Parameters
+    ----------
+    quantizer : a :class:`vqref.VectorQuantize` or :class:`vqref.ResidualVQ` with ``dim = d``
+        Any configuration: EMA or learnable codebook, k-means init, cosine, orthogonal
+        regulariser, rotation trick, residual depths, shared codebook.  The model owns it from
+        now on (its training/eval mode follows the model's).
+    in_dim : P, features per input (64 for the 8x8 digits)
+    hidden : H, hidden units of the encoder and of the decoder (one hidden layer each), or a
+        list of sizes for deeper MLPs
+    num_tokens : T, tokens per input; the latent has E = T * d features
+    activation : ``"relu"`` or ``"tanh"``
+    rng : numpy Generator or seed, for the encoder's and decoder's weights (encoder first)
+    dtype, xp, device : as for :class:`vqref.nn.MLP`; use the quantizer's dtype and library
+
+    Attributes
+    ----------
+    encoder : MLP ``[P, H, E]``
+    decoder : MLP ``[E, H, P]``
+    params : NamedArrays ``"encoder.0.W", ..., "decoder.1.b", "quantizer.codebook"`` (live; the
+        quantizer contributes only when its codebook is learnable)
+    grads : the gradients of the last :meth:`backward`, with the same names
+
+    Examples
+    --------
+    >>> from vqref import VectorQuantize
+    >>> from vqref.nn import Adam
+    >>> vq = VectorQuantize(dim=8, codebook_size=32, seed=0)
+    >>> model = VQVAE(vq, in_dim=64, hidden=64, num_tokens=4, rng=0)
+    >>> opt = Adam(model.params, lr=1e-3)
+    >>> x = np.random.default_rng(0).random((16, 64), dtype=np.float32)
+    >>> recon, indices, losses = model.forward(x)
+    >>> dx = model.backward()
+    >>> opt.step(model.grads)
+    >>> recon.shape, indices.shape
+    ((16, 64), (16, 4))
+    """
+
+    def __init__(
+        self,
+        quantizer: Any,
+        *,
+        in_dim: int = 64,
+        hidden: int | list[int] = 128,
+        num_tokens: int = 4,
+        activation: str = "relu",
+        rng: Any,
+        dtype: Any = "float32",
+        xp: Any = np,
+        device: Any = None,
+    ):
+        self.quantizer = quantizer
+        self.token_dim = int(quantizer.dim)
+        self.num_tokens = int(num_tokens)
+        if self.num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        self.in_dim = int(in_dim)
+        hidden_sizes = [int(hidden)] if isinstance(hidden, (int, np.integer)) else [int(h) for h in hidden]
+        latent = self.num_tokens * self.token_dim  # E
+        gen = B.as_generator(rng)
+        self.encoder = MLP([self.in_dim, *hidden_sizes, latent], activation=activation, rng=gen, dtype=dtype, xp=xp, device=device)
+        self.decoder = MLP([latent, *hidden_sizes[::-1], self.in_dim], activation=activation, rng=gen, dtype=dtype, xp=xp, device=device)
+        self.training = True
+        self._cache: _Cache | None = None
+        self._params = NamedArrays(
+            {"encoder": self.encoder.params, "decoder": self.decoder.params, "quantizer": quantizer.params}
+        )
+
+    # ------------------------------------------------------------------ mappings and modes
+
+    @property
+    def latent_dim(self) -> int:
+        """E = T * d, the encoder's output features."""
+        return self.num_tokens * self.token_dim
+
+    @property
+    def params(self) -> NamedArrays:
+        return self._params
+
+    @property
+    def grads(self) -> NamedArrays:
+        # Built on each access: the quantizer replaces its ``grads`` dict at every backward,
+        # so a view made once would keep pointing at the first one.
+        return NamedArrays(
+            {"encoder": self.encoder.grads, "decoder": self.decoder.grads, "quantizer": self.quantizer.grads}
+        )
+
+    def train(self, mode: bool = True) -> "VQVAE":
+        """Training mode: the quantizer updates its state (EMA, k-means init) and keeps a cache."""
+        self.training = bool(mode)
+        self.quantizer.train(self.training)
+        return self
+
+    def eval(self) -> "VQVAE":
+        """Evaluation mode: nothing in the model changes during a forward."""
+        return self.train(False)
+
+    def __repr__(self) -> str:
+        return (
+            f"VQVAE(encoder={self.encoder.sizes}, tokens={self.num_tokens}x{self.token_dim}, "
+            f"quantizer={self.quantizer!r}, decoder={self.decoder.sizes})"
+        )
+
+    # ------------------------------------------------------------------ forward / backward
+
+    def forward(self, x: Any) -> tuple[Any, Any, VQVAELosses]:
+        """Encode, quantize, decode.
+
+        Parameters
+        ----------
+        x : (N, P) float
+
+        Returns
+        -------
+        recon : (N, P), the decoder's output
+        indices : (N, T) int (``(N, T, Q)`` with residual VQ), the codes of each image's tokens
+        losses : VQVAELosses(total, reconstruction, quantizer, per_depth), 0-d arrays except
+            ``per_depth`` ``(Q,)``
+
+        Notes
+        -----
+        A training forward keeps what :meth:`backward` needs.  An evaluation forward runs the
+        same layers (whose caches it overwrites), so it discards that: a backward after it raises
+        instead of differentiating the wrong batch.
+        """
+        xp = B.get_namespace(x)
+        if x.ndim != 2 or x.shape[1] != self.in_dim:
+            raise ValueError(f"VQVAE expects input (N, {self.in_dim}), got {tuple(x.shape)}")
+        N, T, d = x.shape[0], self.num_tokens, self.token_dim
+        self.quantizer.train(self.training)
+        z = self.encoder.forward(x)  # (N, E)
+        tokens = xp.reshape(z, (N, T, d))  # (N, T, d)
+        zq, indices, vq_loss = self.quantizer(tokens)  # (N, T, d), (N, T[, Q]), () or (Q,)
+        recon = self.decoder.forward(xp.reshape(zq, (N, T * d)))  # (N, P)
+        rec_loss, mse_cache = mse_loss_forward(recon, x)  # ()
+        vq_total = xp.sum(vq_loss) if vq_loss.ndim else vq_loss  # ()
+        losses = VQVAELosses(rec_loss + vq_total, rec_loss, vq_total, vq_loss)
+        self._cache = _Cache(mse_cache, N) if self.training else None
+        return recon, indices, losses
+
+    __call__ = forward
+
+    def backward(self, dloss: Any = 1.0, drecon: Any = None) -> Any:
+        """Gradients of ``dloss * losses.total [+ <drecon, recon>]`` for the last training forward.
+
+        Parameters
+        ----------
+        dloss : scalar or 0-d array, the upstream gradient of the total loss (1.0 for training)
+        drecon : optional (N, P), an extra upstream gradient on the reconstruction (for
+            vector-Jacobian checks with a random direction)
+
+        Returns
+        -------
+        dx : (N, P), the gradient for the input images.  Parameter gradients are in
+            :attr:`grads` (the encoder's get the estimator's surrogate, see the module notes).
+        """
+        if self._cache is None:
+            raise RuntimeError("VQVAE.backward needs a training-mode forward first (one backward per forward)")
+        cache, self._cache = self._cache, None
+        N, T, d = cache.batch, self.num_tokens, self.token_dim
+        drec = mse_loss_backward(dloss, cache.mse)  # (N, P)
+        if drecon is not None:
+            drec = drec + drecon  # the reconstruction feeds the loss and the extra direction
+        dh = self.decoder.backward(drec)  # (N, E)
+        xp = B.get_namespace(dh)
+        dzq = xp.reshape(dh, (N, T, d))  # (N, T, d)
+        # The quantizer's loss enters the total with weight 1 (every depth's, for residual VQ),
+        # so its upstream gradient is dloss itself.
+        dtokens = self.quantizer.backward(dzq, dloss)  # (N, T, d)
+        return self.encoder.backward(xp.reshape(dtokens, (N, T * d)))  # (N, P)
+
+    # ------------------------------------------------------------------ conveniences
+
+    def reconstruct(self, x: Any) -> tuple[Any, Any, VQVAELosses]:
+        """An evaluation-mode forward that leaves the model in the mode it was in."""
+        mode = self.training
+        try:
+            return self.eval().forward(x)
+        finally:
+            self.train(mode)
+
+    def decode_indices(self, indices: Any) -> Any:
+        """Images ``(N, P)`` from code indices ``(N, T)`` (``(N, T, Q)`` with residual VQ)."""
+        xp = B.get_namespace(indices)
+        zq = self.quantizer.get_output_from_indices(indices)  # (N, T, d)
+        return self.decoder.forward(xp.reshape(zq, (zq.shape[0], self.latent_dim)))
+
+    def state_dict(self) -> dict:
+        """Host copies of the encoder and decoder weights and of the quantizer's state."""
+        out = {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
+        out.update({f"decoder.{k}": v for k, v in self.decoder.state_dict().items()})
+        out.update({f"quantizer.{k}": np.asarray(B.to_numpy(v)) for k, v in self.quantizer.state_dict().items()})
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load a state written by :meth:`state_dict` (names and shapes must match)."""
+        parts: dict[str, dict] = {"encoder": {}, "decoder": {}, "quantizer": {}}
+        for k, v in state.items():
+            prefix, _, rest = k.partition(".")
+            if prefix not in parts:
+                raise KeyError(f"load_state_dict: unexpected key {k!r}")
+            parts[prefix][rest] = v
+        self.encoder.load_state_dict(parts["encoder"])
+        self.decoder.load_state_dict(parts["decoder"])
+        self.quantizer.load_state_dict(parts["quantizer"])
+        self._cache = None
