@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
+import zlib
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -274,10 +276,18 @@ class VectorQuantize(_Quantizer):
         if self.rotation_trick and self.dim == 1:
             raise ValueError("rotation_trick needs dim > 1: in one dimension the only rotation is the identity")
 
-        self._rng = B.as_generator(seed)
+        try:
+            self._rng = B.as_generator(seed)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"seed must be None, an int or a numpy Generator, got {seed!r} ({e})") from None
         self._xp = B.namespace_from_module(xp)
         self._device = device
-        self._dtype_name = np.dtype(dtype).name if not hasattr(dtype, "__array_namespace__") else str(dtype)
+        # a name, a numpy dtype, or the dtype object of another Array API library
+        # (array_api_strict.float32 prints as "array_api_strict.float32")
+        try:
+            self._dtype_name = np.dtype(dtype).name
+        except TypeError:
+            self._dtype_name = str(dtype).rsplit(".", 1)[-1]
         if self._dtype_name not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
         self.training = True
@@ -407,6 +417,8 @@ class VectorQuantize(_Quantizer):
             ) from None
         if not xp.isdtype(a.dtype, "real floating"):
             raise TypeError(f"{name} must be a real floating-point array, got dtype {a.dtype}")
+        if a.dtype not in (xp.float32, xp.float64):
+            raise TypeError(f"{name} must be float32 or float64, got dtype {a.dtype}")
         if shape is not None and tuple(a.shape) != tuple(shape):
             raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
         if last_dim is not None:
@@ -465,6 +477,10 @@ class VectorQuantize(_Quantizer):
         except BaseException:
             self._rng.bit_generator.state = rng_state
             raise
+        if not self.training:
+            # eval changes nothing: a random regulariser subset drawn for the eval loss is
+            # drawn from the module's stream and then given back
+            self._rng.bit_generator.state = rng_state
 
         if self.training:
             self.codebook, self.cluster_size, self.embed_avg = state
@@ -556,6 +572,11 @@ class VectorQuantize(_Quantizer):
     def get_codes_from_indices(self, indices: Any) -> Any:
         """Codes ``(..., dim)`` for integer ``indices (...)`` (unit codes for cosine codebooks)."""
         xp = self._xp
+        if B._is_array(indices) and B.library_name(indices) != B.library_name(self.codebook):
+            raise TypeError(
+                f"indices is a {B.library_name(indices)} array but this module holds "
+                f"{B.library_name(self.codebook)} arrays; move one of them"
+            )
         if not B._is_array(indices) or not xp.isdtype(indices.dtype, "integral"):
             raise TypeError("indices must be an integer array")
         flat = xp.reshape(indices, (-1,))
@@ -600,6 +621,10 @@ class VectorQuantize(_Quantizer):
                     raise TypeError(f"state_dict[{k!r}] must be floating point, got {a.dtype}")
                 if not np.all(np.isfinite(a)):
                     raise ValueError(f"state_dict[{k!r}] contains NaN or infinite values")
+            elif a.dtype != np.bool_ and not (np.issubdtype(a.dtype, np.integer) and a in (0, 1)):
+                raise TypeError(f"state_dict['initted'] must be a boolean, got {a!r}")
+            if k == "cluster_size" and np.any(a < 0):
+                raise ValueError("state_dict['cluster_size'] holds EMA counts, which must be >= 0")
             host[k] = a
         for k in ("codebook", "cluster_size", "embed_avg"):
             setattr(self, k, self._from_host(host[k]))
@@ -794,6 +819,9 @@ class ResidualVQ(_Quantizer):
             for layer, rs in zip(self.layers, rng_states):
                 layer._rng.bit_generator.state = rs
             raise
+        if not self.training:
+            for layer, rs in zip(self.layers, rng_states):
+                layer._rng.bit_generator.state = rs
 
         if self.training:
             for layer, st, ini in zip(self.layers, states, initted):
@@ -854,6 +882,11 @@ class ResidualVQ(_Quantizer):
     def get_codes_from_indices(self, indices: Any) -> Any:
         """Per-depth codes ``(Q, ..., dim)`` for ``indices (..., Q)``."""
         xp = self._xp
+        if B._is_array(indices) and B.library_name(indices) != B.library_name(self.layers[0].codebook):
+            raise TypeError(
+                f"indices is a {B.library_name(indices)} array but this module holds "
+                f"{B.library_name(self.layers[0].codebook)} arrays; move one of them"
+            )
         if not B._is_array(indices) or indices.ndim < 1 or indices.shape[-1] != self.num_quantizers:
             raise ValueError(f"indices must be an integer array of shape (..., {self.num_quantizers})")
         return xp.stack(
@@ -900,7 +933,9 @@ def _read_npz(path: str) -> tuple[dict, dict]:
     try:
         with np.load(path, allow_pickle=False) as f:
             files = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError, KeyError, zlib.error) as e:
+        # truncated or corrupted archives surface as BadZipFile, unknown compression methods as
+        # NotImplementedError, damaged deflate streams as zlib.error
         raise ValueError(f"{path} is not a readable vqref .npz file: {e}") from None
     if "config" not in files:
         raise ValueError(f"{path} is not a vqref file: it has no 'config' entry")
@@ -908,4 +943,6 @@ def _read_npz(path: str) -> tuple[dict, dict]:
         config = json.loads(str(files.pop("config")))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: its configuration is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: its config entry must be a JSON object, got {type(config).__name__}")
     return config, files

@@ -63,6 +63,12 @@ def l2norm_forward(x: Any, *, eps: float = 1e-6) -> tuple[Any, L2NormCache]:
     """
     xp = B.get_namespace(x)
     norm = xp.linalg.vector_norm(x, axis=-1, keepdims=True)  # (N, 1)
+    # The squares overflow for entries above ~1e19 (float32) although the norm is representable:
+    # those rows (only those, so every other row keeps its rounding) get the norm of x / max|x_j|
+    # scaled back, as rotation._unit computes it.
+    big = xp.max(xp.abs(x), axis=-1, keepdims=True)  # (N, 1)
+    safe = xp.where(big > 0, big, 1.0)  # (N, 1)
+    norm = xp.where(xp.isfinite(norm), norm, safe * xp.linalg.vector_norm(x / safe, axis=-1, keepdims=True))
     scale = xp.clip(norm, min=eps)  # (N, 1)
     y = x / scale  # (N, D)
     # torch's clamp lets the gradient through where norm >= eps; the same boundary is kept here
