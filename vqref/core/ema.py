@@ -71,7 +71,8 @@ def laplace_smoothing(cluster_size: Any, eps: float) -> Any:
     xp = B.get_namespace(cluster_size)
     K = cluster_size.shape[0]
     total = xp.sum(cluster_size)
-    return (cluster_size + eps) / (total + K * eps) * total
+    denom = total + K * eps  # 0 only when every count is 0 and eps = 0: then every N~_k is 0
+    return (cluster_size + eps) / xp.where(denom > 0, denom, 1.0) * total
 
 
 def codebook_from_state(
