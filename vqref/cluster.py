@@ -46,6 +46,7 @@ import numpy as np
 from . import backend as B
 from .core.ema import laplace_smoothing
 from .core.kmeans import assign, kmeans, sample_initial_means
+from .modules import _check_int
 from .ops.l2norm import l2norm_forward
 
 __all__ = ["VQClustering", "ResidualClustering", "kmeans_plusplus", "collision_rate"]
@@ -74,14 +75,6 @@ def _check_data(X: Any, name: str = "X") -> Any:
     if not B.all_finite(X):
         raise ValueError(f"{name} contains NaN or infinite values")
     return X
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _unit_rows(a: Any) -> Any:
