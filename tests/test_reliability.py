@@ -155,6 +155,30 @@ def test_internal_failure_rolls_back_kmeans_and_rng(bk, rng, kind, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_failure_in_the_orthogonal_term_rolls_back_the_whole_step(rng, kind, monkeypatch):
+    """The regulariser is evaluated after the EMA step, restarts and its subset draw: a failure
+    there still leaves no trace (the new state is committed only after it)."""
+    import vqref.modules
+
+    module = make(kind, NP64, orthogonal_reg_weight=0.5, orthogonal_reg_max_codes=3)
+    module(batch(rng))  # initialised, so the failing step is a plain EMA step with restarts
+    before = snapshot(module)
+    calls = []
+
+    def boom(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(vqref.modules, "orthogonal_loss_forward", boom)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        module(batch(rng))
+    assert calls
+    assert_same(before, snapshot(module))
+    monkeypatch.undo()
+    module(batch(rng))  # and the module still trains
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_eval_forward_changes_nothing(bk, rng, kind):
     module = make(kind, bk, orthogonal_reg_weight=0.5, orthogonal_reg_active_codes_only=True)
     module(bk.asarray(batch(rng)))

@@ -17,6 +17,7 @@ from vqref import ResidualVQ, VectorQuantize
 from vqref import backend as B
 from vqref.core.residual import residual_backward, residual_forward
 from vqref.testing import check_vjp, rel_error
+from vqref.testing.torch_reference.orthogonal import orthogonal_loss_reference
 from vqref.testing.torch_reference.residual import residual_vq_grads
 
 N, D, K, Q = 11, 5, 7, 3
@@ -237,9 +238,36 @@ def test_gradients_match_torch_autograd(bk64, rng, routing, technique, shared):
     ref_idx, _, _ = np_residual(x, cbs, cosine=kw.get("use_cosine_sim", False))
     np.testing.assert_array_equal(bk64.np(idx), ref_idx)
     dx = rq.backward(bk64.asarray(g), dlosses=bk64.asarray(dl))
-    tq, tlosses, tdx, tdcbs = residual_vq_grads(
-        x, cbs * (Q if shared else 1), ref_idx, g, dl, routing=routing, shared=shared, **torch_options(kw)
-    )
+    opts = torch_options(kw)
+    w = opts.get("orthogonal_reg_weight", 0.0)
+    if w and not shared:
+        # Each depth's orthogonal term is evaluated on that depth's codebook after its EMA step
+        # (decay 0.8, eps 1e-5, from its residual): the torch reference without the term, plus
+        # the term's value and gradient at the updated codebooks, computed independently here.
+        _, res, _ = np_residual(x, cbs)
+        after = []
+        for level in range(Q):
+            onehot = np.eye(K)[ref_idx[:, level]]
+            cs = 0.8 + 0.2 * onehot.sum(0)
+            ea = 0.8 * cbs[level] + 0.2 * onehot.T @ res[level]
+            after.append(ea / _smoothed(cs, 1e-5)[:, None])
+            np.testing.assert_allclose(bk64.np(rq.layers[level].codebook), after[level], rtol=1e-12, atol=1e-14)
+        tq, tlosses, tdx, tdcbs = residual_vq_grads(
+            x, cbs, ref_idx, g, dl, routing=routing, shared=shared, **dict(opts, orthogonal_reg_weight=0.0)
+        )
+        for level in range(Q):
+            value, grad = orthogonal_loss_reference(after[level], dloss=w * dl[level])
+            tlosses[level] += w * value
+            tdcbs[level] = tdcbs[level] + grad
+        # negative control: the terms on the codebooks the depths quantized with
+        _, stale, _, _ = residual_vq_grads(x, cbs, ref_idx, g, dl, routing=routing, shared=shared, **opts)
+        assert rel_error(losses, stale) > 1e-3
+    else:
+        # without an orthogonal weight, or with a shared codebook, whose update waits for the
+        # last depth: every term on the codebook the depths quantized with
+        tq, tlosses, tdx, tdcbs = residual_vq_grads(
+            x, cbs * (Q if shared else 1), ref_idx, g, dl, routing=routing, shared=shared, **opts
+        )
     assert rel_error(q, tq) < 1e-12
     assert rel_error(losses, tlosses) < 1e-12
     assert rel_error(dx, tdx) < 1e-10

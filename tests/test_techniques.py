@@ -7,7 +7,9 @@ that the module wires them as docs/techniques.md describes, alone and combined:
 
 * gradients: the module's ``dx`` and ``grads["codebook"]`` against torch autograd in float64,
   with the codes held at the indices the module returned and the codebook it held before the
-  forward; float32 against the float64 analytic result;
+  forward -- except the orthogonal regulariser's term, which is evaluated on the codebook the
+  module holds after the forward (after this step's EMA update and restarts); float32 against
+  the float64 analytic result;
 * state transitions (k-means seeding, EMA, restarts) against independent numpy oracles;
 * properties (unit outputs, scale invariance, orthogonality, the rotation's norm identity);
 * configuration errors and determinism.
@@ -27,6 +29,7 @@ from vqref import VectorQuantize
 from vqref import backend as B
 from vqref.core.kmeans import sample_initial_means
 from vqref.core.quantize import quantize_backward, quantize_forward
+from vqref.ops.orthogonal import orthogonal_loss_backward, orthogonal_loss_forward
 from vqref.testing import check_vjp, rel_error
 
 D, K = 5, 7  # K > D: the orthogonal regulariser cannot reach zero
@@ -167,7 +170,8 @@ def run_module(bk, rng, kw, *, seed=0):
     """Warm the state up (k-means, one EMA step, restarts), then one forward + backward.
 
     Returns the host codebook used by the measured forward, the host inputs and everything the
-    module returned.
+    module returned.  The codebook the orthogonal regulariser saw is ``host(vq.codebook)``
+    afterwards.
     """
     vq = make(bk, seed=seed, **kw)
     vq(bk.asarray(rng.standard_normal((WARM, D))))
@@ -179,6 +183,33 @@ def run_module(bk, rng, kw, *, seed=0):
     return vq, C, x, g, (q, idx, loss, dx, vq.grads.get("codebook"))
 
 
+def reference_grads(xh, C, C_after, k, gh, dloss, opts):
+    """float64 analytic and torch results for one module step, the regulariser on ``C_after``.
+
+    The quantization terms use the codebook the batch was quantized with (C); the orthogonal
+    term the codebook the module holds after the forward (C_after), where vqref and
+    vector-quantize-pytorch evaluate it.  Returns ``(loss64, dx64, dC64), (tloss, tdx, tdC)``;
+    dC64 is None when no term reaches the codebook.
+    """
+    from vqref.testing.torch_reference import vq as tref
+    from vqref.testing.torch_reference.orthogonal import orthogonal_loss_reference
+
+    w = opts["orthogonal_reg_weight"]
+    quant = dict(opts, orthogonal_reg_weight=0.0)
+    out64, cache64 = quantize_forward(xh, C, indices=k, **quant)
+    dx64, dC64 = quantize_backward(gh, dloss, cache64)
+    loss64 = float(out64.loss)
+    _, tloss, tdx, tdC = tref.vector_quantize_grads(xh, C, k, gh, dloss, **quant)
+    if w > 0:
+        orth64, orth_cache = orthogonal_loss_forward(C_after)
+        dorth64 = orthogonal_loss_backward(w * dloss, orth_cache)
+        loss64 += w * float(orth64)
+        dC64 = dorth64 if dC64 is None else dC64 + dorth64
+        torth, tdorth = orthogonal_loss_reference(C_after, dloss=w * dloss)
+        tloss, tdC = tloss + w * torth, tdC + tdorth
+    return (loss64, dx64, dC64), (tloss, tdx, tdC)
+
+
 # ------------------------------------------------------------------------------------------
 # every flag and combination: shapes, torch autograd, float32 against float64
 # ------------------------------------------------------------------------------------------
@@ -187,10 +218,10 @@ def run_module(bk, rng, kw, *, seed=0):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_gradients_match_torch_and_float64(bk, rng, name):
     pytest.importorskip("torch")
-    from vqref.testing.torch_reference import vq as tref
 
     kw = CONFIGS[name]
     vq, C, x, g, (q, idx, loss, dx, dC) = run_module(bk, rng, kw)
+    C_after = host(vq.codebook)  # where the orthogonal regulariser is evaluated
     opts = option_names(kw)
 
     assert q.shape == LEAD + (D,) and q.dtype == bk.dtype
@@ -209,13 +240,11 @@ def test_gradients_match_torch_and_float64(bk, rng, name):
     codes = unit(C) if opts["use_cosine_sim"] else C
     np.testing.assert_allclose(host(q).reshape(-1, D), codes[k], rtol=tol(bk), atol=tol(bk))
 
-    # float64 analytic result at the same inputs, codes held at the module's indices
-    out64, cache64 = quantize_forward(xh, C, indices=k, **opts)
-    dx64, dC64 = quantize_backward(gh, 1.3, cache64)
-    # torch autograd, the stop-gradients written as .detach()
-    _, tloss, tdx, tdC = tref.vector_quantize_grads(xh, C, k, gh, 1.3, **opts)
+    # float64 analytic result at the same inputs, codes held at the module's indices, and torch
+    # autograd with the stop-gradients written as .detach()
+    (loss64, dx64, dC64), (tloss, tdx, tdC) = reference_grads(xh, C, C_after, k, gh, 1.3, opts)
     assert rel_error(dx64, tdx) < 1e-10
-    assert float(out64.loss) == pytest.approx(tloss, rel=1e-12)
+    assert loss64 == pytest.approx(tloss, rel=1e-12)
     if learnable:
         assert rel_error(dC64, tdC) < 1e-10
     else:
@@ -240,20 +269,26 @@ def test_gradients_match_torch_and_float64(bk, rng, name):
         ("orth-learnable", dict(orthogonal_reg_weight=0.0)),
         ("all-euclid-split", dict(codebook_weight=None)),
         ("all-cosine", dict(orthogonal_reg_weight=0.35)),
+        ("orth", "before"),  # the regulariser on the codebook from before the EMA step
+        ("all-cosine", "before"),
     ],
 )
 def test_negative_control_torch_check_has_teeth(rng, name, flip):
-    """The comparison above would notice a module that ignored (or mis-weighted) a flag."""
+    """The comparison above would notice a module that ignored (or mis-weighted) a flag, or
+    evaluated the orthogonal regulariser on the codebook it quantized with."""
     pytest.importorskip("torch")
     from conftest import _make
-    from vqref.testing.torch_reference import vq as tref
 
     bk = _make("numpy", "float64")
     kw = CONFIGS[name]
-    _, C, x, g, (_, idx, _, dx, dC) = run_module(bk, rng, kw)
-    wrong = dict(option_names(kw), **flip)
-    _, _, tdx, tdC = tref.vector_quantize_grads(
-        host(x).reshape(-1, D), C, B.to_numpy(idx).reshape(-1), host(g).reshape(-1, D), 1.3, **wrong
+    vq, C, x, g, (_, idx, loss, dx, dC) = run_module(bk, rng, kw)
+    C_after = host(vq.codebook)
+    if flip == "before":
+        wrong, C_after = option_names(kw), C
+    else:
+        wrong = dict(option_names(kw), **flip)
+    _, (tloss, tdx, tdC) = reference_grads(
+        host(x).reshape(-1, D), C, C_after, B.to_numpy(idx).reshape(-1), host(g).reshape(-1, D), 1.3, wrong
     )
     err = max(rel_error(dx, tdx.reshape(LEAD + (D,))), 0.0 if dC is None else rel_error(dC, tdC))
     assert err > 1e-3
@@ -551,20 +586,41 @@ def test_cosine_zero_input_rows_give_no_nan(bk, rng, kw):
 # ------------------------------------------------------------------------------------------
 
 
+def ema_step_oracle(vq, x, k, cosine):
+    """The codebook after one EMA step of a fresh module (decay 0.8, eps 1e-5) on ``x`` with codes ``k``."""
+    _, _, after = ema_oracle(
+        host(vq.cluster_size), host(vq.embed_avg), unit(x) if cosine else x, k, decay=0.8, eps=1e-5, normalize=cosine
+    )
+    return after
+
+
 @pytest.mark.parametrize("cosine", [False, True], ids=["euclid", "cosine"])
 def test_orthogonal_term_is_added_with_its_weight(bk, rng, cosine):
+    # In training the term is evaluated on the codebook after this step's EMA update (the one
+    # the module holds afterwards), the commitment on the codebook the batch was quantized with.
     w, beta = 0.7, 0.4
     vq = make(bk, orthogonal_reg_weight=w, commitment_weight=beta, use_cosine_sim=cosine)
     C = host(vq.codebook)
     x = seen(bk, rng.standard_normal((N, D)))
+    fresh = make(bk, orthogonal_reg_weight=w, commitment_weight=beta, use_cosine_sim=cosine)
     q, idx, loss = vq(bk.asarray(x))
     k = B.to_numpy(idx)
     xs, codes = (unit(x), unit(C)) if cosine else (x, C)
     commit = np.mean((xs - codes[k]) ** 2)
-    orth = orth_oracle(C)
+    after = ema_step_oracle(fresh, x, k, cosine)
+    np.testing.assert_allclose(host(vq.codebook), after, rtol=10 * tol(bk), atol=10 * tol(bk))
+    orth = orth_oracle(after)
     assert orth >= 1 / D - 1 / K - 1e-12  # the bound for K > D
+    assert abs(orth - orth_oracle(C)) > 1e-3  # the evaluation point matters here
     assert float(host(loss)) == pytest.approx(beta * commit + w * orth, rel=tol(bk))
     assert float(host(vq.last_losses["orthogonal"])) == pytest.approx(orth, rel=tol(bk))
+    # eval mode: no update, so the term is on the codebook the module holds
+    held = host(vq.codebook)
+    q_e, idx_e, loss_e = vq.eval()(bk.asarray(x))
+    codes_e = unit(held) if cosine else held
+    commit_e = np.mean((xs - codes_e[B.to_numpy(idx_e)]) ** 2)
+    assert float(host(loss_e)) == pytest.approx(beta * commit_e + w * orth_oracle(held), rel=tol(bk))
+    np.testing.assert_array_equal(host(vq.codebook), held)
     # weight 0: no term, and the codebook is not learnable
     plain = make(bk, commitment_weight=beta, use_cosine_sim=cosine)
     _, _, loss0 = plain(bk.asarray(x))
@@ -578,16 +634,22 @@ def test_orthogonal_gradient_reaches_the_codebook_with_ema_on(bk, rng):
 
     vq = make(bk, orthogonal_reg_weight=0.7)  # EMA on, learnable_codebook False
     assert vq.codebook_is_learnable and list(vq.params) == ["codebook"]
+    fresh = make(bk, orthogonal_reg_weight=0.7)
     C = host(vq.codebook)
-    x = bk.asarray(rng.standard_normal((N, D)))
-    vq(x)
+    x = seen(bk, rng.standard_normal((N, D)))
+    _, idx, _ = vq(bk.asarray(x))
     vq.backward(bk.asarray(rng.standard_normal((N, D))), dloss=1.3)
     dC = host(vq.grads["codebook"])
-    # with EMA on, the only codebook gradient is the regulariser's
-    _, ref = orthogonal_loss_reference(C, dloss=0.7 * 1.3)
-    assert rel_error(dC, ref) < tol(bk)
-    size = np.linalg.norm(C, axis=1) * np.linalg.norm(dC, axis=1)
-    assert np.all(np.abs(np.sum(C * dC, axis=1)) <= 10 * tol(bk) * size)  # rows orthogonal to codes
+    # with EMA on, the only codebook gradient is the regulariser's, taken at the codebook after
+    # the EMA step: the values params["codebook"] holds when an optimizer steps them
+    after = ema_step_oracle(fresh, x, B.to_numpy(idx), False)
+    _, ref = orthogonal_loss_reference(after, dloss=0.7 * 1.3)
+    assert rel_error(dC, ref) < 10 * tol(bk)
+    _, stale = orthogonal_loss_reference(C, dloss=0.7 * 1.3)
+    assert rel_error(dC, stale) > 1e-2  # not the gradient at the codebook of the assignment
+    held = host(vq.params["codebook"])
+    size = np.linalg.norm(held, axis=1) * np.linalg.norm(dC, axis=1)
+    assert np.all(np.abs(np.sum(held * dC, axis=1)) <= 10 * tol(bk) * size)  # rows orthogonal to codes
 
 
 def test_ema_recompute_overwrites_a_gradient_step_on_the_codebook(bk, rng):
@@ -653,17 +715,20 @@ def test_orthogonal_subsets_use_only_the_chosen_codes(bk64, rng, active, max_cod
     kw = dict(orthogonal_reg_weight=w, orthogonal_reg_active_codes_only=active, orthogonal_reg_max_codes=max_codes, seed=3)
     vq = make(bk64, **kw)
     C = host(vq.codebook)
+    after_of = make(bk64, **kw)
     ids = np.concatenate([np.arange(5), rng.integers(0, 5, N - 5)])  # a batch near codes 0..4 only
     x = C[ids] + 1e-3 * rng.standard_normal((N, D))
     _, idx, loss = vq(bk64.asarray(x))
     vq.backward(bk64.asarray(np.zeros((N, D))), dloss=1.3)
     dC = host(vq.grads["codebook"])
-    used = np.unique(B.to_numpy(idx))
+    used = np.unique(B.to_numpy(idx))  # the codes of this batch's assignment
     chosen = np.flatnonzero(np.any(dC != 0, axis=1))  # grads are exactly zero elsewhere
     pool = used if active else np.arange(K)
     assert used.size < K and set(chosen) <= set(pool)
     assert chosen.size == (pool.size if max_codes is None else min(max_codes, pool.size))
-    ref_loss, ref = orthogonal_loss_reference(C, dloss=w * 1.3, code_ids=chosen)
+    # the subset's regulariser on the codebook after the EMA step
+    after = ema_step_oracle(after_of, x, B.to_numpy(idx), False)
+    ref_loss, ref = orthogonal_loss_reference(after, dloss=w * 1.3, code_ids=chosen)
     assert rel_error(dC, ref) < 1e-10
     commit = np.mean((x - C[B.to_numpy(idx)]) ** 2)
     assert float(host(loss)) == pytest.approx(commit + w * ref_loss, rel=1e-10)

@@ -86,12 +86,14 @@ def _codebooks(model) -> list[np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 
-def _torch_vqvae_grads(model, x, indices, codebooks, dloss, drecon):
+def _torch_vqvae_grads(model, x, indices, codebooks, dloss, drecon, orth_codebooks=None):
     """Autograd gradients of ``dloss * total + <drecon, recon>`` for the model's weights.
 
     The encoder and decoder are torch MLPs built from the model's weights; the quantizer is
     ``vq_layer_torch`` per depth (residual: ``r_{l+1} = r_l - sg[out_l]``, the per-depth
-    routing) with the codes held at ``indices``.  Returns (total, recon, grads by name).
+    routing) with the codes held at ``indices``.  The orthogonal regulariser, when on, is
+    evaluated on ``orth_codebooks`` (default ``codebooks``): the codebooks the quantizer holds
+    after its forward; its gradient adds to the codebook's.  Returns (total, recon, grads by name).
     """
     import torch
     import torch.nn.functional as F
@@ -107,11 +109,18 @@ def _torch_vqvae_grads(model, x, indices, codebooks, dloss, drecon):
         learnable_codebook=opts["learnable_codebook"],
         use_cosine_sim=opts["use_cosine_sim"],
         rotation_trick=opts["rotation_trick"],
-        orthogonal_reg_weight=opts["orthogonal_reg_weight"],
     )
+    w = opts["orthogonal_reg_weight"]
     enc = {k: torch_tensor(v, True) for k, v in model.encoder.state_dict().items()}
     dec = {k: torch_tensor(v, True) for k, v in model.decoder.state_dict().items()}
     cbs = [torch_tensor(c, True) for c in codebooks]
+    ocbs = [torch_tensor(c, True) for c in (codebooks if orth_codebooks is None else orth_codebooks)]
+
+    def orthogonal(c):
+        """``sum((C^ C^T)^2) / K^2 - 1/K`` (arXiv 2112.00384 eq. 2, vector-quantize-pytorch's form)."""
+        cn = F.normalize(c, dim=-1, eps=1e-6)
+        n = cn.shape[0]
+        return ((cn @ cn.t()) ** 2).sum() / n**2 - 1.0 / n
 
     def mlp(h, p):
         L = len(p) // 2
@@ -131,6 +140,8 @@ def _torch_vqvae_grads(model, x, indices, codebooks, dloss, drecon):
         ct = cbs[0] if len(cbs) == 1 else cbs[level]
         k = torch.as_tensor(idx[:, level], dtype=torch.long)
         out, loss, _ = vq_layer_torch(r, ct, k, **layer_opts)
+        if w > 0:
+            loss = loss + w * orthogonal(ocbs[0] if len(ocbs) == 1 else ocbs[level])
         out_total, loss_total = out_total + out, loss_total + loss
         r = r - out.detach()
     recon = mlp(out_total.reshape(n, -1), dec)
@@ -139,8 +150,12 @@ def _torch_vqvae_grads(model, x, indices, codebooks, dloss, drecon):
     grads = {f"encoder.{k}": v.grad.numpy() for k, v in enc.items()}
     grads.update({f"decoder.{k}": v.grad.numpy() for k, v in dec.items()})
     prefixes = [""] if len(cbs) == 1 else [f"{i}." for i in range(len(cbs))]
-    for prefix, c in zip(prefixes, cbs):
-        grads[f"quantizer.{prefix}codebook"] = np.zeros(tuple(c.shape)) if c.grad is None else c.grad.numpy()
+    for prefix, c, o in zip(prefixes, cbs, ocbs):
+        g = np.zeros(tuple(c.shape))
+        for t in (c, o):
+            if t.grad is not None:
+                g = g + t.grad.numpy()
+        grads[f"quantizer.{prefix}codebook"] = g
     return float(total.detach()), recon.detach().numpy(), grads
 
 
@@ -155,7 +170,12 @@ def _check_against_torch(model, bk, x_h, gen):
     drecon_h = gen.standard_normal(tuple(recon.shape))
     dx = model.backward(dloss, bk.asarray(drecon_h))
     assert tuple(dx.shape) == tuple(x.shape) and dx.dtype == x.dtype
-    ref_total, ref_recon, ref_grads = _torch_vqvae_grads(model, x_h, indices, codebooks, dloss, drecon_h)
+    # The orthogonal regulariser is evaluated on the codebooks after this step's EMA update
+    # (those the quantizer now holds); a shared residual codebook's update waits for the last
+    # depth, so its regulariser sees the codebook the forward quantized with.
+    q = model.quantizer
+    held = codebooks if isinstance(q, ResidualVQ) and q.shared_codebook else _codebooks(model)
+    ref_total, ref_recon, ref_grads = _torch_vqvae_grads(model, x_h, indices, codebooks, dloss, drecon_h, held)
     assert abs(float(bk.np(losses.total)) - ref_total) <= 1e-10 * abs(ref_total)
     assert rel_error(bk.np(recon), ref_recon) < 1e-12
     grads = model.grads
@@ -180,6 +200,23 @@ def test_whole_model_gradients_match_torch(bk64, rng, name):
     layers = q.layers if isinstance(q, ResidualVQ) else [q]
     assert any(k.startswith("quantizer.") for k in grads) == layers[0].codebook_is_learnable
     assert sorted(model.params) == sorted(grads)
+
+
+def test_negative_control_orthogonal_regulariser_on_the_codebook_before_the_update(rng):
+    # The reference above would notice a quantizer that evaluated its regulariser on the
+    # codebook it quantized with instead of the one it holds after the EMA step.
+    model = _model("orthogonal-ema", _NUMPY64)
+    x = rng.random((N, P))
+    model.train()
+    model.forward(x)
+    model.backward()
+    codebooks = _codebooks(model)
+    recon, indices, _ = model.forward(x)
+    drecon = rng.standard_normal(tuple(recon.shape))
+    model.backward(0.7, drecon)
+    assert np.abs(_codebooks(model)[0] - codebooks[0]).max() > 1e-3  # the EMA step moved the codes
+    _, _, stale = _torch_vqvae_grads(model, x, indices, codebooks, 0.7, drecon)
+    assert rel_error(model.grads["quantizer.codebook"], stale["quantizer.codebook"]) > 1e-3
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -8,9 +8,15 @@ forward so that ``vq.backward(dquantized)`` can return the input's gradient.  Al
 in the pure functions; this file only orchestrates, visibly:
 
     training forward:  [k-means init on the first batch] -> quantize (old codebook)
-                       -> EMA update -> [dead-code restarts] -> commit the new state
-    eval forward:      quantize; the state (codebook, EMA statistics, k-means flag, RNG) and the
-                       backward cache do not change
+                       -> EMA update -> [dead-code restarts]
+                       -> [orthogonal regulariser on the updated codebook] -> commit the new state
+    eval forward:      quantize [+ orthogonal regulariser]; the state (codebook, EMA statistics,
+                       k-means flag, RNG) and the backward cache do not change
+
+The orthogonal regulariser is a loss on the codebook *parameter*, not on the quantization, so it
+is evaluated at the value the module holds after the forward: in training, after this step's EMA
+update and restarts (vector-quantize-pytorch's order).  ``grads["codebook"]`` is then the
+gradient at ``params["codebook"]`` as the optimizer finds it.
 
 ``last_losses`` (VectorQuantize) and ``last_residuals`` (ResidualVQ) are diagnostics of the
 last call in either mode, not state.
@@ -29,11 +35,10 @@ import numpy as np
 
 from . import backend as B
 from .core.ema import EMAState, expire_dead_codes
-from .core.kmeans import assign
 from .core.quantize import quantize_backward, quantize_forward
 from .core.state import kmeans_init_state, training_update
 from .ops.l2norm import l2norm_forward
-from .ops.orthogonal import select_codes
+from .ops.orthogonal import orthogonal_loss_forward, select_codes
 
 __all__ = ["VectorQuantize", "ResidualVQ", "ParamView"]
 
@@ -92,6 +97,23 @@ def _check_real(name: str, value: Any, lo: float | None = None, hi: float | None
     if hi is not None and v > hi:
         raise ValueError(f"{name} must be <= {hi}, got {v}")
     return v
+
+
+def _orthogonal_term(codebook: Any, code_ids: Any, weight: float, cache: Any):
+    """The orthogonal regulariser on ``codebook (K, D)``, attached to one depth's quantize cache.
+
+    ``cache`` comes from :func:`vqref.core.quantize.quantize_forward` called with
+    ``orthogonal_reg_weight=0``; the returned cache is the one it would have returned had it
+    evaluated the regulariser on ``codebook``, so ``quantize_backward`` adds the gradient of
+    ``weight * orth`` at ``codebook`` (its step 4).  The caller adds ``weight * orth`` to the loss.
+
+    Returns
+    -------
+    orth : 0-d, the unweighted value
+    cache : the QuantizeCache with the regulariser's cache and weight
+    """
+    orth, orth_cache = orthogonal_loss_forward(codebook, code_ids=code_ids)  # ()
+    return orth, cache._replace(orthogonal=orth_cache, orthogonal_weight=float(weight))
 
 
 def _alias(name: str, value: Any, alias: str, alias_value: Any, default: Any) -> Any:
@@ -181,9 +203,12 @@ class VectorQuantize(_Quantizer):
     kmeans_init, kmeans_iters : initialise the codebook by k-means on the first training batch
     use_cosine_sim : l2-normalised inputs and codes, assignment by cosine similarity
     orthogonal_reg_weight : weight of the orthogonal regulariser (> 0 makes the codebook learnable,
-        so its gradient appears in ``grads``).  With ``ema_update=True`` (as in
-        vector-quantize-pytorch) the next training forward's EMA recompute overwrites any gradient
-        step on the codebook; use ``ema_update=False`` for the regulariser to act persistently
+        so its gradient appears in ``grads``).  In training it is evaluated on the codebook after
+        this step's EMA update and restarts (vector-quantize-pytorch's order), so its value and
+        gradient belong to the codebook in ``params`` after the forward.  With ``ema_update=True``
+        (as in vector-quantize-pytorch) the next training forward's EMA recompute overwrites any
+        gradient step on the codebook; use ``ema_update=False`` for the regulariser to act
+        persistently
     orthogonal_reg_active_codes_only, orthogonal_reg_max_codes : restrict the regulariser's codes
     threshold_ema_dead_code : restart codes whose EMA count falls below this (0 = off)
     rotation_trick : the rotation trick (arXiv 2410.06424) instead of the straight-through
@@ -459,7 +484,7 @@ class VectorQuantize(_Quantizer):
                 state = self._kmeans_state(xf)
                 initted = True
             codebook = xp.astype(state.codebook, x.dtype)  # compute in the input's dtype
-            code_ids = self._orthogonal_code_ids(xf, codebook) if self.orthogonal_reg_weight > 0 else None
+            # The regulariser is added below, once the codebook it belongs to is known.
             out, cache = quantize_forward(
                 xf,
                 codebook,
@@ -468,12 +493,23 @@ class VectorQuantize(_Quantizer):
                 learnable_codebook=self.learnable_codebook,
                 use_cosine_sim=self.use_cosine_sim,
                 rotation_trick=self.rotation_trick,
-                orthogonal_reg_weight=self.orthogonal_reg_weight,
-                orthogonal_code_ids=code_ids,
+                orthogonal_reg_weight=0.0,
                 chunk_size=self.chunk_size,
             )
             if self.training:
                 state = self._state_update(state, xf, out.indices, cache)
+            if self.orthogonal_reg_weight > 0:
+                # The orthogonal regulariser is a loss on the codebook parameter, so it is
+                # evaluated on the codebook this forward leaves behind: in training, the one after
+                # the EMA step and restarts above (as vector-quantize-pytorch does); in eval, the
+                # unchanged one.  Its gradient in grads["codebook"] is then taken at the values
+                # that params["codebook"] holds when an optimizer steps it.  (Evaluated on the
+                # codebook of the assignment instead, the gradient would belong to codes the
+                # module no longer has.)  Its subset comes from this batch's assignment.
+                w = self.orthogonal_reg_weight
+                held = xp.astype(state.codebook, x.dtype)  # (K, D)
+                orth, cache = _orthogonal_term(held, self._orthogonal_code_ids(out.indices), w, cache)
+                out = out._replace(loss=out.loss + w * orth, orthogonal=orth)
         except BaseException:
             self._rng.bit_generator.state = rng_state
             raise
@@ -508,14 +544,18 @@ class VectorQuantize(_Quantizer):
             dtype=self.dtype,
         )
 
-    def _orthogonal_code_ids(self, xf: Any, codebook: Any):
-        used = None
-        if self.orthogonal_reg_active_codes_only:
-            used = B.to_numpy(assign(xf, codebook, use_cosine_sim=self.use_cosine_sim, chunk_size=self.chunk_size))
+    def _orthogonal_code_ids(self, indices: Any):
+        """The codes the regulariser sees (None: all K), from the batch's ``indices (N,)``.
+
+        A driver step: the used codes are read on the host, and a random subset
+        (``orthogonal_reg_max_codes``) is drawn from the module's generator, after this
+        step's restart candidates.
+        """
+        used = indices if self.orthogonal_reg_active_codes_only else None
         if used is None and self.orthogonal_reg_max_codes is None:
             return None
         ids = select_codes(self.codebook_size, used_indices=used, max_codes=self.orthogonal_reg_max_codes, rng=self._rng)
-        return B.from_numpy(ids, self._xp, device=B.get_device(xf))
+        return B.from_numpy(ids, self._xp, device=B.get_device(indices))
 
     def _state_update(self, state: EMAState, xf: Any, indices: Any, cache) -> EMAState:
         """EMA step on this batch (codes move toward their cluster means), then dead-code restarts."""
@@ -647,7 +687,10 @@ class ResidualVQ(_Quantizer):
         per depth within a forward and the codes are recomputed once after the last depth, so
         every depth of a forward sees the same codebook (vector-quantize-pytorch's design).  The
         old statistics therefore decay by ``decay ** Q`` per forward, and the deepest depth's
-        statistics weigh the most; with many depths a decay closer to 1 may be wanted
+        statistics weigh the most; with many depths a decay closer to 1 may be wanted.  The
+        orthogonal regulariser (``orthogonal_reg_weight``) is then evaluated on the codebook the
+        depths quantized with, before that update (as in vector-quantize-pytorch); without a
+        shared codebook, each depth's on its codebook after the depth's update
     gradient_routing : ``"per_depth"`` (default, vector-quantize-pytorch: the decoder gradient
         reaches the input once per depth) or ``"sum"`` (RQ-VAE: one estimator on the total);
         see :mod:`vqref.core.residual`
@@ -759,7 +802,7 @@ class ResidualVQ(_Quantizer):
             learnable_codebook=first.learnable_codebook,
             use_cosine_sim=first.use_cosine_sim,
             rotation_trick=first.rotation_trick,
-            orthogonal_reg_weight=first.orthogonal_reg_weight,
+            orthogonal_reg_weight=0.0,  # added per depth at the end, on the right codebook
             chunk_size=first.chunk_size,
         )
         try:
@@ -778,18 +821,7 @@ class ResidualVQ(_Quantizer):
             codebooks = [xp.astype(states[0 if self.shared_codebook else l].codebook, x.dtype) for l in range(Q)]
             if self.shared_codebook:
                 codebooks = [codebooks[0]] * Q
-            code_ids = None
-            if first.orthogonal_reg_weight > 0 and (
-                first.orthogonal_reg_active_codes_only or first.orthogonal_reg_max_codes is not None
-            ):
-                code_ids = [None] * Q  # filled depth by depth below, from each depth's residual
-                residual = xf
-                for level in range(Q):
-                    layer = self._layer(level)
-                    code_ids[level] = layer._orthogonal_code_ids(residual, codebooks[level])
-                    out, _ = quantize_forward(residual, codebooks[level], **opts)
-                    residual = residual - out.quantized
-            out, cache = residual_forward(xf, codebooks, routing=self.gradient_routing, code_ids=code_ids, **opts)
+            out, cache = residual_forward(xf, codebooks, routing=self.gradient_routing, **opts)
 
             if self.training:
                 data = [
@@ -815,6 +847,29 @@ class ResidualVQ(_Quantizer):
                             rng=first._rng, normalize=first.use_cosine_sim,
                         )
                     states[0] = st
+
+            if first.orthogonal_reg_weight > 0:
+                # Each depth's regulariser is a loss on that depth's codebook parameter, evaluated
+                # on the codebook the forward leaves behind, as in VectorQuantize.forward: after
+                # the depth's EMA step and restarts (vector-quantize-pytorch's order).  A shared
+                # codebook is the exception: its update waits for the last depth, and
+                # vector-quantize-pytorch evaluates every depth's term before it, on the codebook
+                # the depths quantized with; so does vqref, and its gradient is the gradient of
+                # that reported loss (docs/deviations.md 6.2-6.3).  The subsets come from each
+                # depth's assignment.
+                w = first.orthogonal_reg_weight
+                orths, depths = [], []
+                for level in range(Q):
+                    if self.shared_codebook:
+                        point = codebooks[level]  # (K, D) the forward's codebook
+                    else:
+                        point = xp.astype(states[level].codebook, x.dtype)  # (K, D) after the update
+                    ids = self._layer(level)._orthogonal_code_ids(out.indices[:, level])
+                    orth, depth = _orthogonal_term(point, ids, w, cache.depths[level])
+                    orths.append(orth)
+                    depths.append(depth)
+                out = out._replace(losses=out.losses + w * xp.stack(orths))  # (Q,)
+                cache = cache._replace(depths=tuple(depths))
         except BaseException:
             for layer, rs in zip(self.layers, rng_states):
                 layer._rng.bit_generator.state = rs

@@ -172,10 +172,11 @@ def vqp_draws_like_vqref(t: Any, r: Any, N: int):
     """Within the block, vqp's random draws are the ones vqref's next training forward makes.
 
     N is the number of rows each depth quantizes.  Per vqref generator the order of draws is
-    k-means initial means (uninitialised codebooks), the orthogonal regulariser's subset
-    (``orthogonal_reg_max_codes``), dead-code candidates (``threshold_ema_dead_code``).  The
-    subset size is only known during the forward, so that draw is made lazily; the suite never
-    combines it with dead codes, whose draw would follow it.
+    k-means initial means (uninitialised codebooks), dead-code candidates
+    (``threshold_ema_dead_code``), the orthogonal regulariser's subset
+    (``orthogonal_reg_max_codes``, drawn after the state update because the regulariser is
+    evaluated on the updated codebook) -- vqp's order too.  The subset size is only known during
+    the forward, so that draw is made lazily, from the plan's generator after the eager draws.
     """
     layers = vqref_layers(r)
     tl = vqp_layers(t)
@@ -186,9 +187,7 @@ def vqp_draws_like_vqref(t: Any, r: Any, N: int):
         K = layer.codebook_size
         if not layer.initted:
             plan.draw_kmeans(N, K)
-        if layer.orthogonal_reg_max_codes is not None:
-            assert layer.threshold_ema_dead_code == 0, "the harness cannot order a subset draw before restarts"
-        elif layer.threshold_ema_dead_code > 0:
+        if layer.threshold_ema_dead_code > 0:
             assert not is_shared(r), "shared codebooks restart codes differently in vqp (see deviations)"
             plan.draw_restarts(N, K)
         plans.append(plan)
@@ -405,16 +404,9 @@ def compare_step(
     t: Any,
     *,
     cosine: bool,
-    orth_after_update: float = 0.0,
     codebook_grads: bool = True,
 ) -> Report:
     """Assert that one step agrees (outputs, losses, gradients, state after the step).
-
-    ``orth_after_update``: the orthogonal weight of a configuration where vqp evaluates the
-    regulariser on the codebook *after* this step's EMA update and vqref on the codebook
-    *before* it (docs/deviations.md).  The losses are then compared without that term (each
-    library's term is recomputed in float64 on its own codebook) and the codebook gradients,
-    which differ by the same cause, are not compared here.
 
     ``codebook_grads=False``: skip the codebook gradients (where vqp's are known to be wrong,
     docs/deviations.md).
@@ -439,11 +431,6 @@ def compare_step(
     assert_close(ref.quantized[clean], vqp.quantized[clean], rtol=1e-5, atol_rel=1e-5, what="quantized")
 
     ref_losses, vqp_losses = ref.losses.astype(np.float64), vqp.losses.astype(np.float64)
-    if orth_after_update:
-        for level in range(Q):
-            after = t.state_dict()[_prefix(t, level) + "_codebook.embed"][0].numpy()
-            vqp_losses[level] -= orth_after_update * host_orthogonal_loss(after)
-            ref_losses[level] -= orth_after_update * host_orthogonal_loss(vqp.codebooks[level])
     depth_ok = np.arange(Q) <= (first.min() if (~clean).any() else Q)
     assert_close(ref_losses[depth_ok], vqp_losses[depth_ok], rtol=2e-5, atol_rel=1e-6, what="losses")
 
@@ -461,7 +448,7 @@ def compare_step(
             assert cancelled.mean() <= 0.01, f"{int(cancelled.sum())} rows with cancelled residuals"
             conditioned &= ~cancelled
         assert_close(ref.dx[conditioned], vqp.dx[conditioned], rtol=1e-4, atol_rel=1e-4, what="dx")
-        if codebook_grads and not orth_after_update:
+        if codebook_grads:
             assert sorted(ref.grads) == sorted(vqp.grads), f"gradient keys {sorted(ref.grads)} vs {sorted(vqp.grads)}"
             for key in ref.grads:
                 level = 0 if key == "codebook" else int(key.split(".")[0])
@@ -482,10 +469,6 @@ def compare_step(
             keep = np.setdiff1d(np.arange(value.shape[1]), codes)
             assert_close(mine[key][0, keep], value[0, keep], rtol=1e-5, atol_rel=2e-6, what=f"state {key}")
     return Report(int((~clean).sum()), int(clean.sum()))
-
-
-def _prefix(t: Any, level: int) -> str:
-    return f"layers.{level}." if vqp_is_residual(t) else ""
 
 
 def resync(r: Any, t: Any) -> None:
@@ -533,7 +516,6 @@ def run_steps(
     centres: int = 0,
     lr: float | None = None,
     levels: int = 1,
-    orth_after_update: float = 0.0,
     codebook_grads: bool = True,
 ) -> list[Report]:
     """Build a pair and take ``steps`` training steps in both, comparing after each one.
@@ -563,9 +545,7 @@ def run_steps(
         with vqp_draws_like_vqref(t, r, N):
             vqp = vqp_step(t, x, g)
         ref = vqref_step(r, x, g)
-        report = compare_step(
-            ref, vqp, x, r, t, cosine=cosine, orth_after_update=orth_after_update, codebook_grads=codebook_grads
-        )
+        report = compare_step(ref, vqp, x, r, t, cosine=cosine, codebook_grads=codebook_grads)
         reports.append(report)
         if lr is not None and g is not None:
             sgd_step(r, t, ref, vqp, lr)

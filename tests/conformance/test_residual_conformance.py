@@ -13,35 +13,37 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from vector_quantize_pytorch import ResidualVQ as TorchRVQ
 
 import vqref
 
-from .conftest import batch, make_pair, run_steps, vqp_step, vqref_step
+from vqref.testing.torch_reference.orthogonal import orthogonal_loss_reference
+
+from .conftest import batch, host_orthogonal_loss, make_pair, run_steps, vqp_step, vqref_step
 
 D, K = 32, 64
 SHAPE = (4, 128, D)
 # k-means on residuals: hierarchical clusters, 32 rows per code (test_kmeans_conformance.py)
 SEED_K, SEED_SHAPE = 32, (4, 256, D)
 
-# name -> (vqp ResidualVQ kwargs, orthogonal weight evaluated after the EMA update in vqp or 0,
-#          whether vqp's codebook gradient is right)
+# name -> (vqp ResidualVQ kwargs, whether vqp's codebook gradient is right).  With the orthogonal
+# regulariser each depth's term is evaluated on that depth's codebook after its EMA update, in
+# both libraries (test_orthogonal_regulariser_is_evaluated_per_depth_on_the_updated_codebook).
 SEED_CONFIGS = {
     # "Residual VQ"
     "seed-residual-vq": (
         dict(num_quantizers=2, decay=0.8, commitment_weight=1.0, kmeans_init=True, kmeans_iters=2,
              use_cosine_sim=True, orthogonal_reg_weight=0.5),
-        0.5,
         True,
     ),
     # "Kmeans Initialization"
-    "seed-kmeans-init": (dict(num_quantizers=4, kmeans_init=True, kmeans_iters=10), 0.0, True),
+    "seed-kmeans-init": (dict(num_quantizers=4, kmeans_init=True, kmeans_iters=10), True),
     # "Cosine Similarity VQ"
-    "seed-cosine": (dict(num_quantizers=4, kmeans_init=True, kmeans_iters=10, use_cosine_sim=True), 0.0, True),
+    "seed-cosine": (dict(num_quantizers=4, kmeans_init=True, kmeans_iters=10, use_cosine_sim=True), True),
     # "Orthogonal Regularizer"
     "seed-orthogonal": (
         dict(num_quantizers=4, kmeans_init=True, kmeans_iters=10, use_cosine_sim=True, orthogonal_reg_weight=0.5),
-        0.5,
         True,
     ),
     # "Shared codebook in RQVAE": the shared codebook's EMA waits for the last depth, so vqp
@@ -51,14 +53,12 @@ SEED_CONFIGS = {
     "seed-shared-codebook": (
         dict(num_quantizers=2, shared_codebook=True, decay=0.8, commitment_weight=1.0, kmeans_init=True,
              kmeans_iters=2, use_cosine_sim=True, orthogonal_reg_weight=0.5),
-        0.0,
         False,
     ),
     # "Rotation Trick in VQ"
     "seed-rotation-trick": (
         dict(num_quantizers=4, kmeans_init=True, kmeans_iters=10, use_cosine_sim=True, orthogonal_reg_weight=0.5,
              rotation_trick=True),
-        0.5,
         True,
     ),
 }
@@ -84,34 +84,52 @@ PLAIN_CONFIGS = {
 }
 
 
-ORTH_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="vqref bug: with an EMA codebook (not shared) the orthogonal regulariser is evaluated on the codebook "
-    "before this step's update; vector-quantize-pytorch evaluates it on each depth's updated codebook",
-)
-
-
-def _run_seed(name: str, **options):
-    kwargs, _, vqp_grad_ok = SEED_CONFIGS[name]
-    make = lambda: TorchRVQ(dim=D, codebook_size=SEED_K, **kwargs)
-    run_steps(
-        make, steps=3, shape=SEED_SHAPE, centres=64, levels=kwargs["num_quantizers"], codebook_grads=vqp_grad_ok, **options
-    )
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=ORTH_BUG) if SEED_CONFIGS[n][1] else n for n in SEED_CONFIGS]
-)
+@pytest.mark.parametrize("name", list(SEED_CONFIGS))
 def test_seed_configuration_training_steps_agree(name):
-    _run_seed(name)
+    kwargs, vqp_grad_ok = SEED_CONFIGS[name]
+    make = lambda: TorchRVQ(dim=D, codebook_size=SEED_K, **kwargs)
+    run_steps(make, steps=3, shape=SEED_SHAPE, centres=64, levels=kwargs["num_quantizers"], codebook_grads=vqp_grad_ok)
 
 
-@pytest.mark.parametrize("name", [n for n in SEED_CONFIGS if SEED_CONFIGS[n][1]])
-def test_seed_configuration_agrees_apart_from_the_orthogonal_evaluation_point(name):
-    # The configurations the xfail above catches: everything else agrees, and the losses agree
-    # once each library's own regulariser term is taken out (recomputed in float64 on the
-    # codebook each one evaluates it on).  Remove this test with the fix.
-    _run_seed(name, orth_after_update=SEED_CONFIGS[name][1])
+@pytest.mark.parametrize("shared", [False, True], ids=["per-depth", "shared"])
+def test_orthogonal_regulariser_is_evaluated_per_depth_on_the_updated_codebook(rng, shared):
+    # The evaluation point, computed independently (float64, from the definition; gradients by
+    # torch autograd).  Without a shared codebook, depth l's term is w * orth(C_l after depth l's
+    # EMA step) in both libraries, and vqref's gradient for "l.codebook" is the gradient there.
+    # A shared codebook is updated once, after the last depth: both evaluate every depth's term
+    # on the codebook the depths quantized with, and vqref's gradient is the sum of the depths'
+    # gradients at that codebook (vqp's is wrong there, test_deviations.py).
+    Q, w = 3, 0.5
+    make = lambda: TorchRVQ(
+        dim=D, codebook_size=K, num_quantizers=Q, shared_codebook=shared, orthogonal_reg_weight=w,
+        commitment_weight=0.0, rotation_trick=False,
+    )
+    t, r = make_pair(make)
+    x = batch(rng, SHAPE)
+    cbs = lambda: [l._codebook.embed.detach()[0].numpy().astype(np.float64) for l in t.layers]
+    before = cbs()
+    _, _, losses_t = t(torch.from_numpy(x))
+    after = cbs()
+    assert all(np.abs(a - b).max() > 1e-3 for a, b in zip(after, before))  # the EMA step moved the codes
+    _, _, losses_r = r(x)
+    r.backward(np.zeros_like(x), np.ones(Q, np.float32))
+    held = [np.asarray(l.codebook, np.float64) for l in r.layers]
+    for mine, theirs in zip(held, after):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-7)
+    point = before if shared else held  # where the term is evaluated, per depth
+    expected = np.array([w * host_orthogonal_loss(c) for c in point])
+    np.testing.assert_allclose(losses_t.detach().numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(losses_r, expected, rtol=1e-5)
+    other = after if shared else before
+    assert np.all(np.abs(expected - [w * host_orthogonal_loss(c) for c in other]) > 1e-5)
+    if shared:
+        _, grad = orthogonal_loss_reference(before[0], dloss=Q * w)
+        grads = {"codebook": grad}
+    else:
+        grads = {f"{l}.codebook": orthogonal_loss_reference(held[l], dloss=w)[1] for l in range(Q)}
+    assert sorted(r.grads) == sorted(grads)
+    for key, grad in grads.items():
+        np.testing.assert_allclose(r.grads[key], grad, rtol=1e-4, atol=1e-4 * np.abs(grad).max(), err_msg=key)
 
 
 @pytest.mark.parametrize("name", list(PLAIN_CONFIGS))

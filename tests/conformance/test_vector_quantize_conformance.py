@@ -7,6 +7,8 @@ import pytest
 import torch
 from vector_quantize_pytorch import VectorQuantize as TorchVQ
 
+from vqref.testing.torch_reference.orthogonal import orthogonal_loss_reference
+
 from .conftest import (
     batch,
     compare_step,
@@ -77,34 +79,63 @@ def test_training_steps_agree(name):
     assert sum(r.compared_rows for r in reports) >= 0.99 * 4 * 512  # near ties stay rare
 
 
-def test_orthogonal_regulariser_with_ema_agrees_except_for_its_evaluation_point():
-    # Everything but the regulariser's value and codebook gradient agrees; see the xfail below.
-    make = lambda: TorchVQ(dim=D, codebook_size=K, orthogonal_reg_weight=0.5, rotation_trick=True)
-    run_steps(make, steps=3, shape=SHAPE, orth_after_update=0.5)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="vqref bug: with an EMA codebook the orthogonal regulariser is evaluated on the codebook before "
-    "this step's update; vector-quantize-pytorch evaluates it (value and gradient) on the updated codebook",
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(rotation_trick=True),
+        # restarts move codes before the regulariser sees them, and the subset is drawn after
+        # the restart candidates in both libraries
+        dict(rotation_trick=False, threshold_ema_dead_code=2.0, orthogonal_reg_max_codes=24),
+    ],
+    ids=["ema", "ema-dead-codes-max-codes"],
 )
-def test_orthogonal_regulariser_with_ema_loss_and_gradient_agree():
-    make = lambda: TorchVQ(dim=D, codebook_size=K, orthogonal_reg_weight=0.5, rotation_trick=True)
-    run_steps(make, steps=2, shape=SHAPE)
+def test_orthogonal_regulariser_with_ema_loss_and_gradient_agree(kwargs):
+    # Both libraries evaluate the regulariser (value and gradient) on the codebook after this
+    # step's EMA update: losses and codebook gradients are compared like everything else.
+    make = lambda: TorchVQ(dim=D, codebook_size=K, orthogonal_reg_weight=0.5, **kwargs)
+    run_steps(make, steps=3, shape=SHAPE)
 
 
-def test_vqp_evaluates_the_orthogonal_regulariser_on_the_updated_codebook(rng):
-    # Pins vqp's side of the difference above: its loss is commitment + w * orth(codebook after
-    # the EMA step), computed here independently in float64.
-    t, r = make_pair(lambda: TorchVQ(dim=D, codebook_size=K, orthogonal_reg_weight=0.5, rotation_trick=False))
+def test_both_evaluate_the_orthogonal_regulariser_on_the_updated_codebook(rng):
+    # The evaluation point, computed independently: the loss is commitment + w * orth(codebook
+    # after the EMA step) in both libraries (float64 from the definition), and vqref's codebook
+    # gradient is torch autograd's at that codebook, not at the one the batch was quantized with.
+    w = 0.5
+    t, r = make_pair(lambda: TorchVQ(dim=D, codebook_size=K, orthogonal_reg_weight=w, rotation_trick=False))
     x = batch(rng, SHAPE)
     before = t._codebook.embed.detach()[0].numpy().copy()
     q, idx, loss, parts = t(torch.from_numpy(x), return_loss_breakdown=True)
     after = t._codebook.embed.detach()[0].numpy()
     assert np.abs(after - before).max() > 1e-3  # the EMA step moved the codes
     loss, commitment = float(loss.detach()), float(parts.commitment.detach())
-    assert loss == pytest.approx(commitment + 0.5 * host_orthogonal_loss(after), rel=1e-5)
-    assert abs(loss - (commitment + 0.5 * host_orthogonal_loss(before))) > 1e-5
+    assert loss == pytest.approx(commitment + w * host_orthogonal_loss(after), rel=1e-5)
+    assert abs(loss - (commitment + w * host_orthogonal_loss(before))) > 1e-5
+
+    np.testing.assert_array_equal(r.codebook, before)
+    _, _, loss_r = r(x)
+    r.backward(np.zeros_like(x), 1.0)
+    after_r = np.asarray(r.codebook, dtype=np.float64)
+    np.testing.assert_allclose(after_r, after, rtol=1e-5, atol=1e-7)
+    assert float(loss_r) == pytest.approx(commitment + w * host_orthogonal_loss(after_r), rel=1e-5)
+    assert float(r.last_losses["orthogonal"]) == pytest.approx(host_orthogonal_loss(after_r), rel=1e-5)
+    _, grad_after = orthogonal_loss_reference(after_r, dloss=w)
+    _, grad_before = orthogonal_loss_reference(before, dloss=w)
+    np.testing.assert_allclose(r.grads["codebook"], grad_after, rtol=1e-4, atol=1e-4 * np.abs(grad_after).max())
+    assert not np.allclose(r.grads["codebook"], grad_before, rtol=1e-2, atol=1e-2 * np.abs(grad_after).max())
+
+
+def test_eval_mode_orthogonal_regulariser_is_on_the_current_codebook(rng):
+    # No update in eval mode: the term is evaluated on the codebook the module holds, which it
+    # keeps.  (vqp returns loss 0 in eval, test_eval_mode_outputs_agree_and_vqp_returns_a_zero_loss.)
+    w = 0.5
+    t, r = make_pair(lambda: TorchVQ(dim=D, codebook_size=K, orthogonal_reg_weight=w, rotation_trick=False))
+    r.eval()
+    x = batch(rng, SHAPE)
+    before = np.array(r.codebook, copy=True)
+    q, _, loss = r(x)
+    np.testing.assert_array_equal(r.codebook, before)
+    commitment = np.mean((x.reshape(-1, D).astype(np.float64) - np.asarray(q, np.float64).reshape(-1, D)) ** 2)
+    assert float(loss) == pytest.approx(commitment + w * host_orthogonal_loss(before), rel=1e-5)
 
 
 def test_eval_mode_outputs_agree_and_vqp_returns_a_zero_loss(rng):
