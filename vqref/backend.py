@@ -11,7 +11,11 @@ What lives here:
 * host-side random sampling from a ``numpy.random.Generator``, so that the same seed gives the
   same numbers on every backend (the samples are moved to the array's device afterwards);
 * the few primitives the standard lacks, each with a fast path per library and a portable
-  fallback: :func:`segment_sum` (scatter-add of rows by index) and :func:`bincount`.
+  fallback: :func:`segment_sum` (scatter-add of rows by index), :func:`bincount` and
+  :func:`where_rows` (compute a row-wise function only on the rows that need it).
+
+The numpy fast paths exist for speed alone (``docs/performance.md``); ``tests/test_fast_paths.py``
+checks each one against its portable fallback.
 
 Symbols: N rows, D features, K segments (codes).
 """
@@ -37,6 +41,8 @@ __all__ = [
     "as_generator",
     "segment_sum",
     "bincount",
+    "where_rows",
+    "rows_per_block",
     "is_float_array",
     "all_finite",
     "to_float",
@@ -140,8 +146,16 @@ def is_float_array(x: Any) -> bool:
 
 
 def all_finite(x: Any) -> bool:
-    """True when every element is finite.  Synchronises with the device: call from drivers only."""
+    """True when every element is finite.  Synchronises with the device: call from drivers only.
+
+    numpy fast path: one sum over the data instead of a boolean array of x's size.  A NaN or an
+    infinity makes the sum non-finite; only when the sum is not finite (which finite data can
+    also give, by overflow) is every element checked.
+    """
     xp = get_namespace(x)
+    if is_numpy(xp) and xp.isdtype(x.dtype, "real floating"):
+        if np.isfinite(np.sum(x)):
+            return True
     return bool(xp.all(xp.isfinite(x)))
 
 
@@ -158,7 +172,7 @@ def to_float(x: Any) -> float:
 _ONEHOT_BLOCK_ELEMENTS = 1 << 22
 
 
-def segment_sum(values: Any, ids: Any, num_segments: int) -> Any:
+def segment_sum(values: Any, ids: Any, num_segments: int, *, offsets: Any = None) -> Any:
     """Sum the rows of ``values`` that share an id: ``out[k] = sum_{i : ids[i] = k} values[i]``.
 
     This is the adjoint of the gather ``values = table[ids]`` and the statistic of a k-means or
@@ -170,6 +184,9 @@ def segment_sum(values: Any, ids: Any, num_segments: int) -> Any:
     values : (N, D) float or (N,) float
     ids : (N,) integer, each in ``[0, num_segments)``
     num_segments : int, K
+    offsets : optional (K, D) or (K,) float: sum the deviations ``values[i] - offsets[k]``
+        instead, ``out[k] = sum_{i : ids[i] = k} (values[i] - offsets[k])``.  Equal to
+        ``segment_sum(values - take(offsets, ids))``, without the two (N, D) temporaries on numpy.
 
     Returns
     -------
@@ -177,41 +194,84 @@ def segment_sum(values: Any, ids: Any, num_segments: int) -> Any:
 
     Notes
     -----
-    numpy: sort by id once, then ``np.add.reduceat`` over the sorted rows (faster than
-    ``np.add.at``).  cupy: ``cupy.add.at`` (atomic adds).  Anything else: a one-hot
-    matrix product ``onehot(ids, K).T @ values`` computed in blocks of rows, so memory stays
-    bounded.  The three agree to rounding (the order of the additions differs).
+    numpy: :func:`_segment_sum_numpy` (a stable counting sort of the ids, then one reduction per
+    code).  cupy and anything else: a one-hot matrix product ``onehot(ids, K).T @ values``
+    computed in blocks of rows, so memory stays bounded; on cupy it is preferred to atomic
+    scatter-adds because it is bit-reproducible.  The paths agree to rounding (the order of the
+    additions differs).
     """
     xp = get_namespace(values, ids)
     K = int(num_segments)
     squeeze = values.ndim == 1
     if squeeze:
         values = xp.reshape(values, (values.shape[0], 1))
+        if offsets is not None:
+            offsets = xp.reshape(offsets, (offsets.shape[0], 1))
     N, D = values.shape
     if is_numpy(xp):
-        out = np.zeros((K, D), dtype=values.dtype)
-        if N:
-            ids_np = np.asarray(ids)
-            order = np.argsort(ids_np, kind="stable")
-            sorted_ids = ids_np[order]
-            starts = np.flatnonzero(np.concatenate(([True], sorted_ids[1:] != sorted_ids[:-1])))
-            out[sorted_ids[starts]] = np.add.reduceat(np.asarray(values)[order], starts, axis=0)
-    elif is_cupy(xp):
-        out = xp.zeros((K, D), dtype=values.dtype)
-        import cupy
-
-        cupy.add.at(out, ids, values)  # atomic adds: exact sums, order not deterministic
-    else:
-        dev = get_device(values)
-        out = xp.zeros((K, D), dtype=values.dtype, device=dev)
-        codes = xp.arange(K, dtype=ids.dtype, device=dev)
-        step = max(1, _ONEHOT_BLOCK_ELEMENTS // max(K, 1))
-        for start in range(0, N, step):
-            stop = min(start + step, N)
-            blk = ids[start:stop]
-            onehot = xp.astype(blk[:, None] == codes[None, :], values.dtype)  # (n, K)
-            out = out + onehot.mT @ values[start:stop, :]  # (K, D)
+        off = None if offsets is None else np.asarray(offsets)
+        out = _segment_sum_numpy(np.asarray(values), np.asarray(ids), K, off)
+        return out[:, 0] if squeeze else out
+    if offsets is not None:
+        values = values - xp.take(offsets, ids, axis=0)  # (N, D) deviations
+    # cupy takes the one-hot product below too: its scatter-add (``cupy.add.at``) uses atomic
+    # adds, whose order -- and so the float rounding -- changes from run to run, while a matrix
+    # product is bit-reproducible, so a seed gives bit-identical results on the GPU as well.
+    dev = get_device(values)
+    out = xp.zeros((K, D), dtype=values.dtype, device=dev)
+    codes = xp.arange(K, dtype=ids.dtype, device=dev)
+    step = max(1, _ONEHOT_BLOCK_ELEMENTS // max(K, 1))
+    for start in range(0, N, step):
+        stop = min(start + step, N)
+        onehot = xp.astype(ids[start:stop, None] == codes[None, :], values.dtype)  # (n, K)
+        out = out + onehot.mT @ values[start:stop, :]  # (K, D)
     return out[:, 0] if squeeze else out
+
+
+# Below this many summed elements per segment, one reduceat beats a Python loop over segments.
+_ROWS_LOOP_MIN_ELEMENTS = 256
+
+
+def _segment_sum_numpy(values: np.ndarray, ids: np.ndarray, K: int, offsets: Any = None) -> np.ndarray:
+    """numpy fast path of :func:`segment_sum`: sort once, then sum each segment's rows.
+
+    The ids are sorted by a stable radix sort (numpy uses one for 8- and 16-bit keys, so the ids
+    are narrowed first when K allows), which keeps the rows of a segment in their original
+    order.  ``np.add.reduceat`` over axis 0 would then do the sums in one call, but it walks
+    the (N, D) array column by column; a loop over the non-empty segments that gathers each
+    segment's rows into a small block and reduces it is about five times faster for D >= 16,
+    and touches every row once.  Tiny segments (fewer summed elements than
+    ``_ROWS_LOOP_MIN_ELEMENTS`` on average) still use ``reduceat``.  ``offsets`` (K, D), if
+    given, is subtracted from each segment's block before its sum.
+    """
+    N, D = values.shape
+    out = np.zeros((K, D), dtype=values.dtype)
+    if N == 0:
+        return out
+    key = ids
+    for narrow in (np.uint8, np.uint16):
+        if K <= np.iinfo(narrow).max + 1:
+            key = ids.astype(narrow)
+            break
+    order = np.argsort(key, kind="stable")  # (N,) rows grouped by id, original order within
+    counts = np.bincount(ids, minlength=K)  # (K,)
+    present = np.flatnonzero(counts)  # the non-empty segments, ascending
+    ends = np.cumsum(counts[present])  # (S,) end of each segment in sorted order
+    if N * D < _ROWS_LOOP_MIN_ELEMENTS * present.size:
+        starts = ends - counts[present]
+        rows = np.take(values, order, axis=0)  # (N, D) sorted by id
+        if offsets is not None:
+            rows = rows - np.take(offsets, ids[order], axis=0)
+        out[present] = np.add.reduceat(rows, starts, axis=0)
+        return out
+    start = 0
+    for k, stop in zip(present.tolist(), ends.tolist()):
+        block = np.take(values, order[start:stop], axis=0)  # (n_k, D), small: stays in cache
+        if offsets is not None:
+            block -= offsets[k]
+        np.add.reduce(block, axis=0, out=out[k])
+        start = stop
+    return out
 
 
 def bincount(ids: Any, num_segments: int, dtype: Any = None) -> Any:
@@ -232,6 +292,64 @@ def bincount(ids: Any, num_segments: int, dtype: Any = None) -> Any:
         blk = ids[start : min(start + step, n)]
         out = out + xp.sum(xp.astype(blk[:, None] == codes[None, :], xp.int64), axis=0)
     return xp.astype(out, dtype) if dtype != xp.int64 else out
+
+
+def where_rows(mask: Any, fn: Any, arrays: tuple, default: Any) -> Any:
+    """``where(mask, fn(*arrays), default)`` for a row-wise ``fn``, evaluated only where needed.
+
+    ``fn`` must compute each output row from the same rows of its inputs (row i of the result
+    depends on row i of every array only), so that evaluating it on a subset of rows gives
+    those rows of the full result.  This is how an op keeps a slow, careful formula for the
+    rare rows that need it (near-degenerate geometry, extreme magnitudes) and a fast one for
+    the rest, without branching on the host.
+
+    Parameters
+    ----------
+    mask : (N,) or (N, 1) bool, the rows that take ``fn``'s value
+    fn : callable, ``fn(*row_subsets) -> (n, ...)``
+    arrays : tuple of (N, ...) arrays, fn's inputs
+    default : (N, ...) array, the value of the other rows (numpy: may be overwritten in place
+        and returned, so pass an array the caller owns)
+
+    Returns
+    -------
+    (N, ...) array
+
+    Notes
+    -----
+    numpy: ``fn`` runs on the selected rows only (a host-side boolean selection; numpy has no
+    device to wait for), and those rows of ``default`` are overwritten.  Other libraries:
+    ``fn`` runs on every row and ``xp.where`` picks, which keeps cupy free of host-device
+    synchronisation (a boolean selection has a data-dependent size).  ``fn`` must therefore
+    stay finite (or at least harmless) on rows it is not meant for.
+    """
+    xp = get_namespace(mask, default)
+    if is_numpy(xp):
+        rows = np.flatnonzero(np.asarray(mask).reshape(-1))
+        if rows.size == 0:
+            return default
+        if rows.size == default.shape[0]:
+            return fn(*arrays)
+        default[rows] = fn(*(np.take(a, rows, axis=0) for a in arrays))
+        return default
+    m = mask if mask.ndim == default.ndim else xp.reshape(mask, (mask.shape[0],) + (1,) * (default.ndim - 1))
+    return xp.where(m, fn(*arrays), default)
+
+
+def rows_per_block(x: Any, elements: int) -> int:
+    """Rows of the 2-D array ``x`` to process at once in a chain of elementwise operations.
+
+    On the CPU a chain like ``s * g + a * e + b * q`` allocates and streams one (N, D) array
+    per operation; done on blocks of about ``elements`` elements, the intermediates stay in
+    cache and only the inputs and the result go through memory.  A GPU wants the opposite:
+    every row at once, one kernel launch per operation.  So: cache-sized blocks everywhere
+    except cupy, where the block is the whole array.
+    """
+    N = int(x.shape[0])
+    if is_cupy(get_namespace(x)):
+        return max(N, 1)
+    row = int(math.prod(tuple(x.shape[1:])))
+    return max(1, int(elements) // max(row, 1))
 
 
 def numel(shape: tuple) -> int:

@@ -231,8 +231,7 @@ def kmeans(
         counts = B.bincount(idx, K)  # (K,) int64
         # s_k / n_k written as mu_k + sum_{a_i = k} (x_i - mu_k) / n_k: the same value, but the
         # summed deviations are small, so a float32 sum keeps its precision (see Notes).
-        dev = x - xp.take(means, idx, axis=0)  # (N, D) deviation from the assigned mean
-        dsums = B.segment_sum(dev, idx, K)  # (K, D)
+        dsums = B.segment_sum(x, idx, K, offsets=means)  # (K, D) sums of x_i - mu_{a_i}
         denom = xp.astype(xp.maximum(counts, xp.ones_like(counts)), x.dtype)  # (K,) max(n_k, 1)
         new_means = means + dsums / denom[:, None]  # (K, D) s_k / n_k where n_k > 0
         if use_cosine_sim:

@@ -33,8 +33,15 @@ __all__ = [
 
 
 class MSECache(NamedTuple):
-    diff: Any  # (N, D), a - b
+    """The two arguments themselves (not copies; the backward forms ``a - b``) and M."""
+
+    a: Any  # (N, D)
+    b: Any  # (N, D)
     count: int  # M, the number of elements
+
+
+# Rows per block of the forward's sum are chosen so a block of a - b has about this many elements.
+_BLOCK_ELEMENTS = 1 << 20
 
 
 def mse_forward(a: Any, b: Any) -> tuple[Any, MSECache]:
@@ -47,19 +54,58 @@ def mse_forward(a: Any, b: Any) -> tuple[Any, MSECache]:
     Returns
     -------
     loss : 0-d array, the dtype of ``a``
-    cache : MSECache(a - b, M)
+    cache : MSECache(a, b, M)
+
+    Notes
+    -----
+    The sum of squares is taken block of rows by block of rows, so the forward never holds an
+    (N, D) array of differences (in an eval-mode quantizer that is the largest array after the
+    output); the backward, which needs ``a - b`` whole, forms it there.  The arguments are
+    cached by reference: they must not be modified in place before the backward.
     """
     xp = B.get_namespace(a, b)
-    diff = a - b  # (N, D)
-    count = B.numel(diff.shape)
-    # xp.asarray: numpy reductions return numpy scalars; vqref's losses are 0-d arrays
-    return xp.asarray(xp.sum(diff * diff) / max(count, 1)), MSECache(diff, count)
+    if a.ndim != 2 or tuple(a.shape) != tuple(b.shape):
+        diff = a - b  # any other shapes: broadcast once, whole
+        count = B.numel(diff.shape)
+        sq = xp.vecdot(diff, diff) if diff.ndim else diff * diff
+        # xp.asarray: numpy reductions return numpy scalars; vqref's losses are 0-d arrays
+        return xp.asarray(xp.sum(sq) / max(count, 1)), MSECache(a, b, count)
+    N, D = a.shape
+    count = N * D
+    step = B.rows_per_block(a, _BLOCK_ELEMENTS)
+    total = xp.zeros((), dtype=a.dtype, device=B.get_device(a))
+    for start in range(0, N, step):
+        diff = a[start : min(start + step, N), :] - b[start : min(start + step, N), :]  # (n, D)
+        total = total + xp.sum(xp.vecdot(diff, diff))  # row sums of squares, then their sum
+    return xp.asarray(total / max(count, 1)), MSECache(a, b, count)
 
 
 def mse_backward(dloss: Any, cache: MSECache) -> tuple[Any, Any]:
     """Gradients of ``dloss * mse(a, b)``: ``da = (2/M) dloss (a - b)``, ``db = -da``."""
-    da = (2.0 / max(cache.count, 1)) * dloss * cache.diff  # (N, D)
+    da = _scaled_difference((2.0 / max(cache.count, 1)) * dloss, cache.a, cache.b)  # (N, D)
     return da, -da
+
+
+def _scaled_difference(factor: Any, a: Any, b: Any) -> Any:
+    """``factor * (a - b)`` for (N, D) arrays, written one block of rows at a time.
+
+    The same numbers as the one-line expression; block by block, the difference never exists
+    whole (one (N, D) array is allocated instead of two), and each block of it is still in
+    cache when it is scaled.
+    """
+    xp = B.get_namespace(a, b)
+    if a.ndim != 2 or tuple(a.shape) != tuple(b.shape) or a.shape[0] == 0:
+        return factor * (a - b)
+    N, D = a.shape
+    step = B.rows_per_block(a, _BLOCK_ELEMENTS)
+    out = None
+    for start in range(0, N, step):
+        stop = min(start + step, N)
+        block = factor * (a[start:stop, :] - b[start:stop, :])  # (n, D)
+        if out is None:
+            out = xp.empty((N, D), dtype=block.dtype, device=B.get_device(a))
+        out[start:stop, :] = block
+    return out
 
 
 def commitment_loss_forward(x: Any, q: Any) -> tuple[Any, MSECache]:
@@ -75,8 +121,7 @@ def commitment_loss_forward(x: Any, q: Any) -> tuple[Any, MSECache]:
 
 def commitment_loss_backward(dloss: Any, cache: MSECache) -> Any:
     """``dx = (2/M) dloss (x - q)``; ``q`` is behind a stop-gradient and gets nothing."""
-    dx, _ = mse_backward(dloss, cache)
-    return dx
+    return _scaled_difference((2.0 / max(cache.count, 1)) * dloss, cache.a, cache.b)  # (N, D)
 
 
 def codebook_loss_forward(x: Any, q: Any) -> tuple[Any, MSECache]:
@@ -92,5 +137,4 @@ def codebook_loss_forward(x: Any, q: Any) -> tuple[Any, MSECache]:
 
 def codebook_loss_backward(dloss: Any, cache: MSECache) -> Any:
     """``dq = (2/M) dloss (q - x)``; ``x`` is behind a stop-gradient and gets nothing."""
-    _, dq = mse_backward(dloss, cache)
-    return dq
+    return _scaled_difference((2.0 / max(cache.count, 1)) * dloss, cache.b, cache.a)  # (N, D)

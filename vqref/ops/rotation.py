@@ -47,6 +47,21 @@ Degenerate rows never give NaN:
 * ``e = 0`` or ``q = 0`` (more precisely ``lambda`` outside ``[eps, 1/eps]``): ``e^`` or ``q^``
   is undefined and ``lambda`` is 0 or unbounded.  Those rows fall back to the straight-through
   estimator, which is the rotation trick with ``R = I`` and ``lambda = 1``: ``de = g``.
+
+How the trick's backward applies ``R^T``.  The forward value is ``q`` itself, so only the
+backward needs ``lambda`` and ``R`` -- and only the product ``lambda R^T g``, one vector per row.
+With the row scalars ``a = e^.g``, ``b = q^.g`` and ``c = e^.q^``, the Householder form becomes
+
+    R^T g = g + ((1 + 2c) b - a) / (1 + c) e^  -  (a + b) / (1 + c) q^
+
+so :func:`rotation_trick_backward` needs five row dot products (``e.e``, ``q.q``, ``e.q``,
+``e.g``, ``q.g``) and one combination of g, e and q, computed block of rows by block of rows
+so that each block is read from memory once.  It is the same matrix, with the rounding error of
+the Householder form, about ``u / (1 + c)``: small while the angle stays below 120 degrees
+(``1 + c >= 1/2``), as it does for nearly every row in practice.  The rows beyond, and rows
+whose squared norms leave the dtype's range, take the plane form instead (the definition
+above: :func:`rotation_basis`, :func:`rotate_transpose`), computed on those rows alone
+(:func:`vqref.backend.where_rows`).
 """
 
 from __future__ import annotations
@@ -79,8 +94,28 @@ class RotationBasis(NamedTuple):
 
 
 class RotationTrickCache(NamedTuple):
-    basis: RotationBasis  # R, held constant in the backward
-    scale: Any  # (N, 1) lambda = ||q|| / ||e|| (1 on straight-through rows)
+    """What the backward needs: the pair itself and the straight-through threshold.
+
+    ``lambda`` and ``R`` are functions of ``(e, q)`` alone; :attr:`scale` and :attr:`basis`
+    build them (for inspection and tests, in O(N D) at each access), while the backward
+    applies them without building them.  ``e`` and ``q`` are the forward's arrays, not
+    copies (``q`` is also the forward's output): they must not be modified in place before the
+    backward.
+    """
+
+    e: Any  # (N, D) encoder outputs
+    q: Any  # (N, D) selected codes
+    eps: float  # rows with lambda outside [eps, 1/eps] use the straight-through estimator
+
+    @property
+    def scale(self) -> Any:
+        """``lambda = ||q|| / ||e||`` per row, ``(N, 1)``; 1 on straight-through rows."""
+        return _plain_rotation(self.e, self.q, self.eps)[1]
+
+    @property
+    def basis(self) -> RotationBasis:
+        """``R`` per row in plane form (the identity on straight-through rows)."""
+        return _plain_rotation(self.e, self.q, self.eps)[0]
 
 
 def _unit(x: Any, xp: Any) -> tuple[Any, Any]:
@@ -254,6 +289,33 @@ def rotation_matrix(e_row: Any, q_row: Any) -> Any:
     return eye - 2 * r[:, None] * r[None, :] + 2 * qhat[:, None] * ehat[None, :]  # (D, D)
 
 
+# Rows with 1 + cos theta below this use the plane form in the backward (see the module notes).
+_WIDE_ANGLE = 0.5
+# Rows per block of the backward are chosen so a block of one (N, D) array has this many elements.
+_BLOCK_ELEMENTS = 1 << 18
+
+
+def _plain_rotation(e: Any, q: Any, eps: float) -> tuple[RotationBasis, Any]:
+    """``R`` in plane form and ``lambda``, row by row, the careful way (the definition).
+
+    Norms after scaling by the largest entry (no under- or overflow), rows with ``lambda``
+    outside ``[eps, 1/eps]`` set to ``R = I`` and ``lambda = 1``.
+    """
+    xp = B.get_namespace(e, q)
+    ehat, e_norm = _unit(e, xp)  # (N, D), (N, 1)
+    qhat, q_norm = _unit(q, xp)  # (N, D), (N, 1)
+    # lambda in [eps, 1/eps], written without dividing; False whenever e or q is zero.
+    live = (q_norm > eps * e_norm) & (e_norm > eps * q_norm)  # (N, 1)
+    scale = xp.where(live, q_norm / xp.where(live, e_norm, 1.0), 1.0)  # (N, 1) lambda
+    return _plane_basis(ehat, qhat, live, xp), scale
+
+
+def _plain_backward(g: Any, e: Any, q: Any, eps: float) -> Any:
+    """``lambda R^T g`` from the plane-form basis: the definition, and the path for hard rows."""
+    basis, scale = _plain_rotation(e, q, eps)
+    return scale * rotate_transpose(g, basis)  # (N, D)
+
+
 def rotation_trick_forward(e: Any, q: Any, *, eps: float | None = None) -> tuple[Any, RotationTrickCache]:
     """The rotation-trick quantizer output: value ``q``, gradient routed to ``e`` by a rotation.
 
@@ -274,34 +336,38 @@ def rotation_trick_forward(e: Any, q: Any, *, eps: float | None = None) -> tuple
     Returns
     -------
     q_tilde : (N, D), ``q`` itself
-    cache : RotationTrickCache(basis, scale): the rotation in plane form and ``lambda (N, 1)``;
-        straight-through rows hold the identity rotation and ``lambda = 1``.
+    cache : RotationTrickCache(e, q, eps); ``cache.scale`` (N, 1) and ``cache.basis`` give
+        ``lambda`` and ``R`` (straight-through rows: ``lambda = 1``, ``R = I``).
 
     Notes
     -----
-    Nothing here synchronises with the device: the fallbacks are ``xp.where`` selections.
+    Nothing is computed here: the rotation is applied in the backward, which is the only place
+    that needs it (an eval-mode forward with the rotation trick costs what the STE costs).
     """
     _check_pair(e, q, "rotation_trick_forward")
     xp = B.get_namespace(e, q)
     # A Python float, so that a float32 input is never promoted by a numpy float64 scalar.
     eps = float(xp.finfo(e.dtype).eps if eps is None else eps)
-    ehat, e_norm = _unit(e, xp)  # (N, D), (N, 1)
-    qhat, q_norm = _unit(q, xp)  # (N, D), (N, 1)
-    # lambda in [eps, 1/eps], written without dividing; False whenever e or q is zero.
-    live = (q_norm > eps * e_norm) & (e_norm > eps * q_norm)  # (N, 1)
-    scale = xp.where(live, q_norm / xp.where(live, e_norm, 1.0), 1.0)  # (N, 1) lambda
-    basis = _plane_basis(ehat, qhat, live, xp)
-    return q, RotationTrickCache(basis, scale)
+    return q, RotationTrickCache(e, q, eps)
 
 
 def rotation_trick_backward(dq_tilde: Any, cache: RotationTrickCache) -> Any:
     """``de = lambda R^T dq_tilde``: the rotation trick's surrogate gradient for ``e``.
 
-    ``lambda`` and ``R`` come from the cache and are constants (``sg[lambda R]``), so this is
-    the exact VJP of ``v -> lambda R v`` with the rotation frozen, not a derivative of the
-    forward value ``q``.  The codebook receives nothing through this path (train it with the
-    codebook loss or an EMA).  Straight-through rows (``R = I``, ``lambda = 1``) return
-    ``dq_tilde`` unchanged.
+    ``lambda`` and ``R`` are functions of the cached ``(e, q)`` and are constants
+    (``sg[lambda R]``), so this is the exact VJP of ``v -> lambda R v`` with the rotation
+    frozen, not a derivative of the forward value ``q``.  The codebook receives nothing through
+    this path (train it with the codebook loss or an EMA).  Straight-through rows (``R = I``,
+    ``lambda = 1``) return ``dq_tilde`` unchanged.
+
+    With ``g = dq_tilde``, ``a = e^.g``, ``b = q^.g`` and ``c = cos theta`` (module notes), on
+    most rows
+
+        de = lambda (g + ((1 + 2c) b - a)/(1 + c) e^ - (a + b)/(1 + c) q^)
+
+    computed from row dot products of each block of rows; the rows with ``1 + c < 1/2`` or with
+    squared norms outside the dtype's range get ``lambda`` times :func:`rotate_transpose` with
+    the plane-form basis (:func:`_plain_backward`), the definition.  Both are ``lambda R^T g``.
 
     Parameters
     ----------
@@ -312,4 +378,37 @@ def rotation_trick_backward(dq_tilde: Any, cache: RotationTrickCache) -> Any:
     -------
     de : (N, D), with ``||de_i|| = lambda_i ||dq_tilde_i||`` and ``e_i . de_i = q_i . dq_tilde_i``
     """
-    return cache.scale * rotate_transpose(dq_tilde, cache.basis)  # (N, D)
+    xp = B.get_namespace(dq_tilde, cache.e)
+    g, (e, q, eps) = dq_tilde, cache
+    N, D = g.shape
+    info = xp.finfo(g.dtype)
+    # A squared norm in [lo, hi] lost less than eps of itself to underflowing squares and
+    # cannot overflow, nor can its dot products with the other vector of the pair.
+    lo = float(D * info.smallest_normal / info.eps)
+    hi = float(info.max * info.eps / D)
+    de = xp.empty_like(g)  # (N, D), filled block by block
+    hard_parts = []
+    step = B.rows_per_block(g, _BLOCK_ELEMENTS)
+    for start in range(0, N, step):
+        stop = min(start + step, N)
+        eb, qb, gb = e[start:stop, :], q[start:stop, :], g[start:stop, :]  # (n, D) each
+        ee, qq, eq = xp.vecdot(eb, eb)[:, None], xp.vecdot(qb, qb)[:, None], xp.vecdot(eb, qb)[:, None]  # (n, 1)
+        eg, qg = xp.vecdot(eb, gb)[:, None], xp.vecdot(qb, gb)[:, None]  # (n, 1)
+        safe = (ee >= lo) & (ee <= hi) & (qq >= lo) & (qq <= hi) & xp.isfinite(eg) & xp.isfinite(qg)
+        ne = xp.sqrt(xp.where(safe, ee, 1.0))  # (n, 1) ||e||
+        nq = xp.sqrt(xp.where(safe, qq, 1.0))  # (n, 1) ||q||
+        live = (nq > eps * ne) & (ne > eps * nq)  # (n, 1) lambda in [eps, 1/eps]
+        c = xp.where(safe, eq, 0.0) / (ne * nq)  # (n, 1) cos theta
+        easy = safe & live & (1.0 + c >= _WIDE_ANGLE)  # (n, 1)
+        hard_parts.append(~safe | (live & ~easy))  # the plane form's rows
+        lam = xp.where(easy, nq / ne, 1.0)  # (n, 1) lambda; 1 elsewhere
+        a = xp.where(easy, eg / ne, 0.0)  # (n, 1) e^ . g
+        b = xp.where(easy, qg / nq, 0.0)  # (n, 1) q^ . g
+        c = xp.where(easy, c, 0.0)
+        coef_e = lam * ((1.0 + 2.0 * c) * b - a) / ((1.0 + c) * ne)  # (n, 1), 0 off the easy rows
+        coef_q = -lam * (a + b) / ((1.0 + c) * nq)  # (n, 1)
+        de[start:stop, :] = lam * gb + coef_e * eb + coef_q * qb  # (n, D); g on straight-through rows
+    if not hard_parts:
+        return de
+    hard = hard_parts[0] if len(hard_parts) == 1 else xp.concat(hard_parts, axis=0)  # (N, 1)
+    return B.where_rows(hard, lambda g_, e_, q_: _plain_backward(g_, e_, q_, eps), (g, e, q), de)
