@@ -35,7 +35,14 @@ from ..ops.orthogonal import orthogonal_loss_backward, orthogonal_loss_forward
 from ..ops.rotation import rotation_trick_backward, rotation_trick_forward
 from ..ops.straight_through import straight_through_backward, straight_through_forward
 
-__all__ = ["QuantizeOutput", "QuantizeCache", "quantize_forward", "quantize_backward"]
+__all__ = [
+    "QuantizeOutput",
+    "QuantizeCache",
+    "quantize_forward",
+    "quantize_backward",
+    "estimator_forward",
+    "estimator_backward",
+]
 
 
 class QuantizeOutput(NamedTuple):
@@ -57,6 +64,26 @@ class QuantizeCache(NamedTuple):
     codebook_weight: float  # 0 when the codebook gets no gradient from the losses
     orthogonal: Any  # orthogonal-loss cache, or None
     orthogonal_weight: float
+
+
+def estimator_forward(x: Any, q: Any, *, rotation_trick: bool = False) -> tuple[Any, str, Any]:
+    """The gradient estimator: value ``q``, surrogate gradient to ``x``.
+
+    Returns ``(out (N, D), name, cache)`` with name ``"rotation"`` (the rotation trick) or
+    ``"ste"`` (straight-through); :func:`estimator_backward` takes the name and the cache.
+    """
+    if rotation_trick:
+        out, cache = rotation_trick_forward(x, q)
+        return out, "rotation", cache
+    out, cache = straight_through_forward(x, q)
+    return out, "ste", cache
+
+
+def estimator_backward(dout: Any, name: str, cache: Any) -> Any:
+    """``dx`` of the estimator named ``name``: ``dout`` (STE) or ``lambda R^T dout`` (rotation)."""
+    if name == "rotation":
+        return rotation_trick_backward(dout, cache)
+    return straight_through_backward(dout, cache)
 
 
 def quantize_forward(
@@ -107,12 +134,7 @@ def quantize_forward(
         indices = nearest_code(xh, ch, metric="dot" if use_cosine_sim else "euclidean", chunk_size=chunk_size)
     q, lookup_cache = lookup_forward(ch, indices)  # (N, D)
 
-    if rotation_trick:
-        quantized, est_cache = rotation_trick_forward(xh, q)
-        estimator = "rotation"
-    else:
-        quantized, est_cache = straight_through_forward(xh, q)
-        estimator = "ste"
+    quantized, estimator, est_cache = estimator_forward(xh, q, rotation_trick=rotation_trick)
 
     # mse(x^, q) has one value; the weights below decide where its gradient goes.
     commit, mse_cache = mse_forward(xh, q)  # ()
@@ -158,10 +180,7 @@ def quantize_backward(dquantized: Any, dloss: Any, cache: QuantizeCache) -> tupl
     dcodebook : (K, D), or ``None`` when no term reaches the codebook
     """
     # 1. The estimator carries the decoder's gradient to x^ (STE: unchanged; rotation: lambda R^T g).
-    if cache.estimator == "rotation":
-        dxh = rotation_trick_backward(dquantized, cache.estimator_cache)  # (N, D)
-    else:
-        dxh = straight_through_backward(dquantized, cache.estimator_cache)  # (N, D)
+    dxh = estimator_backward(dquantized, cache.estimator, cache.estimator_cache)  # (N, D)
 
     # 2. The losses: d mse(x^, q) = +(2/M)(x^ - q) for x^ and the opposite for q.  The
     #    commitment weight routes it to x^, the codebook weight to q.

@@ -33,9 +33,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Sequence
 
 from .. import backend as B
-from ..ops.rotation import rotation_trick_backward, rotation_trick_forward
-from ..ops.straight_through import straight_through_backward, straight_through_forward
-from .quantize import QuantizeCache, quantize_backward, quantize_forward
+from .quantize import QuantizeCache, estimator_backward, estimator_forward, quantize_backward, quantize_forward
 
 __all__ = ["ResidualOutput", "ResidualCache", "residual_forward", "residual_backward", "GRADIENT_ROUTINGS"]
 
@@ -113,12 +111,7 @@ def residual_forward(
 
     sum_estimator = sum_cache = None
     if routing == "sum":
-        if rotation:
-            quantized, sum_cache = rotation_trick_forward(x, total)
-            sum_estimator = "rotation"
-        else:
-            quantized, sum_cache = straight_through_forward(x, total)
-            sum_estimator = "ste"
+        quantized, sum_estimator, sum_cache = estimator_forward(x, total, rotation_trick=rotation)
     else:
         quantized = total
     out = ResidualOutput(
@@ -163,10 +156,7 @@ def residual_backward(dquantized: Any, dlosses: Any, cache: ResidualCache) -> tu
         return dx, dcodebooks
     # routing "sum": the estimator on the total carries the decoder gradient once; the depths
     # contribute their loss gradients only.
-    if cache.sum_estimator == "rotation":
-        dx = rotation_trick_backward(dquantized, cache.sum_cache)
-    else:
-        dx = straight_through_backward(dquantized, cache.sum_cache)
+    dx = estimator_backward(dquantized, cache.sum_estimator, cache.sum_cache)
     zeros = xp.zeros_like(dquantized)
     dcodebooks = []
     for level, depth in enumerate(cache.depths):
