@@ -192,9 +192,8 @@ def kmeans(
     lower index and the other cluster stays empty for as long as the two coincide (for ever,
     unless the lower one moves away); no NaN appears.
 
-    *Determinism.*  The same seed gives bit-identical results on numpy and array_api_strict.
-    On cupy the segment sum adds with atomics in no fixed order, so the means (and the
-    objective) agree run to run only up to rounding.
+    *Determinism.*  The same seed gives bit-identical results on every backend (cupy's segment
+    sums are one-hot matrix products, not atomic adds, for this reason).
 
     *Synchronisation.*  The objective of each iteration is kept as a 0-d device array and
     converted to Python floats once, after the loop (one host-device sync per call).
