@@ -294,10 +294,9 @@ def exercise(module, x_host: np.ndarray, in_dtype: str, seed: int, *, Q: int | N
 # ------------------------------------------------------------------ tests
 
 
-@given(data=st.data())
-@_settings("vq")
-def test_vector_quantize_fuzz(data):
-    kw = data.draw(configurations(residual=False), label="config")
+def _fuzz_one(data, residual: bool) -> None:
+    """Draw a configuration, a backend, a seed and a batch; build the module and exercise it."""
+    kw = data.draw(configurations(residual=residual), label="config")
     backend = data.draw(st.sampled_from(BACKENDS), label="backend")
     seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
     reason = invalid_reason(kw)
@@ -305,37 +304,27 @@ def test_vector_quantize_fuzz(data):
         with pytest.raises(ValueError, match=reason):
             build(kw, backend, seed)
         return
-    vq = build(kw, backend, seed)
+    module = build(kw, backend, seed)
     x = data.draw(batches(kw["dim"]), label="x")
     override = data.draw(codebook_overrides(kw["codebook_size"], kw["dim"], x), label="codebook")
     if override is not None:
-        _load_override(vq, override, initted=data.draw(st.booleans(), label="initted"))
+        _load_override(module, override, initted=data.draw(st.booleans(), label="initted"))
     in_dtype = data.draw(st.sampled_from([kw["dtype"], kw["dtype"], "float32", "float64"]), label="input dtype")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an overflow or invalid-value warning is a failure too
-        exercise(vq, x, in_dtype, seed, Q=None)
+        exercise(module, x, in_dtype, seed, Q=kw["num_quantizers"] if residual else None)
+
+
+@given(data=st.data())
+@_settings("vq")
+def test_vector_quantize_fuzz(data):
+    _fuzz_one(data, residual=False)
 
 
 @given(data=st.data())
 @_settings("rvq")
 def test_residual_vq_fuzz(data):
-    kw = data.draw(configurations(residual=True), label="config")
-    backend = data.draw(st.sampled_from(BACKENDS), label="backend")
-    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
-    reason = invalid_reason(kw)
-    if reason is not None:
-        with pytest.raises(ValueError, match=reason):
-            build(kw, backend, seed)
-        return
-    rq = build(kw, backend, seed)
-    x = data.draw(batches(kw["dim"]), label="x")
-    override = data.draw(codebook_overrides(kw["codebook_size"], kw["dim"], x), label="codebook")
-    if override is not None:
-        _load_override(rq, override, initted=data.draw(st.booleans(), label="initted"))
-    in_dtype = data.draw(st.sampled_from([kw["dtype"], kw["dtype"], "float32", "float64"]), label="input dtype")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        exercise(rq, x, in_dtype, seed, Q=kw["num_quantizers"])
+    _fuzz_one(data, residual=True)
 
 
 @given(kw=configurations(residual=False), residual=st.booleans(), Q=st.integers(2, 4))

@@ -165,7 +165,3 @@ def residual_backward(dquantized: Any, dlosses: Any, cache: ResidualCache) -> tu
         dcodebooks.append(dcb)
     return dx, dcodebooks
 
-
-def depth_cache(cache: ResidualCache, level: int) -> QuantizeCache:
-    """The cache of one depth (for inspection in notebooks)."""
-    return cache.depths[level]
