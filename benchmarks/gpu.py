@@ -1,6 +1,8 @@
 """GPU benchmark: vqref on cupy vs vqref on numpy vs vector-quantize-pytorch on CUDA.
 
-Run on a machine with a GPU, cupy and (optionally) torch with CUDA and vector-quantize-pytorch:
+Run on a machine with a GPU, cupy and (optionally) torch with CUDA and vector-quantize-pytorch
+(``bash benchmarks/gpu_check.sh`` runs the cupy tests and then this; the CPU benchmarks are
+``python -m benchmarks.bench``):
 
     python benchmarks/gpu.py [--reps 7] [--json out.json]
 
@@ -57,10 +59,7 @@ def _vqref_step(xp_module, x_host, g_host, kw, *, residual=False, train=True):
     def step():
         out = vq(x)
         if train:
-            if residual:
-                vq.backward(g)
-            else:
-                vq.backward(g)
+            vq.backward(g)
         return out
 
     return step
@@ -118,7 +117,9 @@ def main(argv=None):
         g = rng.standard_normal((N, D)).astype(np.float32)
         sync_cp = cupy.cuda.Device().synchronize
         t_cp = _median_time(_vqref_step(cupy, x, g, kw, residual=residual, train=train), sync_cp, args.reps)
-        t_np = _median_time(_vqref_step(np, x, g, kw, residual=residual, train=train), lambda: None, max(3, args.reps // 2))
+        t_np = _median_time(
+            _vqref_step(np, x, g, kw, residual=residual, train=train), lambda: None, max(3, args.reps // 2)
+        )
         try:
             step, sync = _vqp_step(x, g, kw, residual=residual, train=train)
             t_vqp = _median_time(step, sync, args.reps)
@@ -127,11 +128,17 @@ def main(argv=None):
             t_vqp = None
         rows.append(dict(workload=name, cupy=t_cp, numpy=t_np, vqp_cuda=t_vqp))
         r2 = "n/a" if t_vqp is None else f"{t_vqp / t_cp:6.2f}"
-        print(f"{name:<42} cupy {t_cp*1e3:8.1f} ms   numpy {t_np*1e3:9.1f} ms   vqp-cuda "
-              f"{'n/a' if t_vqp is None else f'{t_vqp*1e3:8.1f} ms'}   numpy/cupy {t_np / t_cp:7.1f}   vqp/cupy {r2}",
-              flush=True)
-    info = dict(python=platform.python_version(), numpy=np.__version__, cupy=cupy.__version__,
-                gpu=cupy.cuda.runtime.getDeviceProperties(0)["name"].decode())
+        print(
+            f"{name:<42} cupy {t_cp * 1e3:8.1f} ms   numpy {t_np * 1e3:9.1f} ms   vqp-cuda "
+            f"{'n/a' if t_vqp is None else f'{t_vqp * 1e3:8.1f} ms'}   numpy/cupy {t_np / t_cp:7.1f}   vqp/cupy {r2}",
+            flush=True,
+        )
+    info = dict(
+        python=platform.python_version(),
+        numpy=np.__version__,
+        cupy=cupy.__version__,
+        gpu=cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+    )
     try:
         import torch
 

@@ -1,4 +1,4 @@
-"""float32 accuracy of the code assignment, and long EMA training runs that stay finite (issue 8).
+"""float32 accuracy of the code assignment, and long EMA training runs that stay finite.
 
 Assignment accuracy.  The float32 module is run on hard data and its codes are compared with a
 float64 reference computed by *direct differences* ``sum_j (x_ij - c_kj)^2`` on the very same
@@ -115,9 +115,7 @@ def _vq32(codebook: np.ndarray, **kw) -> VectorQuantize:
     """A float32 numpy module holding ``codebook`` (rounded to float32), in eval mode."""
     K, D = codebook.shape
     vq = VectorQuantize(D, K, seed=0, dtype="float32", **kw)
-    vq.load_state_dict(
-        {"codebook": codebook, "cluster_size": np.ones(K), "embed_avg": codebook, "initted": True}
-    )
+    vq.load_state_dict({"codebook": codebook, "cluster_size": np.ones(K), "embed_avg": codebook, "initted": True})
     return vq.eval()
 
 
@@ -163,9 +161,7 @@ def test_negative_control_uncentred_expansion_fails_the_criterion(record_propert
     the 100% requirement: the criterion above can tell a sound search from an unsound one."""
     rng = np.random.default_rng(12345)
     x32, c32 = offset_problem(rng, 1e3)
-    naive = np.argmin(
-        (x32 * x32).sum(1, keepdims=True) - 2 * (x32 @ c32.T) + (c32 * c32).sum(1)[None, :], axis=1
-    )
+    naive = np.argmin((x32 * x32).sum(1, keepdims=True) - 2 * (x32 @ c32.T) + (c32 * c32).sum(1)[None, :], axis=1)
     ref, tie = reference_euclidean(x32, c32)
     r = rates(naive, ref, tie)
     _report(record_property, "euclidean/offset-1e3/naive-uncentred (control)", r)
@@ -214,7 +210,14 @@ def test_float32_deep_residual_assignments(shared, record_property):
         rq = ResidualVQ(dim=D, num_quantizers=Q, codebook_size=K, seed=0, dtype=dtype, shared_codebook=shared)
         state = {}
         for prefix, b in zip([""] if shared else [f"{l}." for l in range(Q)], books):
-            state.update({prefix + "codebook": b, prefix + "cluster_size": np.ones(K), prefix + "embed_avg": b, prefix + "initted": True})
+            state.update(
+                {
+                    prefix + "codebook": b,
+                    prefix + "cluster_size": np.ones(K),
+                    prefix + "embed_avg": b,
+                    prefix + "initted": True,
+                }
+            )
         rq.load_state_dict(state)
         rq.eval()
         _, idx, _ = rq(x.astype(dtype))
@@ -227,7 +230,9 @@ def test_float32_deep_residual_assignments(shared, record_property):
         assert r["disagreements_outside_near_ties"] == 0, (level, r)
     whole = (idx32 == results["float64"][0]).all(axis=1)
     record_property(f"residual/{'shared' if shared else 'per-depth'}/tuple-agreement-vs-float64", float(whole.mean()))
-    print(f"[accuracy] residual/{'shared' if shared else 'per-depth'}: whole code tuples equal to the float64 run: {100 * whole.mean():.2f}%")
+    print(
+        f"[accuracy] residual/{'shared' if shared else 'per-depth'}: whole code tuples equal to the float64 run: {100 * whole.mean():.2f}%"
+    )
     if not shared:
         # a regression floor (measured: 100%); the per-depth assertions above are the exact ones.
         # A shared codebook holds codes of every scale, and the expansion's error, which grows with
@@ -268,7 +273,10 @@ LONG_CONFIGS = {
     "vq/decay-0.8/cosine/no-restarts": (SHORT, dict(decay=0.8, use_cosine_sim=True)),
     "rvq/decay-0.999/restarts": (SHORT, dict(num_quantizers=3, decay=0.999, threshold_ema_dead_code=3.0)),
     "rvq-shared/decay-0.999": (SHORT, dict(num_quantizers=3, shared_codebook=True, decay=0.999)),
-    "rvq-shared/decay-0/eps-0/restarts": (SHORT, dict(num_quantizers=2, shared_codebook=True, decay=0.0, eps=0.0, threshold_ema_dead_code=0.5)),
+    "rvq-shared/decay-0/eps-0/restarts": (
+        SHORT,
+        dict(num_quantizers=2, shared_codebook=True, decay=0.0, eps=0.0, threshold_ema_dead_code=0.5),
+    ),
 }
 
 
@@ -322,4 +330,6 @@ def test_long_ema_training_stays_finite_while_codes_die(name, record_property):
     record_property(f"long/{name}/min_count", min_count)
     record_property(f"long/{name}/most_dead_codes", dead_seen)
     record_property(f"long/{name}/eval_mse", err)
-    print(f"[long] {name}: {steps} steps, up to {dead_seen} dead codes, smallest EMA count {min_count:.3g}, eval mse {err:.3g}")
+    print(
+        f"[long] {name}: {steps} steps, up to {dead_seen} dead codes, smallest EMA count {min_count:.3g}, eval mse {err:.3g}"
+    )

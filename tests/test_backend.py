@@ -1,8 +1,8 @@
 """The array backend: namespaces, host/device moves, host RNG, segment sums."""
 
+import array_api_strict
 import numpy as np
 import pytest
-import array_api_strict
 
 from vqref import backend as B
 

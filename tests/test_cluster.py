@@ -12,7 +12,8 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vqref import ResidualVQ, VectorQuantize
 from vqref import backend as B
@@ -190,7 +191,9 @@ def test_residual_clustering_fit_predict_decode(bk, rng, cosine):
     coarse = bk.np(rc.decode(codes[:, :1])).astype(np.float64)
     C0 = bk.np(rc.cluster_centers_)[0].astype(np.float64)
     np.testing.assert_allclose(coarse, (_unit(C0) if cosine else C0)[ref_codes[:, 0]], rtol=tol, atol=tol)
-    np.testing.assert_array_equal(bk.np(ResidualClustering(L, K, iters=10, use_cosine_sim=cosine, seed=0).fit_predict(X)), bk.np(codes))
+    np.testing.assert_array_equal(
+        bk.np(ResidualClustering(L, K, iters=10, use_cosine_sim=cosine, seed=0).fit_predict(X)), bk.np(codes)
+    )
 
 
 @pytest.mark.parametrize("cosine", [False, True], ids=["euclid", "cosine"])
@@ -260,8 +263,10 @@ def test_same_seed_same_fit_and_numpy_agrees_with_strict(rng):
         X = B.from_numpy(x, B.namespace_from_module(mod))
         rc = ResidualClustering(L, K, iters=6, seed=11).fit(X)
         km = VQClustering(K, iters=6, seed=11, init="random").fit(X)
-        fits.append([B.to_numpy(a) for a in (rc.cluster_centers_, rc.labels_, rc.counts_, km.cluster_centers_, km.labels_)]
-                    + [np.array(rc.inertia_), np.array(km.inertia_)])
+        fits.append(
+            [B.to_numpy(a) for a in (rc.cluster_centers_, rc.labels_, rc.counts_, km.cluster_centers_, km.labels_)]
+            + [np.array(rc.inertia_), np.array(km.inertia_)]
+        )
     for a, b in zip(fits[0], fits[1]):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(fits[0], fits[2]):

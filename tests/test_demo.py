@@ -1,4 +1,4 @@
-"""Tests of ``vqref demo`` (vqref/demo.py): the report, reproducibility, option errors, progress."""
+"""Tests of ``vqref demo`` (vqref/demo/): the report, reproducibility, option errors, progress."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
 
 from vqref import demo  # noqa: E402
 
@@ -44,7 +45,14 @@ def quick_run(tmp_path_factory):
 def test_quick_run_writes_the_report(quick_run):
     code, out, stdout, stderr, results = quick_run
     assert code == 0
-    for name in ("report.md", "report.html", "results.json", "reconstructions.png", "training_curves.png", "codebook_usage.png"):
+    for name in (
+        "report.md",
+        "report.html",
+        "results.json",
+        "reconstructions.png",
+        "training_curves.png",
+        "codebook_usage.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for name in ("reconstructions.png", "training_curves.png", "codebook_usage.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -101,8 +109,22 @@ def test_other_seed_other_numbers(quick_run, tmp_path, capsys):
 
 
 def test_steps_and_sizes_options(tmp_path, capsys):
-    args = ["--quick", "--out", str(tmp_path), "--configs", "kmeans,residual", "--steps", "7",
-            "--codebook-size", "9", "--train-size", "100", "--batch-size", "20", "--quiet"]
+    args = [
+        "--quick",
+        "--out",
+        str(tmp_path),
+        "--configs",
+        "kmeans,residual",
+        "--steps",
+        "7",
+        "--codebook-size",
+        "9",
+        "--train-size",
+        "100",
+        "--batch-size",
+        "20",
+        "--quiet",
+    ]
     assert demo.main(args) == 0
     out = capsys.readouterr().out
     with open(tmp_path / "results.json") as f:
@@ -156,7 +178,10 @@ def test_command_line_entry_points(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, "-m", "vqref", "demo", "--configs", "bogus"],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "unknown configuration(s) 'bogus'" in proc.stderr and proc.stdout == ""
@@ -173,27 +198,31 @@ class _Terminal(io.StringIO):
 
 
 def test_progress_bar_on_a_terminal_and_off_it():
+    """tqdm draws on a terminal and clears its line when done; on a pipe or when quiet, nothing."""
     term = _Terminal()
-    bar = demo.ProgressBar("[1/2] ema", 50, stream=term)
-    for i in range(1, 51):
-        bar.update(i, "loss 0.1")
-    bar.done("held-out MSE 0.0100")
+    with demo.progress_bar("[1/2] ema", 50, stream=term) as bar:
+        for i in range(1, 51):
+            bar.set_postfix_str("loss 0.1", refresh=False)
+            bar.update(i - bar.n)
     text = term.getvalue()
-    assert text.startswith("\r[1/2] ema [") and "100% 50/50" in text
-    assert text.endswith("[1/2] ema held-out MSE 0.0100\n") and text.count("\n") == 1
+    assert text.startswith("\r[1/2] ema") and "/50" in text
+    assert text.endswith("\r") and "\n" not in text  # leave=False: the summary line takes its place
 
-    pipe = io.StringIO()
-    bar = demo.ProgressBar("[1/2] ema", 50, stream=pipe)
-    for i in range(1, 51):
-        bar.update(i)
-    bar.done("held-out MSE 0.0100")
-    assert pipe.getvalue() == "[1/2] ema held-out MSE 0.0100\n"
+    for stream, quiet in ((io.StringIO(), False), (_Terminal(), True)):
+        with demo.progress_bar("[1/2] ema", 50, stream=stream, quiet=quiet) as bar:
+            bar.update(50)
+        assert bar.disable and stream.getvalue() == ""
 
-    quiet = _Terminal()
-    bar = demo.ProgressBar("[1/2] ema", 50, stream=quiet, quiet=True)
-    bar.update(50)
-    bar.done("x")
-    assert quiet.getvalue() == ""
+
+def test_training_loop_reports_progress():
+    """``train_one``'s progress callback sees every step, with a finite running loss."""
+    train, test, _ = demo.load_data(0, 64)
+    s = demo.TrainSettings(codebook_size=8, hidden=16, tokens=2, token_dim=4, batch_size=16, lr=2e-3, seed=0, steps=9)
+    seen = []
+    r = demo.train_one("ema", s, train, test, np.arange(3), progress=lambda step, loss: seen.append((step, loss)))
+    assert [step for step, _ in seen] == list(range(1, 10)) and r.steps == 9
+    assert all(np.isfinite(loss) and loss > 0 for _, loss in seen)
+    assert np.asarray(r.recon).shape == (3, 64)
 
 
 def test_code_usage_and_perplexity():
@@ -210,7 +239,18 @@ def test_code_usage_and_perplexity():
 def test_one_code_carries_no_information(tmp_path, capsys):
     """With K = 1 every image gets the same codes, so the decoder can at best paint one image for
     all of them: the held-out error cannot beat the mean image's (up to train/test drift)."""
-    args = ["--quick", "--out", str(tmp_path), "--configs", "ema,residual", "--codebook-size", "1", "--steps", "60", "--quiet"]
+    args = [
+        "--quick",
+        "--out",
+        str(tmp_path),
+        "--configs",
+        "ema,residual",
+        "--codebook-size",
+        "1",
+        "--steps",
+        "60",
+        "--quiet",
+    ]
     assert demo.main(args) == 0
     capsys.readouterr()
     with open(tmp_path / "results.json") as f:

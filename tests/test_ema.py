@@ -1,9 +1,17 @@
-"""The EMA codebook update with Laplace smoothing (MATH.md section 1.5 invariants)."""
+"""The EMA codebook update with Laplace smoothing (docs/math.md §1.5; invariants in §1.7)."""
 
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from vqref.core.ema import EMAState, batch_statistics, ema_update, expire_dead_codes, laplace_smoothing
+from vqref.core.ema import (
+    EMAState,
+    batch_statistics,
+    codebook_from_state,
+    ema_update,
+    expire_dead_codes,
+    laplace_smoothing,
+)
 
 K, D, N = 6, 4, 29
 
@@ -102,10 +110,39 @@ def test_dead_codes_are_restarted_consistently(bk, rng):
     got = bk.np(new.codebook)
     for k in range(K):
         if dead[k]:
-            assert np.any(np.all(np.isclose(x.astype(bk.dtype_name), got[k]), axis=1)), "a restarted code is a batch row"
+            assert np.any(np.all(np.isclose(x.astype(bk.dtype_name), got[k]), axis=1)), (
+                "a restarted code is a batch row"
+            )
             assert bk.np(new.cluster_size)[k] == 2.0
             np.testing.assert_allclose(bk.np(new.embed_avg)[k], 2.0 * got[k], rtol=1e-6)
         else:
             np.testing.assert_array_equal(got[k], cb[k].astype(bk.dtype_name))
     restarted = got[dead]
     assert len(np.unique(restarted, axis=0)) == len(restarted), "distinct rows when N >= K"
+
+
+def test_cosine_codebooks_use_the_l2norm_convention(bk, rng):
+    """``normalize``: each code divided by ``max(||c||, 1e-6)`` (vqref.ops.l2norm's clamp).
+
+    A code shorter than 1e-6 is scaled by 1e6, not blown up to unit length, and a zero code stays
+    zero (no NaN) -- in the rebuilt codebook and in restarted codes alike.
+    """
+    lengths = np.array([2.0, 0.5, 1e-8, 0.0, 3e-7, 1.0])  # (K,): two below 1e-6, one zero
+    u = rng.standard_normal((K, D))
+    c = u / np.linalg.norm(u, axis=1, keepdims=True) * lengths[:, None]  # (K, D)
+    want = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-6)
+    cs = np.full(K, 2.0)  # equal counts: the smoothed counts are exactly 2, c = m / 2
+    got = codebook_from_state(bk.asarray(cs), bk.asarray(2.0 * c), eps=0.0, normalize=True)
+    np.testing.assert_allclose(bk.np(got), want, rtol=bk.rtol, atol=0)
+    np.testing.assert_array_equal(bk.np(got)[3], 0.0)
+    # restarted codes: every code dead, N = K rows, so each row of x becomes one code
+    state = EMAState(bk.asarray(u), bk.asarray(np.zeros(K)), bk.asarray(u))
+    new, dead = expire_dead_codes(state, bk.asarray(c), threshold=1.0, rng=np.random.default_rng(1), normalize=True)
+    assert bk.np(dead).all()
+    got = bk.np(new.codebook).astype(np.float64)
+    for k in range(K):  # each restarted code is the normalised form of one row
+        match = np.abs(want - got[k]).max(axis=1) <= bk.rtol * np.abs(want).max(axis=1) + 1e-300
+        assert match.sum() >= 1, k
+    np.testing.assert_allclose(
+        np.sort(np.linalg.norm(got, axis=1)), np.sort(np.linalg.norm(want, axis=1)), rtol=bk.rtol
+    )

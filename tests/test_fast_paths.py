@@ -5,8 +5,10 @@ blocks of rows, work skipped on rows that do not need it.  Each test computes th
 both ways on the same inputs -- the numpy fast path against the Array API fallback
 (``array_api_strict``), the blocked form against the one-line formula, the row-scalar rotation
 against the plane-form definition -- and includes the case that selects every branch (block
-boundaries, hard rows, tiny segments, empty inputs).  No test here measures time; the
-``vqref bench`` smoke test only checks that the harness runs and writes its report.
+boundaries, hard rows, tiny segments, empty inputs, the clamp of distances at 0, every mask of
+the fused rotation backward, its eps threshold).  No test here measures time; the benchmark
+smoke test (``python -m benchmarks.bench``) only checks that the harness runs and writes its
+report.
 """
 
 from __future__ import annotations
@@ -151,7 +153,9 @@ def test_nearest_code_inplace_equals_portable(rng, dtype, metric, chunk):
     C = (rng.standard_normal((K, D)) + 3.0).astype(dtype)
     i_fast, s_fast = nearest_code_inplace(x, C, metric=metric, chunk_size=chunk, return_score=True)
     i_port, s_port = nearest_code_portable(x, C, metric=metric, chunk_size=chunk, return_score=True)
-    i_strict, s_strict = nearest_code_portable(_strict(x), _strict(C), metric=metric, chunk_size=chunk, return_score=True)
+    i_strict, s_strict = nearest_code_portable(
+        _strict(x), _strict(C), metric=metric, chunk_size=chunk, return_score=True
+    )
     assert i_fast.dtype == np.int64 and i_fast.shape == (N,) and s_fast.dtype == np.dtype(dtype)
     clear = _clear_rows(x, C, metric)  # rows without a near-tie
     assert clear.mean() > 0.9
@@ -178,6 +182,37 @@ def test_nearest_code_dispatch_and_edge_cases(rng):
     x2 = np.array([[2.0, 0.0], [0.0, 3.0], [0.5, 0.5]])
     np.testing.assert_array_equal(nearest_code_inplace(x2, C2), [0, 1, 0])
     np.testing.assert_array_equal(nearest_code_inplace(x2, C2, metric="dot"), [0, 1, 0])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("chunk", [None, 29])
+def test_nearest_code_scores_are_clamped_at_zero(rng, dtype, chunk):
+    # Every row is a code, exactly: the true distance is 0, and the expanded form
+    # ||c||^2 - 2 xc.c + ||xc||^2 rounds to either side of it.  Far from the origin (an offset of
+    # 50 next to a spread of 3) the rounding is large enough that many rows come out negative
+    # before the clamp, in both orders of summation.
+    N, K, D = 300, 23, 7
+    C = (rng.standard_normal((K, D)) * 3.0 + 50.0).astype(dtype)
+    truth = rng.integers(0, K, size=N)
+    x = C[truth]
+    m = C.mean(axis=0)
+    xc, cc = x - m, C - m
+    raw = (np.vecdot(cc, cc) - 2 * (xc @ cc.T))[np.arange(N), truth] + np.vecdot(xc, xc)  # unclamped
+    assert (raw < 0).sum() > N // 20, "the inputs must make the unclamped expansion negative"
+    i_fast, s_fast = nearest_code_inplace(x, C, chunk_size=chunk, return_score=True)
+    i_def, s_def = nearest_code_portable(x, C, chunk_size=chunk, return_score=True)
+    i_strict, s_strict = nearest_code_portable(_strict(x), _strict(C), chunk_size=chunk, return_score=True)
+    np.testing.assert_array_equal(i_fast, truth)
+    np.testing.assert_array_equal(i_def, truth)
+    np.testing.assert_array_equal(B.to_numpy(i_strict), truth)
+    # the branch: a squared distance is never negative, on either path
+    assert s_fast.min() >= 0 and s_def.min() >= 0 and B.to_numpy(s_strict).min() >= 0
+    # and the fast path equals the definition to the rounding of the expansion
+    tol = 16 * np.finfo(dtype).eps * (np.vecdot(xc, xc) + np.vecdot(cc, cc).max())  # (N,)
+    assert np.all(np.abs(s_fast - s_def) <= tol) and np.all(s_fast <= tol)
+    np.testing.assert_array_equal(B.to_numpy(s_strict), s_def)
+    # the public function takes the fast path on these inputs, bit for bit
+    np.testing.assert_array_equal(nearest_code(x, C, chunk_size=chunk, return_score=True)[1], s_fast)
 
 
 def test_default_chunk_size_bounds():
@@ -229,6 +264,21 @@ def test_mse_blocked_equals_one_line_formula(bk, rng, block, monkeypatch):
     np.testing.assert_array_equal(bk.np(losses.codebook_loss_backward(dloss, cache)), bk.np(db))
     # ... and a deliberately wrong one (the sign of the codebook side flipped) is caught
     assert not np.array_equal(bk.np(losses.commitment_loss_backward(dloss, cache)), bk.np(db))
+    # the fast paths against the formulas the public functions write out (fast=False)
+    loss_def, cache_def = losses.mse_forward(a, b, fast=False)
+    blocks = -(-N // B.rows_per_block(a, losses._BLOCK_ELEMENTS))
+    assert blocks == (1 if block != 7 * 5 or bk.name == "cupy" else 4)
+    if blocks == 1:  # one block: the same additions, bit for bit
+        np.testing.assert_array_equal(bk.np(loss), bk.np(loss_def))
+    else:  # the partial sums are added in another order
+        np.testing.assert_allclose(bk.np(loss), bk.np(loss_def), rtol=N * np.finfo(bk.dtype_name).eps)
+    assert cache_def.count == cache.count == N * D
+    for fast, slow in [
+        (losses.mse_backward(dloss, cache)[0], losses.mse_backward(dloss, cache_def, fast=False)[0]),
+        (losses.commitment_loss_backward(dloss, cache), losses.commitment_loss_backward(dloss, cache, fast=False)),
+        (losses.codebook_loss_backward(dloss, cache), losses.codebook_loss_backward(dloss, cache, fast=False)),
+    ]:
+        np.testing.assert_array_equal(bk.np(fast), bk.np(slow))  # the same two operations per element
 
 
 def test_mse_other_shapes_and_empty(rng):
@@ -268,8 +318,8 @@ def test_rotation_backward_equals_plane_form_definition(bk, rng, block, monkeypa
     e, q, g = bk.asarray(e_h), bk.asarray(q_h), bk.asarray(g_h)
     out, cache = rotation_trick_forward(e, q)
     assert out is q
-    de = rotation_trick_backward(g, cache)
-    want = rotation._plain_backward(g, e, q, cache.eps)  # lambda R^T g from the plane-form basis
+    de = rotation.rotation_trick_backward_fused(g, cache)
+    want = rotation_trick_backward(g, cache, fast=False)  # lambda R^T g from the plane-form basis
     assert de.shape == (N, D) and de.dtype == bk.dtype
     de_h, want_h = bk.np(de).astype(np.float64), bk.np(want).astype(np.float64)
     assert np.all(np.isfinite(de_h))
@@ -281,6 +331,122 @@ def test_rotation_backward_equals_plane_form_definition(bk, rng, block, monkeypa
     # a deliberately wrong backward (R instead of R^T) is far from the definition
     wrong = bk.np(cache.scale * rotate_transpose(g, cache.basis._replace(sin=-cache.basis.sin))).astype(np.float64)
     assert np.max(np.linalg.norm(wrong - want_h, axis=1) / scale) > 1e-2
+
+
+def _rotation_branch_rows(dtype):
+    """One row (D = 4) per branch of ``rotation_trick_backward_fused``, and which rows are hard.
+
+    Returns host arrays ``e, q, g (14, 4)``, the expected *hard* mask (the rows the fast path
+    hands to the definition) and the rows that are straight-through (``de = g``).  Each
+    ``safe`` clause has its own row, on which only that clause fails: squares that underflow
+    (``e.e < lo``) or overflow (``e.e > hi``) while ``lambda`` stays inside ``(eps, 1/eps)``, so
+    that the fused formula on those rows would give a wrong number, not only a wrong mask.
+    """
+    info = np.finfo(dtype)
+    eps, sn, big = float(info.eps), float(info.smallest_normal), float(info.max)
+    tiny = np.sqrt(sn) * 2.0**-10  # its squares are subnormal, with a few bits left
+    low = 2 * np.sqrt(sn / eps)  # squares just inside [lo, hi] next to ``tiny``: lambda < 1/eps
+    huge = np.sqrt(big) / 2  # 9 huge^2 overflows
+    high = np.sqrt(big * eps) / 8  # 9 high^2 < hi: lambda = high / huge > eps
+    u, w = np.array([1.0, 2.0, 2.0, 0.0]), np.array([2.0, 1.0, 0.0, 2.0])  # norm 3 each, cos 4/9
+    a, b = np.array([24.0, 1.0, 1.0, 1.0]), np.array([1.0, 24.0, 1.0, 1.0])  # cos 50/579
+    r = np.random.default_rng(7)
+    rows = [  # (e, q, g or None, hard, straight-through)
+        ([1.0, 2.0, -0.5, 0.3], [1.2, 1.5, 0.1, 0.5], None, False, False),  # easy
+        ([1.0, 1.0, 1.0, 1.0], [-1.0, 0.0, 0.0, 0.0], None, False, False),  # 1 + c = 1/2 exactly: easy
+        ([1.0, 1.0, 1.0, 1.0], [-1.0, -0.0625, 0.0, 0.0], None, True, False),  # 1 + c < 1/2: wide angle
+        ([1.0, -2.0, 0.5, 3.0], [-2.0, 4.0, -1.0, -6.0], None, True, False),  # exactly antipodal
+        (tiny * u, low * w, None, True, False),  # e.e < lo
+        (low * u, tiny * w, None, True, False),  # q.q < lo
+        (huge * u, high * w, None, True, False),  # e.e > hi (it overflows)
+        (high * u, huge * w, None, True, False),  # q.q > hi
+        (a, b, [big / 16, 0.0, 0.0, 0.0], True, False),  # e.g overflows, q.g does not
+        (b, a, [big / 16, 0.0, 0.0, 0.0], True, False),  # q.g overflows, e.g does not
+        ([4.0, 2.0, 1.0, 2.0], eps / 8 * np.array([1.0, 0.0, 2.0, 2.0]), None, False, True),  # ||q|| <= eps ||e||
+        (eps / 8 * np.array([1.0, 0.0, 2.0, 2.0]), [4.0, 2.0, 1.0, 2.0], None, False, True),  # ||e|| <= eps ||q||
+        ([0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0], None, True, True),  # e = 0 (e.e < lo)
+        ([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0], None, True, True),  # q = 0
+    ]
+    e = np.array([np.asarray(row[0], np.float64) for row in rows]).astype(dtype)
+    q = np.array([np.asarray(row[1], np.float64) for row in rows]).astype(dtype)
+    g = np.array([r.standard_normal(4) if row[2] is None else row[2] for row in rows]).astype(dtype)
+    assert np.all(np.isfinite(e)) and np.all(np.isfinite(q)) and np.all(np.isfinite(g))
+    return e, q, g, np.array([row[3] for row in rows]), np.array([row[4] for row in rows])
+
+
+def _spy_on_hard_rows(monkeypatch):
+    """Record the mask the fused backward passes to ``where_rows`` (its hard rows)."""
+    seen, real = [], B.where_rows
+
+    def spy(mask, fn, arrays, default):
+        seen.append(B.to_numpy(mask).reshape(-1).copy())
+        return real(mask, fn, arrays, default)
+
+    monkeypatch.setattr(B, "where_rows", spy)
+    return seen
+
+
+@pytest.mark.parametrize("block", [None, 3 * 4])
+def test_rotation_fused_reaches_every_mask_and_equals_the_definition(bk, block, monkeypatch):
+    if block is not None:
+        monkeypatch.setattr(rotation, "_BLOCK_ELEMENTS", block)  # 3 rows per block, 5 blocks
+    e_h, q_h, g_h, hard, straight = _rotation_branch_rows(np.dtype(bk.dtype_name))
+    e, q, g = bk.asarray(e_h), bk.asarray(q_h), bk.asarray(g_h)
+    _, cache = rotation_trick_forward(e, q)
+    with np.errstate(over="ignore", invalid="ignore"):  # the rows built to overflow do
+        want = bk.np(rotation_trick_backward(g, cache, fast=False)).astype(np.float64)  # the definition
+        seen = _spy_on_hard_rows(monkeypatch)
+        de = bk.np(rotation.rotation_trick_backward_fused(g, cache))
+        default = bk.np(rotation_trick_backward(g, cache))
+    assert len(seen) == 2
+    np.testing.assert_array_equal(seen[0], hard)  # each row took the branch it was built for
+    assert np.all(np.isfinite(de)) and np.all(np.isfinite(want))
+    np.testing.assert_array_equal(de[straight], g_h[straight])  # straight-through rows: g itself
+    np.testing.assert_array_equal(want[straight], g_h[straight].astype(np.float64))
+    size = np.max(np.abs(want), axis=1, keepdims=True)  # rows 8, 9 are near the overflow threshold
+    err = np.linalg.norm((de.astype(np.float64) - want) / size, axis=1) / np.linalg.norm(want / size, axis=1)
+    assert np.all(err <= (1e-13 if bk.is64 else 1e-5)), err
+    # the lambda of the under/overflow rows is far from 1, so a wrong mask would show in the value
+    lam = bk.np(cache.scale)[:, 0]
+    assert np.all((lam[4:8] > 1e3) | (lam[4:8] < 1e-3)) and not np.any(straight[4:8])
+    np.testing.assert_array_equal(default, de)  # the default is the fast path
+
+
+@pytest.mark.parametrize("eps", [None, 2.0**-10, 1e-3])
+def test_rotation_eps_threshold_on_both_paths(bk, eps):
+    # ||e|| = 10 and ||q|| = t (or the mirror), with t one ulp below, at, and one ulp above
+    # eps * 10 as the dtype rounds it.  Both norms are exact (3-4-5 and a single entry), so
+    # the documented test -- straight-through when ||q|| <= eps ||e|| or ||e|| <= eps ||q|| --
+    # has one answer, and both paths must give it.
+    dt = np.dtype(bk.dtype_name)
+    e_eps = dt.type(np.finfo(dt).eps if eps is None else eps)  # eps in the dtype, as the op compares
+    thr = e_eps * dt.type(10.0)  # eps ||e||, rounded as the op rounds it
+    ts = [np.nextafter(thr, dt.type(0)), thr, np.nextafter(thr, dt.type(np.inf))]
+    wide = np.array([6.0, 8.0, 0.0, 0.0, 0.0])  # norm 10
+    rows_e, rows_q = [], []
+    for t in ts:
+        rows_e.append(wide), rows_q.append([0.0, 0.0, float(t), 0.0, 0.0])  # lambda = t / 10
+        rows_e.append([0.0, 0.0, float(t), 0.0, 0.0]), rows_q.append(wide)  # lambda = 10 / t
+    e_h, q_h = np.array(rows_e).astype(dt), np.array(rows_q).astype(dt)
+    g_h = np.random.default_rng(3).standard_normal((6, 5)).astype(dt)
+    _, cache = rotation_trick_forward(bk.asarray(e_h), bk.asarray(q_h), eps=eps)
+    g = bk.asarray(g_h)
+    # the oracle: e^ and q^ are orthogonal, so R^T q^ = e^, R^T e^ = -q^ and the rest is fixed
+    E, Q, G = (a.astype(np.float64) for a in (e_h, q_h, g_h))
+    eh = E / np.linalg.norm(E, axis=1, keepdims=True)
+    qh = Q / np.linalg.norm(Q, axis=1, keepdims=True)
+    ge, gq = np.sum(eh * G, 1, keepdims=True), np.sum(qh * G, 1, keepdims=True)
+    lam = np.linalg.norm(Q, axis=1, keepdims=True) / np.linalg.norm(E, axis=1, keepdims=True)
+    rotated = lam * (G - eh * ge - qh * gq + eh * gq - qh * ge)
+    straight = np.array([True, True, True, True, False, False])  # t <= eps ||e||: below and at
+    for name, de in [
+        ("definition", rotation_trick_backward(g, cache, fast=False)),
+        ("fused", rotation.rotation_trick_backward_fused(g, cache)),
+    ]:
+        de = bk.np(de)
+        np.testing.assert_array_equal(de[straight], g_h[straight], err_msg=name)
+        np.testing.assert_allclose(de[~straight], rotated[~straight], rtol=bk.rtol, err_msg=name)
+        assert np.all(np.abs(de[~straight]).max(axis=1) != np.abs(g_h[~straight]).max(axis=1)), name
 
 
 def test_rotation_cache_properties_match_rotation_basis(rng):
@@ -312,19 +478,19 @@ def test_rotation_backward_property_any_angle(N, D, seed, cos, log_ratio):
     e, q = 3.0 * eh, np.exp(log_ratio) * qh
     g = rng.standard_normal((N, D))
     _, cache = rotation_trick_forward(e, q)
-    de = rotation_trick_backward(g, cache)
-    want = rotation._plain_backward(g, e, q, cache.eps)
+    de = rotation_trick_backward(g, cache)  # the fast path, chosen by default
+    want = rotation_trick_backward(g, cache, fast=False)
     assert np.all(np.linalg.norm(de - want, axis=1) <= 1e-10 * np.linalg.norm(want, axis=1) + 1e-300)
 
 
 # --------------------------------------------------------------------------------------------
-# vqref bench --quick: the harness runs and writes its report (no timing is asserted)
+# python -m benchmarks.bench --quick: the harness runs and writes its report (no timing is asserted)
 # --------------------------------------------------------------------------------------------
 
 
 def test_bench_quick_writes_the_report(tmp_path, capsys):
     pytest.importorskip("threadpoolctl")
-    from vqref import bench
+    from benchmarks import bench  # the harness lives in the repository, not the package
 
     assert bench.main(["--quick", "--reps", "1", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
@@ -346,7 +512,7 @@ def test_bench_quick_writes_the_report(tmp_path, capsys):
 
 
 def test_bench_rejects_unknown_names(capsys):
-    from vqref import bench
+    from benchmarks import bench  # the harness lives in the repository, not the package
 
     with pytest.raises(SystemExit) as exc:
         bench.main(["--only", "nope"])

@@ -1,4 +1,4 @@
-"""Fuzzing the quantizer modules over every option and over hostile inputs (issue 8).
+"""Fuzzing the quantizer modules over every option and over hostile inputs (docs/reliability.md).
 
 Hypothesis draws a configuration (metric, codebook training mode, k-means, orthogonal
 regulariser and its code subsets, dead-code restarts, rotation trick, residual depth 1-4 with
@@ -46,7 +46,7 @@ PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 if PROFILE not in ("ci", "nightly"):
     raise ValueError(f"HYPOTHESIS_PROFILE must be 'ci' or 'nightly', got {PROFILE!r}")
 
-# examples per test: (ci, nightly).  The ci total is the "few hundred" of issue 8.
+# examples per test: (ci, nightly).  The ci profile draws a few hundred examples in all.
 _EXAMPLES = {
     "vq": (160, 2500),
     "rvq": (140, 2000),
@@ -225,10 +225,10 @@ def _assert_same_state(a: dict, b: dict) -> None:
 
 
 def _load_override(module, override: dict, initted: bool) -> None:
-    xp = module.layers[0].xp if isinstance(module, ResidualVQ) else module.xp
+    xp = module.layers[0].xp if module.is_stack else module.xp
     state = {k: B.from_numpy(v, xp) for k, v in override.items()}
     state["initted"] = initted
-    if isinstance(module, ResidualVQ):
+    if module.is_stack:
         prefixes = [""] if module.shared_codebook else [f"{i}." for i in range(module.num_quantizers)]
         state = {p + k: v for p in prefixes for k, v in state.items()}
     module.load_state_dict(state)
@@ -236,8 +236,8 @@ def _load_override(module, override: dict, initted: bool) -> None:
 
 def exercise(module, x_host: np.ndarray, in_dtype: str, seed: int, *, Q: int | None) -> None:
     """Train a few steps, then eval and decode; assert finiteness, shapes, dtypes, equality."""
-    xp = module.layers[0].xp if isinstance(module, ResidualVQ) else module.xp
-    state_dtype = module.layers[0].dtype if isinstance(module, ResidualVQ) else module.dtype
+    xp = module.layers[0].xp if module.is_stack else module.xp
+    state_dtype = module.layers[0].dtype if module.is_stack else module.dtype
     K = module.codebook_size
     D = module.dim
     dt = getattr(xp, in_dtype)
@@ -271,13 +271,13 @@ def exercise(module, x_host: np.ndarray, in_dtype: str, seed: int, *, Q: int | N
 
     module.eval()
     before = _snapshot(module)
-    rng_before = [l._rng.bit_generator.state for l in getattr(module, "layers", [module])]
+    rng_before = [l.generator.bit_generator.state for l in getattr(module, "layers", [module])]
     q, idx, loss = module(x)
     _assert_finite("eval quantized", q)
     _assert_finite("eval loss", loss)
     _assert_same_state(before, _snapshot(module))
     # eval leaves the generators alone too (a random regulariser subset is given back)
-    assert [l._rng.bit_generator.state for l in getattr(module, "layers", [module])] == rng_before
+    assert [l.generator.bit_generator.state for l in getattr(module, "layers", [module])] == rng_before
     out = module.get_output_from_indices(idx)
     assert tuple(out.shape) == tuple(x_host.shape)
     _assert_finite("decoded", out)
@@ -341,7 +341,6 @@ def test_invalid_combinations_are_refused_by_name(kw, residual, Q):
             VectorQuantize(args.pop("dim"), args.pop("codebook_size"), seed=0, **args)
         return
     m = VectorQuantize(args.pop("dim"), args.pop("codebook_size"), seed=0, **args)
-    assert isinstance(m, ResidualVQ if residual else VectorQuantize)
+    assert type(m) is VectorQuantize and m.is_stack == residual
     if residual:
         assert m.num_quantizers == Q and len(m.layers) == Q
-

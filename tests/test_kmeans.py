@@ -1,4 +1,4 @@
-"""Tests of Lloyd's k-means (vqref.core.kmeans), MATH.md section 3.5.
+"""Tests of Lloyd's k-means (vqref.core.kmeans): the invariants of docs/math.md §3.5.
 
 The oracles are written here in plain numpy float64 with direct differences (no expansion, no
 centring): brute-force assignment, objective, cluster means.  External references:
@@ -12,7 +12,8 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vqref import backend as B
 from vqref.core.kmeans import KMeansResult, assign, kmeans, kmeans_inertia, sample_initial_means
@@ -152,7 +153,9 @@ def test_objective_non_increasing(bk, rng, cosine):
     # inertia[t] is the objective of the means entering iteration t; recompute those means
     # with shorter runs (same seed) and evaluate the objective with the float64 oracle.
     xb = bk.np(bk.asarray(x))
-    entering = [xb[sampled_rows(5, N, K)]] + [bk.np(run(bk, x, K, t, rng=5, use_cosine_sim=cosine).means) for t in range(1, T)]
+    entering = [xb[sampled_rows(5, N, K)]] + [
+        bk.np(run(bk, x, K, t, rng=5, use_cosine_sim=cosine).means) for t in range(1, T)
+    ]
     expected = [oracle_objective(xb, m, cosine) for m in entering]
     np.testing.assert_allclose(hist, expected, rtol=obj_rtol(bk) * 10, atol=1e-9)
     # The objective of the returned means continues the sequence.
@@ -356,7 +359,9 @@ def test_matches_scikit_learn(bk64, rng):
         prev_labels = oracle_assign(x, init) if T == 1 else sk(T - 1).labels_
         assert np.array_equal(counts, np.bincount(prev_labels, minlength=K))
     # Not converged after 2 iterations: scikit-learn's own labels_ disagree with our counts.
-    assert not np.array_equal(bk64.np(run(bk64, x, K, 2, init_means=init).counts), np.bincount(sk(2).labels_, minlength=K))
+    assert not np.array_equal(
+        bk64.np(run(bk64, x, K, 2, init_means=init).counts), np.bincount(sk(2).labels_, minlength=K)
+    )
 
 
 @pytest.mark.parametrize("cosine", [False, True], ids=["euclidean", "cosine"])

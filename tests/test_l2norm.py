@@ -1,4 +1,4 @@
-"""Row-wise l2 normalisation (MATH.md section 4.1, invariants 4.5).
+"""Row-wise l2 normalisation (docs/math.md §4.1, invariants in §4.5).
 
 y = x / max(||x||, eps);  dx = (dy - y (y . dy)) / ||x|| above eps, dy / eps below.
 """
@@ -17,9 +17,7 @@ from vqref.testing import check_vjp, rel_error
 N, D = 7, 5  # distinct sizes: a transposed reduction is a shape error
 EPS = 1e-6
 
-fixture_settings = settings(
-    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+fixture_settings = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _rows(rng, n=N, d=D):
@@ -198,3 +196,71 @@ def test_properties(bk64, n, d, seed, alpha):
     assert np.all(np.abs(np.sum(x * dx, axis=1)) <= 1e-12 * scale)
     np.testing.assert_allclose(bk64.np(ya), bk64.np(y), rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(alpha * dxa, dx, rtol=1e-9, atol=1e-12 * np.abs(dx).max())
+
+
+@pytest.mark.parametrize("eps", [EPS, 0.5])
+def test_norm_exactly_eps_takes_the_projection_branch(bk, rng, eps):
+    """The two branches meet at ``||x|| = eps``; that row belongs to the projection (``>=``).
+
+    Rows with one nonzero entry have an exact norm (``sqrt(x^2) = |x|``), so the lengths below
+    are the lengths the op sees: one ulp below eps (in the dtype, where the op compares), eps
+    itself, one ulp above, and eps (1 -+ 1e-12) (the same rows as eps itself in float32).
+    """
+    dt = np.dtype(bk.dtype_name)
+    e = dt.type(eps)  # eps as the op compares it: a Python float meets the dtype's array
+    lengths = np.array(
+        [
+            np.nextafter(e, dt.type(0)),
+            e,
+            np.nextafter(e, dt.type(np.inf)),
+            dt.type(eps * (1 - 1e-12)),
+            dt.type(eps * (1 + 1e-12)),
+            e,
+            2 * e,
+        ],
+        dtype=dt,
+    )  # (7,), N rows
+    x = np.zeros((N, D), dtype=dt)
+    x[np.arange(N), np.arange(N) % D] = lengths * np.where(np.arange(N) % 2, -1, 1)
+    dy = rng.standard_normal((N, D))
+    y, cache = l2norm_forward(bk.asarray(x), eps=eps)
+    dx = bk.np(l2norm_backward(bk.asarray(dy), cache)).astype(np.float64)
+    # the documented convention, on the host in float64 from the lengths the op saw
+    n = lengths.astype(np.float64)[:, None]  # (N, 1)
+    above = n >= float(e)  # (N, 1)
+    X, dY = x.astype(np.float64), bk.np(bk.asarray(dy)).astype(np.float64)
+    Y = X / np.maximum(n, float(e))
+    want = np.where(above, dY - Y * np.sum(Y * dY, axis=1, keepdims=True), dY) / np.maximum(n, float(e))
+    assert above[:3, 0].tolist() == [False, True, True]  # one ulp below, at, one ulp above
+    np.testing.assert_allclose(bk.np(y), Y, rtol=bk.rtol, atol=0)
+    np.testing.assert_allclose(dx, want, rtol=bk.rtol, atol=bk.rtol * np.abs(want).max())
+    # at exactly eps the component along x is projected out; one ulp below it is not
+    j = np.arange(N) % D
+    assert dx[1, j[1]] == 0.0 and dx[0, j[0]] != 0.0
+
+
+def test_rows_whose_squares_overflow_are_still_unit_rows(bk, rng):
+    """The overflow branch: ``||x||`` representable, ``sum x^2`` not.  Only those rows take it."""
+    big = 1e200 if bk.is64 else 1e30
+    x = _rows(rng)
+    x[[1, 4]] *= big  # their squares overflow
+    dy = rng.standard_normal((N, D))
+    with np.errstate(over="ignore"):
+        y, cache = l2norm_forward(bk.asarray(x))
+        dx = l2norm_backward(bk.asarray(dy), cache)
+    y, dx = bk.np(y), bk.np(dx)
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(dx))
+    xs = bk.np(bk.asarray(x)).astype(np.float64)
+    s = np.max(np.abs(xs), axis=1, keepdims=True)
+    unit = xs / s / np.linalg.norm(xs / s, axis=1, keepdims=True)  # the direction, without overflow
+    np.testing.assert_allclose(y, unit, rtol=bk.rtol, atol=0)
+    np.testing.assert_allclose(np.linalg.norm(y.astype(np.float64), axis=1), 1.0, rtol=bk.rtol)
+    length = s * np.linalg.norm(xs / s, axis=1, keepdims=True)  # (N, 1) ||x||
+    want = (dy - unit * np.sum(unit * dy, axis=1, keepdims=True)) / length
+    row_size = np.abs(want).max(axis=1, keepdims=True)  # the big rows' gradients are ~1/big
+    assert np.all(np.abs(dx - want) <= 10 * bk.rtol * row_size)
+    if bk.name == "numpy":  # every other row keeps the rounding of the plain formula, bit for bit
+        rest = [0, 2, 3, 5, 6]
+        xr = bk.np(bk.asarray(x))[rest]
+        plain = xr / np.maximum(np.linalg.vector_norm(xr, axis=-1, keepdims=True), EPS)
+        np.testing.assert_array_equal(y[rest], plain)

@@ -249,16 +249,25 @@ def test_params_mapping_writes_back(bk, rng):
     x = bk.asarray(rng.standard_normal((N, DIN)))
     before = bk.np(net.forward(x)).copy()
 
-    net.params["0.W"] -= 1.0
-    assert net.layers[0].params["W"] is net.params["0.W"]
+    w0 = bk.np(net.params["0.W"]).copy()
+    net.params["0.W"] -= 1.0  # reads a copy, subtracts, assigns it back through the check
+    np.testing.assert_array_equal(bk.np(net.layers[0].params["W"]), w0 - 1.0)
+    assert net.layers[0].params["W"] is not net.params["0.W"]  # copies: no caller holds the layer's array
+    view = net.params  # a view built once sees every later update (it must not read a stale array)
+    view["0.W"] -= 1.0
+    view["0.W"] -= 1.0
+    np.testing.assert_allclose(bk.np(view["0.W"]), w0 - 3.0, rtol=1e-6, atol=1e-6)
     after = bk.np(net.forward(x))
     assert not np.allclose(after, before)
 
     new_b = bk.asarray(rng.standard_normal(DOUT))
     net.params["1.b"] = new_b
-    assert net.layers[1].params["b"] is new_b
+    np.testing.assert_array_equal(bk.np(net.layers[1].params["b"]), bk.np(new_b))
     shift = bk.np(net.forward(x)) - after  # only the output bias changed
     np.testing.assert_allclose(shift, np.broadcast_to(bk.np(new_b), (N, DOUT)), atol=1e-5)
+    if bk.module is np:  # the layer stored a copy: changing the caller's array later changes nothing
+        new_b[...] = 7.0
+        assert not np.any(bk.np(net.layers[1].params["b"]) == 7.0)
 
     with pytest.raises(ValueError):
         net.params["0.W"] = bk.asarray(np.zeros((4, DIN)))  # transposed
@@ -324,9 +333,7 @@ SHAPES = {"W": (DIN, DOUT), "b": (DOUT,), "codebook": (7, 2)}
 
 def _opt_problem(rng, steps):
     params = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
-    grads_seq = [
-        {k: rng.standard_normal(s) * (1.0 + t) for k, s in SHAPES.items()} for t in range(steps)
-    ]
+    grads_seq = [{k: rng.standard_normal(s) * (1.0 + t) for k, s in SHAPES.items()} for t in range(steps)]
     del grads_seq[2]["b"]  # a parameter without a gradient this step is left alone
     return params, grads_seq
 

@@ -1,4 +1,4 @@
-"""Orthogonal codebook regulariser (MATH.md section 5, invariants 5.4).
+"""Orthogonal codebook regulariser (docs/math.md §5, invariants in §5.4).
 
 L = sum_{h,i,j} G_hij^2 / (H n^2) - 1/n,  G = C^ C^T,  C^ = l2(C);  n = K or the subset size.
 """
@@ -22,9 +22,7 @@ from vqref.testing import check_vjp, rel_error
 K, D, H = 7, 5, 3  # distinct sizes; K > D so the loss cannot reach 0
 SUBSET = np.array([0, 2, 3, 6])
 
-fixture_settings = settings(
-    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+fixture_settings = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _codebook(rng, shape=(K, D)):

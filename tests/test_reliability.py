@@ -1,4 +1,4 @@
-"""Errors, untouched state, safe files and determinism of the quantizer modules (issue 8).
+"""Errors, untouched state, safe files and determinism of the quantizer modules.
 
 Every public entry point of :class:`VectorQuantize` and :class:`ResidualVQ` is fed bad input;
 each call must raise a clear exception that names the offending argument, and the module must
@@ -19,12 +19,11 @@ from __future__ import annotations
 import json
 import pickle
 import warnings
-import zipfile
 
 import numpy as np
 import pytest
-
 from conftest import Backend
+
 from vqref import ResidualVQ, VectorQuantize
 from vqref import backend as B
 
@@ -46,20 +45,27 @@ def make(kind: str, bk, seed: int = 0, **kw):
         return VectorQuantize(D, K, seed=seed, dtype=bk.dtype_name, xp=bk.module, kmeans_init=True, **kw)
     shared = kind == "rvq-shared"
     return ResidualVQ(
-        dim=D, num_quantizers=Q, codebook_size=K, seed=seed, shared_codebook=shared,
-        dtype=bk.dtype_name, xp=bk.module, kmeans_init=True, **kw,
+        dim=D,
+        num_quantizers=Q,
+        codebook_size=K,
+        seed=seed,
+        shared_codebook=shared,
+        dtype=bk.dtype_name,
+        xp=bk.module,
+        kmeans_init=True,
+        **kw,
     )
 
 
 def layers(module) -> list:
-    return module.layers if isinstance(module, ResidualVQ) else [module]
+    return module.layers if module.is_stack else [module]
 
 
 def snapshot(module) -> dict:
     """Everything that must survive a failed call: state arrays, k-means flags, RNG states."""
     snap = {("state", k): B.to_numpy(v).copy() for k, v in module.state_dict().items()}
     for i, layer in enumerate(layers(module)):
-        snap[("rng", i)] = layer._rng.bit_generator.state
+        snap[("rng", i)] = layer.generator.bit_generator.state
         snap[("initted", i)] = layer.initted
     return snap
 
@@ -91,15 +97,50 @@ def batch(rng, shape=(N,)) -> np.ndarray:
 BAD_X = [
     ("list", lambda bk, rng: batch(rng).tolist(), TypeError, r"x must be an array"),
     ("0-d", lambda bk, rng: bk.asarray(np.asarray(1.0)), ValueError, r"x must have shape \(\.\.\., 5\)"),
-    ("last-dim", lambda bk, rng: bk.asarray(rng.standard_normal((N, D + 1))), ValueError, r"x must have shape \(\.\.\., 5\), got \(11, 6\)"),
-    ("int", lambda bk, rng: bk.asarray(np.ones((N, D), dtype=np.int64)), TypeError, r"x must be a real floating-point array"),
-    ("bool", lambda bk, rng: bk.asarray(np.ones((N, D), dtype=bool)), TypeError, r"x must be a real floating-point array"),
-    ("nan", lambda bk, rng: bk.asarray(np.where(np.arange(D) == 2, np.nan, batch(rng))), ValueError, r"x contains NaN or infinite"),
-    ("inf", lambda bk, rng: bk.asarray(np.where(np.arange(D) == 0, np.inf, batch(rng))), ValueError, r"x contains NaN or infinite"),
-    ("-inf", lambda bk, rng: bk.asarray(np.where(np.arange(D) == 4, -np.inf, batch(rng))), ValueError, r"x contains NaN or infinite"),
+    (
+        "last-dim",
+        lambda bk, rng: bk.asarray(rng.standard_normal((N, D + 1))),
+        ValueError,
+        r"x must have shape \(\.\.\., 5\), got \(11, 6\)",
+    ),
+    (
+        "int",
+        lambda bk, rng: bk.asarray(np.ones((N, D), dtype=np.int64)),
+        TypeError,
+        r"x must be a real floating-point array",
+    ),
+    (
+        "bool",
+        lambda bk, rng: bk.asarray(np.ones((N, D), dtype=bool)),
+        TypeError,
+        r"x must be a real floating-point array",
+    ),
+    (
+        "nan",
+        lambda bk, rng: bk.asarray(np.where(np.arange(D) == 2, np.nan, batch(rng))),
+        ValueError,
+        r"x contains NaN or infinite",
+    ),
+    (
+        "inf",
+        lambda bk, rng: bk.asarray(np.where(np.arange(D) == 0, np.inf, batch(rng))),
+        ValueError,
+        r"x contains NaN or infinite",
+    ),
+    (
+        "-inf",
+        lambda bk, rng: bk.asarray(np.where(np.arange(D) == 4, -np.inf, batch(rng))),
+        ValueError,
+        r"x contains NaN or infinite",
+    ),
     ("empty", lambda bk, rng: bk.asarray(np.zeros((0, D))), ValueError, r"x is empty"),
     ("empty-lead", lambda bk, rng: bk.asarray(np.zeros((2, 0, D))), ValueError, r"x is empty"),
-    ("other-library", lambda bk, rng: B.from_numpy(batch(rng), other_library(bk)), TypeError, r"x is a \w+ array but this module holds \w+ arrays"),
+    (
+        "other-library",
+        lambda bk, rng: B.from_numpy(batch(rng), other_library(bk)),
+        TypeError,
+        r"x is a \w+ array but this module holds \w+ arrays",
+    ),
 ]
 
 
@@ -137,14 +178,9 @@ def test_internal_failure_rolls_back_kmeans_and_rng(bk, rng, kind, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    if kind.startswith("rvq"):
-        import vqref.core.residual
+    import vqref.quantizers.vector_quantize
 
-        monkeypatch.setattr(vqref.core.residual, "residual_forward", boom)
-    else:
-        import vqref.modules
-
-        monkeypatch.setattr(vqref.modules, "quantize_forward", boom)
+    monkeypatch.setattr(vqref.quantizers.vector_quantize, "residual_forward", boom)
     with pytest.raises(RuntimeError, match="injected failure"):
         module(bk.asarray(batch(rng)))
     assert_same(before, snapshot(module))
@@ -158,7 +194,7 @@ def test_internal_failure_rolls_back_kmeans_and_rng(bk, rng, kind, monkeypatch):
 def test_failure_in_the_orthogonal_term_rolls_back_the_whole_step(rng, kind, monkeypatch):
     """The regulariser is evaluated after the EMA step, restarts and its subset draw: a failure
     there still leaves no trace (the new state is committed only after it)."""
-    import vqref.modules
+    import vqref.core.quantize
 
     module = make(kind, NP64, orthogonal_reg_weight=0.5, orthogonal_reg_max_codes=3)
     module(batch(rng))  # initialised, so the failing step is a plain EMA step with restarts
@@ -169,7 +205,7 @@ def test_failure_in_the_orthogonal_term_rolls_back_the_whole_step(rng, kind, mon
         calls.append(1)
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(vqref.modules, "orthogonal_loss_forward", boom)
+    monkeypatch.setattr(vqref.core.quantize, "orthogonal_loss_forward", boom)
     with pytest.raises(RuntimeError, match="injected failure"):
         module(batch(rng))
     assert calls
@@ -221,7 +257,12 @@ def _bad_dloss(bk, kind):
     cases = [
         ("nan", float("nan"), ValueError, name + r" must be finite"),
         ("str", "1.0", TypeError, name + r" must be a real number"),
-        ("other-library", B.from_numpy(np.asarray(1.0), xp2), TypeError, name + r" is a \w+ array but this module holds"),
+        (
+            "other-library",
+            B.from_numpy(np.asarray(1.0), xp2),
+            TypeError,
+            name + r" is a \w+ array but this module holds",
+        ),
         ("bad-shape", bk.asarray(np.ones(Q - 1)), ValueError, name + r" must have shape"),
         ("int-array", bk.asarray(np.ones((), dtype=np.int64)), TypeError, name + r" must be a real floating-point"),
     ]
@@ -286,11 +327,28 @@ def test_decoding_validates_indices(bk, rng, kind):
     cases = [
         ("list", [0, 1], TypeError if kind == "vq" else ValueError, r"indices must be an integer array"),
         ("float", bk.asarray(np.zeros((4,) + last)), TypeError, r"indices must be an integer array"),
-        ("negative", bk.asarray(np.full((4,) + last, -1), dtype=bk.xp.int64), ValueError, r"indices must lie in \[0, 7\)"),
-        ("too-large", bk.asarray(np.full((4,) + last, K), dtype=bk.xp.int64), ValueError, r"indices must lie in \[0, 7\)"),
+        (
+            "negative",
+            bk.asarray(np.full((4,) + last, -1), dtype=bk.xp.int64),
+            ValueError,
+            r"indices must lie in \[0, 7\)",
+        ),
+        (
+            "too-large",
+            bk.asarray(np.full((4,) + last, K), dtype=bk.xp.int64),
+            ValueError,
+            r"indices must lie in \[0, 7\)",
+        ),
     ]
     if kind == "rvq":
-        cases.append(("last-axis", bk.asarray(np.zeros((4, Q - 1)), dtype=bk.xp.int64), ValueError, r"indices must be an integer array of shape \(\.\.\., 3\)"))
+        cases.append(
+            (
+                "last-axis",
+                bk.asarray(np.zeros((4, Q - 1)), dtype=bk.xp.int64),
+                ValueError,
+                r"indices must be an integer array of shape \(\.\.\., 3\)",
+            )
+        )
     for method in (module.get_codes_from_indices, module.get_output_from_indices):
         for _, idx, err, msg in cases:
             with pytest.raises(err, match=msg):
@@ -351,10 +409,18 @@ BAD_CONFIG = [
     (dict(eps=-1e-5), ValueError, r"eps must be >= 0"),
     (dict(commitment_weight=float("inf")), ValueError, r"commitment_weight must be finite"),
     (dict(commitment_weight=-1.0), ValueError, r"commitment_weight must be >= 0"),
-    (dict(commitment=0.5, commitment_weight=0.25), ValueError, r"commitment_weight=0.25 and its alias commitment=0.5 disagree"),
+    (
+        dict(commitment=0.5, commitment_weight=0.25),
+        ValueError,
+        r"commitment_weight=0.25 and its alias commitment=0.5 disagree",
+    ),
     (dict(codebook_weight=1.0), ValueError, r"codebook_weight only applies"),
     (dict(learnable_codebook=True), ValueError, r"learnable_codebook=True needs ema_update=False"),
-    (dict(learnable_codebook=True, ema_update=False, use_cosine_sim=True), ValueError, r"use_cosine_sim cannot be combined with learnable_codebook"),
+    (
+        dict(learnable_codebook=True, ema_update=False, use_cosine_sim=True),
+        ValueError,
+        r"use_cosine_sim cannot be combined with learnable_codebook",
+    ),
     (dict(kmeans_iters=0), ValueError, r"kmeans_iters must be >= 1"),
     (dict(kmeans_iters=True), TypeError, r"kmeans_iters must be an integer"),
     (dict(orthogonal_reg_weight=-1.0), ValueError, r"orthogonal_reg_weight must be >= 0"),
@@ -564,7 +630,9 @@ def _foreign_files(tmp_path, module) -> list:
     out.append(("other-config", p, r"different configuration: codebook_size: file 9 vs module 7"))
     p = tmp_path / "other-class.npz"
     other = (
-        VectorQuantize(D, K, seed=0) if isinstance(module, ResidualVQ) else ResidualVQ(dim=D, num_quantizers=Q, codebook_size=K, seed=0)
+        VectorQuantize(D, K, seed=0)
+        if isinstance(module, ResidualVQ)
+        else ResidualVQ(dim=D, num_quantizers=Q, codebook_size=K, seed=0)
     )
     other.save(str(p))
     out.append(("other-class", p, r"different configuration: class: file '\w+' vs module '\w+'"))
@@ -606,7 +674,9 @@ class _Payload:
 
 @pytest.mark.parametrize("kind", ["vq", "rvq"])
 def test_no_code_from_a_file_is_ever_executed(kind, tmp_path):
-    module = VectorQuantize(D, K, seed=0) if kind == "vq" else ResidualVQ(dim=D, num_quantizers=Q, codebook_size=K, seed=0)
+    module = (
+        VectorQuantize(D, K, seed=0) if kind == "vq" else ResidualVQ(dim=D, num_quantizers=Q, codebook_size=K, seed=0)
+    )
     cls = type(module)
     cfg = np.asarray(json.dumps({"class": cls.__name__, **module.config()}))
     state = {k: B.to_numpy(v) for k, v in module.state_dict().items()}
@@ -623,7 +693,11 @@ def test_no_code_from_a_file_is_ever_executed(kind, tmp_path):
         pickle.dump(_Payload(str(marker)), f)
     files.append(p)
     p = tmp_path / "object-codebook.npz"  # a well-formed vqref file whose codebook is an object array
-    np.savez(p, config=cfg, **{**state, next(k for k in state if k.endswith("codebook")): np.array([_Payload(str(marker))], dtype=object)})
+    np.savez(
+        p,
+        config=cfg,
+        **{**state, next(k for k in state if k.endswith("codebook")): np.array([_Payload(str(marker))], dtype=object)},
+    )
     files.append(p)
     p = tmp_path / "object-config.npz"  # the config entry itself pickled
     np.savez(p, config=np.array([_Payload(str(marker))], dtype=object), **state)
@@ -641,7 +715,9 @@ def test_no_code_from_a_file_is_ever_executed(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", ["vq", "rvq"])
 def test_truncated_or_corrupted_files_are_refused(kind, tmp_path):
-    module = VectorQuantize(D, K, seed=0) if kind == "vq" else ResidualVQ(dim=D, num_quantizers=Q, codebook_size=K, seed=0)
+    module = (
+        VectorQuantize(D, K, seed=0) if kind == "vq" else ResidualVQ(dim=D, num_quantizers=Q, codebook_size=K, seed=0)
+    )
     good = tmp_path / "good.npz"
     module.save(str(good))
     raw = good.read_bytes()
@@ -678,20 +754,35 @@ def test_non_object_config_is_refused(config, tmp_path):
 
 DETERMINISM_CONFIGS = {
     "vq-every-random-path": dict(
-        kind="vq-kmeans", rotation_trick=True, threshold_ema_dead_code=2.0,
-        orthogonal_reg_weight=0.5, orthogonal_reg_active_codes_only=True, orthogonal_reg_max_codes=3,
+        kind="vq-kmeans",
+        rotation_trick=True,
+        threshold_ema_dead_code=2.0,
+        orthogonal_reg_weight=0.5,
+        orthogonal_reg_active_codes_only=True,
+        orthogonal_reg_max_codes=3,
     ),
     "vq-learnable-orth": dict(
-        kind="vq", learnable_codebook=True, ema_update=False, orthogonal_reg_weight=1.0,
-        orthogonal_reg_max_codes=4, threshold_ema_dead_code=0.5,
+        kind="vq",
+        learnable_codebook=True,
+        ema_update=False,
+        orthogonal_reg_weight=1.0,
+        orthogonal_reg_max_codes=4,
+        threshold_ema_dead_code=0.5,
     ),
     "rvq-per-depth": dict(
-        kind="rvq", threshold_ema_dead_code=2.0, orthogonal_reg_weight=0.5, orthogonal_reg_max_codes=3,
+        kind="rvq",
+        threshold_ema_dead_code=2.0,
+        orthogonal_reg_weight=0.5,
+        orthogonal_reg_max_codes=3,
         rotation_trick=True,
     ),
     "rvq-shared-sum": dict(
-        kind="rvq-shared", gradient_routing="sum", threshold_ema_dead_code=2.0, use_cosine_sim=True,
-        orthogonal_reg_weight=0.5, orthogonal_reg_active_codes_only=True,
+        kind="rvq-shared",
+        gradient_routing="sum",
+        threshold_ema_dead_code=2.0,
+        use_cosine_sim=True,
+        orthogonal_reg_weight=0.5,
+        orthogonal_reg_active_codes_only=True,
     ),
 }
 

@@ -1,5 +1,5 @@
 """ResidualVQ: the residual recursion, gradient routings, EMA (per depth and shared), k-means
-initialisation, decoding, state and validation (MATH.md section 2; vector-quantize-pytorch.md 2.g).
+initialisation, decoding, state and validation (docs/math.md §2; invariants in §2.7).
 
 Symbols: N tokens, D features, K codes per depth, Q depths.  Sizes are distinct (N != K != D != Q)
 so that a transposition is a shape error, not a wrong number.
@@ -11,7 +11,8 @@ against the torch autograd reference (``vqref.testing.torch_reference.residual``
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vqref import ResidualVQ, VectorQuantize
 from vqref import backend as B
@@ -55,7 +56,7 @@ def random_codebooks(rng, q=Q, shared=False):
 def snapshot(module):
     state = {k: B.to_numpy(v).copy() for k, v in module.state_dict().items()}
     layers = getattr(module, "layers", [module])
-    return state, [layer._rng.bit_generator.state for layer in layers]
+    return state, [layer.generator.bit_generator.state for layer in layers]
 
 
 def assert_same_state(a, b):
@@ -101,7 +102,14 @@ TECHNIQUES = {
     "split": dict(ema_update=False, learnable_codebook=True, commitment_weight=0.25, codebook_weight=1.0),
     "orthogonal": dict(orthogonal_reg_weight=0.3),
 }
-_TORCH_KEYS = ("commitment_weight", "codebook_weight", "learnable_codebook", "use_cosine_sim", "rotation_trick", "orthogonal_reg_weight")
+_TORCH_KEYS = (
+    "commitment_weight",
+    "codebook_weight",
+    "learnable_codebook",
+    "use_cosine_sim",
+    "rotation_trick",
+    "orthogonal_reg_weight",
+)
 
 
 def torch_options(kw):
@@ -139,7 +147,7 @@ def test_shapes_dtypes_and_the_residual_identity(bk, rng, shared):
     qf = bk.np(q).astype(np.float64).reshape(-1, D)
     tol = 1e-13 if bk.is64 else 2e-6
     np.testing.assert_allclose(qf + res[-1], xf, rtol=0, atol=tol * np.abs(xf).max())
-    # stage-wise commitment == cumulative commitment (MATH.md 2.3):
+    # stage-wise commitment == cumulative commitment (docs/math.md §2.3):
     # sum_l ||r_l - q_l||^2 = sum_d ||x - xhat^(d)||^2, and loss_l = beta mse(r_l, q_l) = beta ||r_{l+1}||^2 / M
     M = xf.size
     expected = np.array([np.sum(r**2) / M for r in res[1:]])
@@ -173,7 +181,7 @@ def cbs_as(bk, cbs):
     dtype=st.sampled_from(["float64", "float32"]),
 )
 def test_residual_norms_never_increase_with_a_zero_code(seed, n, q, shared, scale, dtype):
-    # MATH.md 2.2: ||r_{l+1}|| <= ||r_l|| is guaranteed only when 0 is a code: the nearest code is
+    # docs/math.md §2.2: ||r_{l+1}|| <= ||r_l|| is guaranteed only when 0 is a code: the nearest code is
     # then at most as far as 0 is, i.e. ||r_l - c_k|| <= ||r_l - 0||.
     g = np.random.default_rng(seed)
     cbs = [scale * g.standard_normal((K, D)) for _ in range(1 if shared else q)]
@@ -287,7 +295,7 @@ def test_gradients_match_torch_autograd(bk64, rng, routing, technique, shared):
 
 
 def test_shared_codebook_gradient_is_the_sum_of_per_depth_scatter_adds(bk64, rng):
-    # MATH.md 2.4: dL/dC = (2 beta / M) sum_l dl_l E_l^T (q_l - r_l), one scatter-add per depth
+    # docs/math.md §2.4: dL/dC = (2 beta / M) sum_l dl_l E_l^T (q_l - r_l), one scatter-add per depth
     # into the same buffer (a code chosen at several depths collects all its contributions).
     beta = 0.8
     C = rng.standard_normal((K, D)) * 0.6
@@ -308,13 +316,15 @@ def test_shared_codebook_gradient_is_the_sum_of_per_depth_scatter_adds(bk64, rng
     _, per_depth = residual_backward(bk64.asarray(np.zeros((N, D))), bk64.asarray(dl), cache)
     assert len(per_depth) == Q
     assert rel_error(sum(bk64.np(d) for d in per_depth), expected) < 1e-12
-    _, _, _, (tdC,) = residual_vq_grads(x, [C], idx, np.zeros((N, D)), dl, shared=True, learnable_codebook=True, commitment_weight=beta)
+    _, _, _, (tdC,) = residual_vq_grads(
+        x, [C], idx, np.zeros((N, D)), dl, shared=True, learnable_codebook=True, commitment_weight=beta
+    )
     assert rel_error(expected, tdC) < 1e-12
 
 
 @pytest.mark.parametrize("routing, factor", [("per_depth", Q), ("sum", 1)])
 def test_decoder_gradient_reaches_the_input_q_times_per_depth_and_once_for_sum(bk64, rng, routing, factor):
-    # MATH.md 2.4, patterns P3 (per_depth: dx = Q g + loss terms) and P1 (sum: dx = g + loss terms).
+    # docs/math.md §2.4, patterns P3 (per_depth: dx = Q g + loss terms) and P1 (sum: dx = g + loss terms).
     beta = 0.6
     cbs = random_codebooks(rng)
     x = rng.standard_normal((N, D))
@@ -365,7 +375,7 @@ def test_loss_gradient_for_x_matches_finite_differences(bk64, rng, routing, tech
     one = bk64.asarray(np.array(1.0))
     check_vjp(weighted_losses, vjp, [x], dout=one, guard=guard, rtol=1e-7)
 
-    # negative control: EnCodec's pattern P2 (MATH.md 2.4), where only depth 0's commitment term
+    # negative control: EnCodec's pattern P2 (docs/math.md §2.4), where only depth 0's commitment term
     # reaches x, must fail the same check
     mask = bk64.asarray(np.eye(Q)[0])
 
@@ -386,8 +396,16 @@ def test_float32_matches_float64(rng, routing, shared):
     out = {}
     for dt in ("float64", "float32"):
         rq = ResidualVQ(
-            dim=D, num_quantizers=Q, codebook_size=K, shared_codebook=shared, gradient_routing=routing,
-            ema_update=False, learnable_codebook=True, rotation_trick=True, dtype=dt, seed=0,
+            dim=D,
+            num_quantizers=Q,
+            codebook_size=K,
+            shared_codebook=shared,
+            gradient_routing=routing,
+            ema_update=False,
+            learnable_codebook=True,
+            rotation_trick=True,
+            dtype=dt,
+            seed=0,
         )
         state = {}
         for p, C in zip(prefixes(shared), cbs):
@@ -435,9 +453,10 @@ def test_per_depth_ema_matches_an_independent_reference(bk, rng):
 
 
 def test_shared_ema_takes_q_statistic_steps_and_one_codebook_update(bk, rng):
-    # vector-quantize-pytorch.md 2.g: every depth of a forward quantizes with the pre-step
-    # codebook; the statistics take Q successive EMA steps (one per depth, from that depth's
-    # residual); the codes are recomputed once, after the last depth.
+    # docs/math.md §2.5, vqref's (and vector-quantize-pytorch's) schedule: every depth of a
+    # forward quantizes with the pre-step codebook; the statistics take Q successive EMA steps
+    # (one per depth, from that depth's residual); the codes are recomputed once, after the last
+    # depth.
     gamma, eps = 0.8, 1e-3
     C = cbs_as(bk, random_codebooks(rng, shared=True))[0]
     rq = with_codebooks(bk, [C], shared=True, decay=gamma, eps=eps)
@@ -498,7 +517,9 @@ def test_eval_mode_changes_nothing_and_decodes_its_indices(bk, rng, shared, cosi
     # training mode again: the state moves
     rq.train()
     rq(x)
-    assert not np.array_equal(snapshot(rq)[0][("" if shared else "0.") + "codebook"], state[("" if shared else "0.") + "codebook"])
+    assert not np.array_equal(
+        snapshot(rq)[0][("" if shared else "0.") + "codebook"], state[("" if shared else "0.") + "codebook"]
+    )
 
 
 # ---------------------------------------------------------------------------- k-means init
@@ -514,7 +535,7 @@ def _assert_lloyd_fixed_point(r, C):
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per-depth", "shared"])
 def test_kmeans_init_fits_each_depth_to_the_residuals_of_the_depths_before(bk64, rng, shared):
-    # MATH.md 3.3.  ema_update=False and eps=0 keep the state exactly what the k-means init
+    # docs/math.md §3.3.  ema_update=False and eps=0 keep the state exactly what the k-means init
     # produced; enough Lloyd iterations reach a fixed point, which identifies the data fitted.
     n = 60
     x = rng.standard_normal((n, D)) * np.array([3.0, 2.0, 1.0, 0.5, 0.25])
@@ -667,7 +688,9 @@ def test_bad_configuration(kw, msg):
 def test_aliases_pass_to_every_depth():
     rq = ResidualVQ(dim=D, num_quantizers=Q, n_embed=K + 2, commitment=0.25, decay=0.5)
     assert rq.codebook_size == K + 2
-    assert all(layer.commitment_weight == 0.25 and layer.decay == 0.5 and layer.codebook_size == K + 2 for layer in rq.layers)
+    assert all(
+        layer.commitment_weight == 0.25 and layer.decay == 0.5 and layer.codebook_size == K + 2 for layer in rq.layers
+    )
 
 
 # ----------------------------------------------------- VectorQuantize(num_quantizers=Q > 1)
@@ -683,10 +706,17 @@ def test_aliases_pass_to_every_depth():
     ],
     ids=["kmeans", "cosine-orth-rotation", "shared-dead-codes", "learnable-sum"],
 )
-def test_vector_quantize_with_num_quantizers_is_residual_vq(rng, kw):
+def test_vector_quantize_with_num_quantizers_quantizes_like_residual_vq(rng, kw):
     vq = VectorQuantize(D, K, num_quantizers=Q, seed=7, **kw)  # positional dim, codebook_size
     rq = ResidualVQ(dim=D, codebook_size=K, num_quantizers=Q, seed=7, **kw)
-    assert type(vq) is ResidualVQ and vq.config() == rq.config()
+    # a VectorQuantize with Q depths (isinstance tells the truth: it was built by VectorQuantize)
+    assert type(vq) is VectorQuantize and vq.is_stack and not isinstance(vq, ResidualVQ)
+    assert isinstance(rq, VectorQuantize) and rq.is_stack  # a residual stack is a vector quantizer
+    assert {
+        **vq.config(),
+        "shared_codebook": rq.shared_codebook,
+        "gradient_routing": rq.gradient_routing,
+    } == rq.config()
     for _ in range(3):
         x = rng.standard_normal((2, N, D)).astype(np.float32)
         g = rng.standard_normal((2, N, D)).astype(np.float32)
@@ -703,7 +733,7 @@ def test_vector_quantize_with_num_quantizers_is_residual_vq(rng, kw):
 
 def test_vector_quantize_with_numpy_integer_num_quantizers(rng):
     vq = VectorQuantize(D, K, num_quantizers=np.int64(Q), seed=0)
-    assert type(vq) is ResidualVQ
+    assert type(vq) is VectorQuantize and vq.is_stack
     assert vq(rng.standard_normal((N, D)))[1].shape == (N, Q)
 
 

@@ -1,4 +1,4 @@
-"""Tests of the rotation trick (vqref.ops.rotation): MATH.md section 6.5.
+"""Tests of the rotation trick (vqref.ops.rotation): the invariants of docs/math.md §6.5.
 
 Expected values come from host float64 formulas, dense matrices, torch autograd with
 ``.detach()`` where the paper has sg[.], or vector-quantize-pytorch itself; never from the code
@@ -25,7 +25,6 @@ from vqref.ops.rotation import (
     rotation_trick_forward,
 )
 from vqref.testing import check_vjp, rel_error
-
 
 # ------------------------------------------------------------------------------------------
 # Helpers (host float64 unless said otherwise)

@@ -1,4 +1,4 @@
-"""The codebook techniques of issue 3 at the module level, through ``VectorQuantize`` flags.
+"""The codebook techniques of docs/techniques.md at the module level, through ``VectorQuantize`` flags.
 
 k-means initialisation (SoundStream, arXiv 2107.03312), the cosine-similarity codebook
 (ViT-VQGAN, arXiv 2110.04627), the orthogonal regulariser (arXiv 2112.00384), dead-code
@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import separated_problem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import separated_problem
 from vqref import VectorQuantize
 from vqref import backend as B
 from vqref.core.kmeans import sample_initial_means
@@ -37,16 +37,18 @@ LEAD = (3, 8)  # a batch of N = 24 vectors with two leading axes
 N = 24
 WARM = 31  # size of the batch that initialises / updates the state before a gradient check
 
-fixture_settings = settings(
-    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+fixture_settings = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-# Every flag alone, with EMA on and off where that is allowed, and the combinations the seed
-# uses (cosine + orthogonal + rotation + k-means in one module).  use_cosine_sim excludes
-# learnable_codebook, and learnable_codebook needs ema_update=False.
+# Every flag alone, with EMA on and off where that is allowed, and the combinations the snippets
+# of tests/test_seed_examples.py use (cosine + orthogonal + rotation + k-means in one module).
+# use_cosine_sim excludes learnable_codebook, and learnable_codebook needs ema_update=False.
 ALL_COSINE = dict(
-    use_cosine_sim=True, orthogonal_reg_weight=0.7, rotation_trick=True, kmeans_init=True,
-    threshold_ema_dead_code=1.0, commitment_weight=0.25,
+    use_cosine_sim=True,
+    orthogonal_reg_weight=0.7,
+    rotation_trick=True,
+    kmeans_init=True,
+    threshold_ema_dead_code=1.0,
+    commitment_weight=0.25,
 )
 CONFIGS = {
     "kmeans": dict(kmeans_init=True, kmeans_iters=4),
@@ -64,12 +66,21 @@ CONFIGS = {
     "all-cosine": ALL_COSINE,
     "all-cosine-noema": dict(ALL_COSINE, ema_update=False),
     "all-euclid-learnable": dict(
-        orthogonal_reg_weight=0.7, rotation_trick=True, kmeans_init=True, threshold_ema_dead_code=1.0,
-        ema_update=False, learnable_codebook=True, commitment_weight=0.25,
+        orthogonal_reg_weight=0.7,
+        rotation_trick=True,
+        kmeans_init=True,
+        threshold_ema_dead_code=1.0,
+        ema_update=False,
+        learnable_codebook=True,
+        commitment_weight=0.25,
     ),
     "all-euclid-split": dict(
-        orthogonal_reg_weight=0.7, rotation_trick=True, ema_update=False, learnable_codebook=True,
-        commitment_weight=0.25, codebook_weight=1.0,
+        orthogonal_reg_weight=0.7,
+        rotation_trick=True,
+        ema_update=False,
+        learnable_codebook=True,
+        commitment_weight=0.25,
+        codebook_weight=1.0,
     ),
 }
 
@@ -297,7 +308,16 @@ def test_negative_control_torch_check_has_teeth(rng, name, flip):
 @pytest.mark.parametrize(
     "kw, wrt",
     [
-        (dict(ema_update=False, learnable_codebook=True, orthogonal_reg_weight=0.7, rotation_trick=True, commitment_weight=0.4), [0, 1]),
+        (
+            dict(
+                ema_update=False,
+                learnable_codebook=True,
+                orthogonal_reg_weight=0.7,
+                rotation_trick=True,
+                commitment_weight=0.4,
+            ),
+            [0, 1],
+        ),
         (dict(ema_update=False, use_cosine_sim=True, orthogonal_reg_weight=0.7, rotation_trick=True), [0]),
     ],
     ids=["euclid-learnable-orth-rotation", "cosine-orth-rotation"],
@@ -355,8 +375,16 @@ def test_kmeans_init_seeds_the_ema_state_consistently(bk, rng, cosine):
     eps, iters = 1e-5, 6
     gen = np.random.default_rng(17)
     vq = VectorQuantize(
-        D, K, kmeans_init=True, kmeans_iters=iters, ema_update=False, use_cosine_sim=cosine,
-        eps=eps, seed=gen, dtype=bk.dtype_name, xp=bk.module,
+        D,
+        K,
+        kmeans_init=True,
+        kmeans_iters=iters,
+        ema_update=False,
+        use_cosine_sim=cosine,
+        eps=eps,
+        seed=gen,
+        dtype=bk.dtype_name,
+        xp=bk.module,
     )
     # A copy of the module's generator as it stands now draws the same initial rows as the
     # module will (the documented contract of sample_initial_means); from them, an independent
@@ -391,7 +419,9 @@ def test_kmeans_init_seeds_the_ema_state_consistently(bk, rng, cosine):
         np.testing.assert_allclose(unit(m) if cosine else m, mu[k], rtol=1e-4, atol=1e-5)
 
     # the first batch is quantized with the k-means codebook itself
-    np.testing.assert_allclose(host(q).reshape(-1, D), (unit(cb) if cosine else cb)[B.to_numpy(idx)], rtol=tol(bk), atol=tol(bk))
+    np.testing.assert_allclose(
+        host(q).reshape(-1, D), (unit(cb) if cosine else cb)[B.to_numpy(idx)], rtol=tol(bk), atol=tol(bk)
+    )
 
 
 @pytest.mark.parametrize("cosine", [False, True], ids=["euclid", "cosine"])
@@ -685,6 +715,7 @@ def test_without_ema_the_orthogonal_step_persists(bk, rng):
     vq = make(bk, orthogonal_reg_weight=1.0, ema_update=False)
     x = bk.asarray(rng.standard_normal((N, D)))
     start = orth_oracle(host(vq.codebook))
+    stepped = None  # the codes after the first gradient step
     for step in range(15):
         vq(x)
         if step == 1:  # the forward after a step leaves the stepped codes alone
@@ -706,13 +737,17 @@ def test_a_gradient_step_on_the_codebook_leaves_the_ema_statistics_alone(rng):
     np.testing.assert_array_equal(host(vq.embed_avg), ea)
 
 
-@pytest.mark.parametrize("active, max_codes", [(True, None), (False, 3), (True, 3)], ids=["active", "max3", "active-max3"])
+@pytest.mark.parametrize(
+    "active, max_codes", [(True, None), (False, 3), (True, 3)], ids=["active", "max3", "active-max3"]
+)
 def test_orthogonal_subsets_use_only_the_chosen_codes(bk64, rng, active, max_codes):
     pytest.importorskip("torch")
     from vqref.testing.torch_reference.orthogonal import orthogonal_loss_reference
 
     w = 0.7
-    kw = dict(orthogonal_reg_weight=w, orthogonal_reg_active_codes_only=active, orthogonal_reg_max_codes=max_codes, seed=3)
+    kw = dict(
+        orthogonal_reg_weight=w, orthogonal_reg_active_codes_only=active, orthogonal_reg_max_codes=max_codes, seed=3
+    )
     vq = make(bk64, **kw)
     C = host(vq.codebook)
     after_of = make(bk64, **kw)
@@ -843,21 +878,42 @@ def test_rotation_gradient_is_the_decoder_gradient_rotated(bk, rng):
 @pytest.mark.parametrize(
     "kw, err, msg",
     [
-        (dict(use_cosine_sim=True, learnable_codebook=True, ema_update=False), ValueError, "use_cosine_sim cannot be combined with learnable_codebook"),
+        (
+            dict(use_cosine_sim=True, learnable_codebook=True, ema_update=False),
+            ValueError,
+            "use_cosine_sim cannot be combined with learnable_codebook",
+        ),
         (dict(commitment_weight=-0.1), ValueError, "commitment_weight must be >= 0"),
-        (dict(learnable_codebook=True, ema_update=False, codebook_weight=-1.0), ValueError, "codebook_weight must be >= 0"),
+        (
+            dict(learnable_codebook=True, ema_update=False, codebook_weight=-1.0),
+            ValueError,
+            "codebook_weight must be >= 0",
+        ),
         (dict(orthogonal_reg_weight=-0.1), ValueError, "orthogonal_reg_weight must be >= 0"),
         (dict(orthogonal_reg_weight=float("nan")), ValueError, "orthogonal_reg_weight must be finite"),
         (dict(kmeans_iters=0), ValueError, "kmeans_iters must be >= 1"),
         (dict(kmeans_init=True, kmeans_iters=2.5), TypeError, "kmeans_iters must be an integer"),
-        (dict(orthogonal_reg_weight=0.1, orthogonal_reg_max_codes=0), ValueError, "orthogonal_reg_max_codes must be >= 1"),
+        (
+            dict(orthogonal_reg_weight=0.1, orthogonal_reg_max_codes=0),
+            ValueError,
+            "orthogonal_reg_max_codes must be >= 1",
+        ),
         (dict(threshold_ema_dead_code=-1), ValueError, "threshold_ema_dead_code must be >= 0"),
         (dict(threshold_ema_dead_code=float("inf")), ValueError, "threshold_ema_dead_code must be finite"),
         (dict(dim=1, rotation_trick=True), ValueError, "rotation_trick needs dim > 1"),
     ],
     ids=[
-        "cosine-learnable", "commitment<0", "codebook_weight<0", "orth<0", "orth-nan", "kmeans_iters<1",
-        "kmeans_iters-float", "max_codes<1", "threshold<0", "threshold-inf", "rotation-dim1",
+        "cosine-learnable",
+        "commitment<0",
+        "codebook_weight<0",
+        "orth<0",
+        "orth-nan",
+        "kmeans_iters<1",
+        "kmeans_iters-float",
+        "max_codes<1",
+        "threshold<0",
+        "threshold-inf",
+        "rotation-dim1",
     ],
 )
 def test_bad_configuration_raises_a_clear_error(kw, err, msg):

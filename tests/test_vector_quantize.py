@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from conftest import separated_problem
+
 from vqref import VectorQuantize
 from vqref import backend as B
 from vqref.testing import check_vjp, rel_error
@@ -150,7 +150,11 @@ def test_module_gradients_finite_differences_and_torch(bk64, rng, kw, fd_wrt):
     dx = vq.backward(bk64.asarray(g), dloss=dloss)
     dC = vq.grads.get("codebook")
     _, tloss, tdx, tdC = tref.vector_quantize_grads(
-        x, C, truth, g, dloss,
+        x,
+        C,
+        truth,
+        g,
+        dloss,
         commitment_weight=kw.get("commitment_weight", 1.0),
         codebook_weight=kw.get("codebook_weight"),
         learnable_codebook=kw.get("learnable_codebook", False),
@@ -195,7 +199,9 @@ def test_float32_gradients_match_float64(rng):
 def test_unused_codes_get_zero_gradient_and_sum_identity(rng):
     x, C, truth = separated_problem(rng, 12, K, D)
     beta = 0.4
-    vq = VectorQuantize(D, K, dtype="float64", ema_update=False, learnable_codebook=True, commitment_weight=beta, codebook_weight=1.0)
+    vq = VectorQuantize(
+        D, K, dtype="float64", ema_update=False, learnable_codebook=True, commitment_weight=beta, codebook_weight=1.0
+    )
     vq.load_state_dict({"codebook": C, "cluster_size": np.ones(K), "embed_avg": C, "initted": True})
     g = rng.standard_normal((12, D))
     vq(x)
@@ -203,7 +209,7 @@ def test_unused_codes_get_zero_gradient_and_sum_identity(rng):
     dC = vq.grads["codebook"]
     unused = np.setdiff1d(np.arange(K), truth)
     assert len(unused) and np.all(dC[unused] == 0)
-    # MATH.md 1.4: sum_k dL/dc_k = -(1/beta) sum_i (dL/dx_i - g_i)
+    # docs/math.md §1.4: sum_k dL/dc_k = -(w/beta) sum_i (dL/dx_i - g_i), here codebook_weight w = 1
     np.testing.assert_allclose(dC.sum(0), -(dx - g).sum(0) / beta, rtol=1e-10, atol=1e-12)
 
 
@@ -247,11 +253,11 @@ def test_backward_errors(bk, rng):
 def test_bad_input_is_rejected_and_state_untouched(bk, rng, bad, err, msg):
     vq = make(bk, kmeans_init=False)
     vq(bk.asarray(rng.standard_normal((5, D))))
-    before, rng_state = snapshot(vq), vq._rng.bit_generator.state
+    before, rng_state = snapshot(vq), vq.generator.bit_generator.state
     with pytest.raises(err, match=msg):
         vq(bk.asarray(bad, dtype=None))
     assert_same_state(before, snapshot(vq))
-    assert vq._rng.bit_generator.state == rng_state
+    assert vq.generator.bit_generator.state == rng_state
 
 
 def test_mixed_backends_raise(rng):
@@ -329,7 +335,14 @@ def test_load_rejects_bad_files_and_shapes(tmp_path):
     with pytest.raises(ValueError, match="no 'config'"):
         vq.load(str(foreign))
     with pytest.raises(ValueError, match="codebook.*shape"):
-        vq.load_state_dict({"codebook": np.zeros((K + 1, D)), "cluster_size": np.ones(K), "embed_avg": np.zeros((K, D)), "initted": True})
+        vq.load_state_dict(
+            {
+                "codebook": np.zeros((K + 1, D)),
+                "cluster_size": np.ones(K),
+                "embed_avg": np.zeros((K, D)),
+                "initted": True,
+            }
+        )
     with pytest.raises(KeyError, match="missing"):
         vq.load_state_dict({"codebook": np.zeros((K, D))})
     assert_same_state(before, snapshot(vq))

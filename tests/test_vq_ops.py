@@ -6,10 +6,10 @@ autograd; float32 against the float64 analytic result; negative controls for the
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-
 from conftest import separated_problem
-from vqref import backend as B
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from vqref.ops.distance import nearest_code, squared_distance_backward, squared_distance_forward
 from vqref.ops.lookup import lookup_backward, lookup_forward
 from vqref.ops.losses import (
@@ -39,6 +39,25 @@ def test_distance_forward_matches_direct_differences(bk, rng):
     np.testing.assert_allclose(bk.np(dist), direct, rtol=bk.rtol * 10, atol=1e-12 if bk.is64 else 1e-4)
 
 
+def test_distance_forward_is_clamped_at_zero(bk, rng):
+    """Rows equal to a code (and within rounding of one): the expansion can round below 0."""
+    dt = bk.dtype_name
+    C = (rng.standard_normal((K, D)) * 3.0 + 50.0).astype(dt)  # far from the origin: cancellation
+    near = np.concatenate([C, C, C + 1e-4 * rng.standard_normal((K, D))]).astype(dt)  # (3K, D)
+    m = C.mean(axis=0)
+    xc, cc = near - m, C - m
+    raw = np.sum(xc * xc, axis=1, keepdims=True) - 2 * (xc @ cc.T) + np.sum(cc * cc, axis=1)  # unclamped
+    assert (raw < 0).any(), "the inputs must make the unclamped expansion negative"
+    dist, _ = squared_distance_forward(bk.asarray(near), bk.asarray(C))
+    dist = bk.np(dist)
+    assert dist.min() >= 0
+    if bk.name != "cupy":  # the host expansion above is this backend's arithmetic
+        np.testing.assert_array_equal(dist[raw < 0], 0.0)
+    direct = ((near.astype(np.float64)[:, None, :] - C.astype(np.float64)[None]) ** 2).sum(-1)
+    scale = 16 * np.finfo(dt).eps * (np.sum(xc * xc, axis=1, keepdims=True) + np.sum(cc * cc, axis=1))
+    assert np.all(np.abs(dist - direct) <= scale + 1e-8)
+
+
 def test_distance_backward_finite_differences_and_torch(bk64, rng):
     x = bk64.asarray(rng.standard_normal((N, D)))
     C = bk64.asarray(rng.standard_normal((K, D)))
@@ -62,7 +81,9 @@ def test_nearest_code_equals_bruteforce_argmin(bk, rng):
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 60), k=st.integers(1, 9), d=st.integers(1, 6), chunk=st.integers(1, 70), seed=st.integers(0, 2**31))
+@given(
+    n=st.integers(1, 60), k=st.integers(1, 9), d=st.integers(1, 6), chunk=st.integers(1, 70), seed=st.integers(0, 2**31)
+)
 def test_nearest_code_chunking_never_changes_the_answer(n, k, d, chunk, seed):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, d))
@@ -133,6 +154,7 @@ def test_lookup_backward_finite_differences_and_torch(bk64, rng):
     g = rng.standard_normal((N, D))
     _, tdc = tref.lookup_grads(C, k, g)
     assert rel_error(vjp(bk64.asarray(g), C)[0], tdc) < 1e-14
+
     # negative control: dC[k] = dq (assignment instead of accumulation) drops repeated rows
     def buffered(g, C):
         out = np.zeros((K, D))

@@ -26,10 +26,16 @@ import math
 from types import ModuleType
 from typing import Any
 
-import numpy as np
 import array_api_compat
+import numpy as np
+
+# The type of an array of any supported library (numpy.ndarray, cupy.ndarray, array_api_strict's
+# Array, ...).  The Array API standard defines no common base class, so annotations use this alias
+# of Any: it says "an array of the module's library" where plain Any would say nothing.
+Array = Any
 
 __all__ = [
+    "Array",
     "get_namespace",
     "namespace_from_module",
     "get_device",
@@ -39,6 +45,9 @@ __all__ = [
     "to_numpy",
     "from_numpy",
     "as_generator",
+    "clone_generator",
+    "is_array",
+    "KNOWN_LIBRARIES",
     "segment_sum",
     "bincount",
     "where_rows",
@@ -49,8 +58,12 @@ __all__ = [
 ]
 
 
-def _is_array(x: Any) -> bool:
+def is_array(x: Any) -> bool:
+    """True for an array of an Array API library (numpy, cupy, array_api_strict, ...), False for
+    Python scalars, lists and anything else."""
     return array_api_compat.is_array_api_obj(x) and not isinstance(x, (int, float, complex, bool))
+
+
 
 
 def library_name(x: Any) -> str:
@@ -72,7 +85,7 @@ def get_namespace(*arrays: Any) -> ModuleType:
     TypeError
         If the arrays come from different libraries (e.g. numpy and cupy), or if none is an array.
     """
-    arrs = [a for a in arrays if a is not None and _is_array(a)]
+    arrs = [a for a in arrays if a is not None and is_array(a)]
     if not arrs:
         raise TypeError("expected at least one array, got none (lists and scalars are not arrays)")
     names = {library_name(a) for a in arrs}
@@ -85,16 +98,35 @@ def get_namespace(*arrays: Any) -> ModuleType:
     return array_api_compat.array_namespace(*arrs)
 
 
+# The array libraries vqref runs on, by the name a caller may give instead of the module.  A name
+# outside this list is refused: a library is never imported from an arbitrary string.
+KNOWN_LIBRARIES = ("numpy", "cupy", "array_api_strict")
+
+
 def namespace_from_module(module: Any) -> ModuleType:
-    """The Array API namespace for a library given as a module (``numpy``, ``cupy``, ...) or name."""
+    """The Array API namespace for a library given as a module (``numpy``, ``cupy``,
+    ``array_api_strict``) or as one of those names; ``None`` is numpy.
+
+    Raises
+    ------
+    TypeError : ``module`` is neither a module nor a string
+    ValueError : a name outside :data:`KNOWN_LIBRARIES`, or a module that is not an array library
+    """
     if module is None:
         module = np
     if isinstance(module, str):
+        if module not in KNOWN_LIBRARIES:
+            raise ValueError(f"xp must be one of the array libraries {KNOWN_LIBRARIES} (or the module), got {module!r}")
         import importlib
 
         module = importlib.import_module(module)
-    probe = module.asarray([0.0])
-    return array_api_compat.array_namespace(probe)
+    if not isinstance(module, ModuleType):
+        raise TypeError(f"xp must be an array library module (numpy, cupy, array_api_strict), got {module!r}")
+    try:
+        probe = module.asarray([0.0])
+        return array_api_compat.array_namespace(probe)
+    except Exception:
+        raise ValueError(f"xp={module.__name__!r} is not an array library vqref can use") from None
 
 
 def get_device(x: Any) -> Any:
@@ -138,6 +170,13 @@ def as_generator(seed: Any) -> np.random.Generator:
     if isinstance(seed, np.random.Generator):
         return seed
     return np.random.default_rng(seed)
+
+
+def clone_generator(gen: np.random.Generator) -> np.random.Generator:
+    """An independent copy of ``gen`` in the same state: drawing from it leaves ``gen`` as it is."""
+    bit_generator = type(gen.bit_generator)()
+    bit_generator.state = gen.bit_generator.state
+    return np.random.Generator(bit_generator)
 
 
 def is_float_array(x: Any) -> bool:

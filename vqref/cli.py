@@ -1,7 +1,8 @@
-"""The ``vqref`` command line: ``vqref demo``, ``vqref bench``.
+"""The ``vqref`` command line: ``vqref demo``.
 
 Each command lives in its own module with its own ``main(argv) -> int``; bad options print a
-clear message and exit with a non-zero status.
+clear message and exit with a non-zero status.  (The benchmarks are not part of the installed
+package: ``make bench`` or ``python -m benchmarks.bench`` from a checkout.)
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ __all__ = ["main"]
 
 COMMANDS = {
     "demo": ("vqref.demo", "the main job: train small VQ-VAEs on real data and write a report"),
-    "bench": ("vqref.bench", "benchmarks against vector-quantize-pytorch, numpy, scikit-learn"),
+}
+
+# Commands that left the package, and where they went (said instead of "unknown command").
+MOVED = {
+    "bench": "the benchmarks live in the repository, not the package: `make bench` or `python -m benchmarks.bench`"
 }
 
 
@@ -24,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         lines = [f"  {name:<7} {help_}" for name, (_, help_) in COMMANDS.items()]
         text = "usage: vqref {" + ",".join(COMMANDS) + "} [options]\n\ncommands:\n" + "\n".join(lines)
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"vqref: unknown command {argv[0]!r}\n" + text, file=sys.stderr)
+            why = f"{argv[0]!r} moved: {MOVED[argv[0]]}" if argv[0] in MOVED else f"unknown command {argv[0]!r}"
+            print(f"vqref: {why}\n" + text, file=sys.stderr)
             return 2
         print(text)
         return 0 if argv else 2

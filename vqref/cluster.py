@@ -46,8 +46,8 @@ import numpy as np
 from . import backend as B
 from .core.ema import laplace_smoothing
 from .core.kmeans import assign, kmeans, sample_initial_means
-from .modules import _check_int
-from .ops.l2norm import l2norm_forward
+from .ops.l2norm import l2norm
+from .validation import check_int
 
 __all__ = ["VQClustering", "ResidualClustering", "kmeans_plusplus", "collision_rate"]
 
@@ -61,7 +61,7 @@ _INITS = ("k-means++", "random")
 
 def _check_data(X: Any, name: str = "X") -> Any:
     """``X`` as a 2-D real floating array of its own library (array-likes become numpy float64)."""
-    if not B._is_array(X):
+    if not B.is_array(X):
         X = np.asarray(X, dtype=np.float64)
     xp = B.get_namespace(X)
     if X.ndim != 2:
@@ -75,11 +75,6 @@ def _check_data(X: Any, name: str = "X") -> Any:
     if not B.all_finite(X):
         raise ValueError(f"{name} contains NaN or infinite values")
     return X
-
-
-def _unit_rows(a: Any) -> Any:
-    """l2-normalised rows (zero rows stay zero), the normalisation every cosine codebook uses."""
-    return l2norm_forward(a)[0]
 
 
 def _dtype_name(xp: Any, dtype: Any) -> str:
@@ -115,7 +110,7 @@ def kmeans_plusplus(x: Any, num_clusters: int, rng: Any = None) -> Any:
     """
     xp = B.get_namespace(x)
     N = x.shape[0]
-    K = _check_int("num_clusters", num_clusters, 1)
+    K = check_int("num_clusters", num_clusters, 1)
     gen = B.as_generator(rng)
     rows = [int(gen.integers(N))]
     d2 = xp.sum((x - x[rows[0] : rows[0] + 1, :]) ** 2, axis=1)  # (N,) squared distance to the nearest centroid
@@ -153,7 +148,7 @@ def collision_rate(codes: Any) -> float:
     ``numpy.unique(axis=0)`` (the Array API's ``unique_counts`` is one-dimensional, and packing a
     tuple into one integer overflows int64 once ``K^L > 2^63``).
     """
-    host = np.asarray(B.to_numpy(codes) if B._is_array(codes) else codes)
+    host = np.asarray(B.to_numpy(codes) if B.is_array(codes) else codes)
     if host.ndim == 1:
         host = host[:, None]
     if host.ndim != 2:
@@ -216,17 +211,17 @@ class VQClustering:
         seed: Any = None,
         chunk_size: int | None = None,
     ):
-        self.n_clusters = _check_int("n_clusters", n_clusters, 1)
-        self.iters = _check_int("iters", iters, 1)
-        if not B._is_array(init) and init not in _INITS:
+        self.n_clusters = check_int("n_clusters", n_clusters, 1)
+        self.iters = check_int("iters", iters, 1)
+        if not B.is_array(init) and init not in _INITS:
             raise ValueError(f"init must be one of {_INITS} or a (K, D) array, got {init!r}")
         self.init = init
         self.use_cosine_sim = bool(use_cosine_sim)
         self.seed = seed
-        self.chunk_size = None if chunk_size is None else _check_int("chunk_size", chunk_size, 1)
+        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, 1)
 
     def __repr__(self) -> str:
-        init = "array" if B._is_array(self.init) else repr(self.init)
+        init = "array" if B.is_array(self.init) else repr(self.init)
         return (
             f"VQClustering(n_clusters={self.n_clusters}, iters={self.iters}, init={init}, "
             f"use_cosine_sim={self.use_cosine_sim})"
@@ -237,14 +232,14 @@ class VQClustering:
     def _initial_means(self, X: Any, rng: np.random.Generator) -> Any:
         xp = B.get_namespace(X)
         K, D = self.n_clusters, X.shape[1]
-        if B._is_array(self.init):
+        if B.is_array(self.init):
             if tuple(self.init.shape) != (K, D):
                 raise ValueError(f"init must have shape ({K}, {D}), got {tuple(self.init.shape)}")
             means = B.from_numpy(B.to_numpy(self.init), xp, device=B.get_device(X), dtype=X.dtype)
             if not B.all_finite(means):
                 raise ValueError("init contains NaN or infinite values")
             return means
-        data = _unit_rows(X) if self.use_cosine_sim else X  # k-means++ on the sphere for cosine
+        data = l2norm(X) if self.use_cosine_sim else X  # k-means++ on the sphere for cosine
         if self.init == "k-means++":
             return kmeans_plusplus(data, K, rng)
         return sample_initial_means(data, K, rng)
@@ -295,7 +290,7 @@ class VQClustering:
     def _energy(self, X: Any, labels: Any) -> Any:
         """``sum_i ||x_i - mu_{a_i}||^2`` by direct differences (unit rows for cosine), 0-d."""
         xp = B.get_namespace(X)
-        data = _unit_rows(X) if self.use_cosine_sim else X
+        data = l2norm(X) if self.use_cosine_sim else X
         diff = data - xp.take(self._centers_as(X), labels, axis=0)  # (N, D)
         return xp.sum(diff * diff)
 
@@ -311,7 +306,7 @@ class VQClustering:
         """
         X = self._check_fitted(X)
         xp = B.get_namespace(X)
-        data = _unit_rows(X) if self.use_cosine_sim else X
+        data = l2norm(X) if self.use_cosine_sim else X
         c = self._centers_as(X)
         N = data.shape[0]
         step = max(1, (1 << 22) // max(1, self.n_clusters * data.shape[1]))
@@ -340,7 +335,7 @@ class VQClustering:
         the constructor; the EMA statistics are seeded consistently (``N_k`` = cluster sizes,
         ``m_k = mu_k N~_k``), so training can continue from the fit.
         """
-        from .modules import VectorQuantize
+        from .quantizers import VectorQuantize
 
         if not hasattr(self, "cluster_centers_"):
             raise RuntimeError("this VQClustering is not fitted yet; call fit(X) first")
@@ -420,15 +415,15 @@ class ResidualClustering:
         seed: Any = None,
         chunk_size: int | None = None,
     ):
-        self.num_levels = _check_int("num_levels", num_levels, 1)
-        self.codebook_size = _check_int("codebook_size", codebook_size, 1)
-        self.iters = _check_int("iters", iters, 1)
+        self.num_levels = check_int("num_levels", num_levels, 1)
+        self.codebook_size = check_int("codebook_size", codebook_size, 1)
+        self.iters = check_int("iters", iters, 1)
         if init not in _INITS:
             raise ValueError(f"init must be one of {_INITS}, got {init!r}")
         self.init = init
         self.use_cosine_sim = bool(use_cosine_sim)
         self.seed = seed
-        self.chunk_size = None if chunk_size is None else _check_int("chunk_size", chunk_size, 1)
+        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, 1)
 
     def __repr__(self) -> str:
         return (
@@ -438,7 +433,7 @@ class ResidualClustering:
 
     def _level_codes(self, centers: Any) -> Any:
         """The vectors a level subtracts: the centroids, l2-normalised for cosine codebooks."""
-        return _unit_rows(centers) if self.use_cosine_sim else centers
+        return l2norm(centers) if self.use_cosine_sim else centers
 
     def fit(self, X: Any) -> "ResidualClustering":
         """Fit the L codebooks level by level on ``X (N, D)``; returns ``self``."""
@@ -530,7 +525,7 @@ class ResidualClustering:
         cluster sizes, ``m_k = mu_k N~_k``).  ``vq_kwargs`` pass to the constructor (decay,
         commitment_weight, gradient_routing, ...).
         """
-        from .modules import ResidualVQ
+        from .quantizers import ResidualVQ
 
         if not hasattr(self, "cluster_centers_"):
             raise RuntimeError("this ResidualClustering is not fitted yet; call fit(X) first")

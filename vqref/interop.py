@@ -201,7 +201,7 @@ def from_vector_quantize_pytorch(
     TypeError : ``module`` is not one of the two supported classes
     ValueError : the module uses options vqref does not implement; the message names each one
     """
-    from .modules import VectorQuantize
+    from .quantizers import VectorQuantize
 
     TorchVQ, TorchRVQ = _vqp_classes()
     backend = dict(dtype=dtype, xp=xp, device=device)
@@ -220,7 +220,7 @@ def from_vector_quantize_pytorch(
 
 
 def _from_residual(rvq: Any, *, seed: Any, backend: dict):
-    from .modules import ResidualVQ
+    from .quantizers import ResidualVQ
 
     problems = []
 
@@ -264,7 +264,9 @@ def _from_residual(rvq: Any, *, seed: Any, backend: dict):
     )
     state = {}
     layers = rvq.layers[:1] if shared else rvq.layers
-    for prefix, layer in zip(out._names(), layers):
+    # state keys: "codebook", ... for a shared codebook, "0.codebook", "1.codebook", ... otherwise
+    prefixes = [""] if shared else [f"{level}." for level in range(len(layers))]
+    for prefix, layer in zip(prefixes, layers):
         state.update({prefix + k: v for k, v in _read_state(layer).items()})
     out.load_state_dict(state)
     return out.train(rvq.training)
@@ -274,7 +276,7 @@ def _from_residual(rvq: Any, *, seed: Any, backend: dict):
 
 
 def _check_exportable(module: Any) -> None:
-    from .modules import ResidualVQ, VectorQuantize
+    from .quantizers import ResidualVQ, VectorQuantize
 
     if not isinstance(module, (VectorQuantize, ResidualVQ)):
         raise TypeError(f"expected a vqref VectorQuantize or ResidualVQ, got {type(module).__name__}")
@@ -318,7 +320,7 @@ def export_state_dict(module: Any, *, dtype: Any = "float32") -> dict:
     -------
     dict of str -> numpy.ndarray (host copies)
     """
-    from .modules import ResidualVQ
+    from .quantizers import ResidualVQ
 
     _check_exportable(module)
     dtype = np.dtype(dtype)
@@ -326,7 +328,7 @@ def export_state_dict(module: Any, *, dtype: Any = "float32") -> dict:
         return _layer_state_arrays(module, dtype)
     out = {}
     for level in range(module.num_quantizers):
-        layer = module._layer(level)
+        layer = module.layers[level]
         out.update({f"layers.{level}.{k}": v for k, v in _layer_state_arrays(layer, dtype).items()})
     return out
 
@@ -350,7 +352,7 @@ def to_vector_quantize_pytorch(module: Any):
     """
     import torch
 
-    from .modules import ResidualVQ
+    from .quantizers import ResidualVQ
 
     TorchVQ, TorchRVQ = _vqp_classes()
     _check_exportable(module)

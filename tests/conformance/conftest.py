@@ -52,7 +52,6 @@ import numpy as np
 import pytest
 import torch
 
-from vqref import ResidualVQ
 from vqref import backend as B
 from vqref.interop import export_state_dict, from_vector_quantize_pytorch
 
@@ -68,6 +67,7 @@ def _one_torch_thread():
     yield
     torch.set_num_threads(before)
 
+
 # ------------------------------------------------------------------ layers and names
 
 
@@ -80,15 +80,15 @@ def vqp_layers(t: Any) -> list:
 
 
 def vqref_layers(r: Any) -> list:
-    return list(r.layers) if isinstance(r, ResidualVQ) else [r]
+    return list(r.layers) if r.is_stack else [r]
 
 
 def num_depths(r: Any) -> int:
-    return r.num_quantizers if isinstance(r, ResidualVQ) else 1
+    return r.num_quantizers if r.is_stack else 1
 
 
 def is_shared(r: Any) -> bool:
-    return isinstance(r, ResidualVQ) and r.shared_codebook
+    return r.is_stack and r.shared_codebook
 
 
 def grad_key(vqp_name: str, shared: bool) -> str:
@@ -121,7 +121,9 @@ def make_pair(make_vqp: Callable[[], Any], *, seed: int = 0):
     return t, from_vector_quantize_pytorch(t, seed=seed)
 
 
-def batch(rng: np.random.Generator, shape: tuple, *, centres: int = 0, levels: int = 1, spread: float = 0.3) -> np.ndarray:
+def batch(
+    rng: np.random.Generator, shape: tuple, *, centres: int = 0, levels: int = 1, spread: float = 0.3
+) -> np.ndarray:
     """A float32 batch of ``shape (..., D)``.
 
     ``centres = 0``: standard normal rows.  Otherwise clustered rows with a hierarchy of
@@ -183,7 +185,7 @@ def vqp_draws_like_vqref(t: Any, r: Any, N: int):
     codebooks = [tl[0]._codebook] if is_shared(r) else [l._codebook for l in tl]
     plans = []
     for layer in layers:
-        plan = _Plan(layer._rng)
+        plan = _Plan(layer.generator)
         K = layer.codebook_size
         if not layer.initted:
             plan.draw_kmeans(N, K)
@@ -313,7 +315,7 @@ def vqref_step(r: Any, x: np.ndarray, g: np.ndarray | None) -> Step:
     q, idx, loss = r(x)
     dx = None
     if g is not None:
-        dx = r.backward(g, np.ones(Q, np.float32)) if isinstance(r, ResidualVQ) else r.backward(g, 1.0)
+        dx = r.backward(g, np.ones(Q, np.float32)) if r.is_stack else r.backward(g, 1.0)
         dx = B.to_numpy(dx).reshape(-1, D)
     return Step(
         B.to_numpy(q).reshape(-1, D),
@@ -442,7 +444,7 @@ def compare_step(
         # (equal to the code only to rounding) -- and lambda = ||q|| / ||r|| magnifies it.
         # Such rows are left out of dx; they must stay rare.
         conditioned = clean.copy()
-        if vqref_layers(r)[0].rotation_trick and isinstance(r, ResidualVQ):
+        if vqref_layers(r)[0].rotation_trick and r.is_stack:
             norms = np.stack([np.linalg.norm(B.to_numpy(a), axis=1) for a in r.last_residuals[:Q]], axis=1)  # (N, Q)
             cancelled = np.any(norms[:, 1:] < 1e-2 * norms[:, :-1], axis=1)  # (N,)
             assert cancelled.mean() <= 0.01, f"{int(cancelled.sum())} rows with cancelled residuals"
@@ -535,7 +537,7 @@ def run_steps(
         if not all(layer.initted for layer in vqref_layers(r)):
             x = _batch_without_empty_clusters(t, r, x, lambda: batch(rng, shape, centres=centres, levels=levels))
         g = (rng.standard_normal(shape) * (2.0 / (N * D))).astype(np.float32)
-        if isinstance(r, ResidualVQ) and not r.shared_codebook and not all(l.initted for l in r.layers):
+        if r.is_stack and not r.shared_codebook and not all(l.initted for l in r.layers):
             # k-means on the residuals of depths >= 1.  With a gradient, vqp subtracts the
             # estimator's output, equal to the code only to rounding, and Lloyd's iterations can
             # amplify that into different centroids on weakly clustered residuals.  Without one

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from vector_quantize_pytorch import ResidualVQ as TorchRVQ, VectorQuantize as TorchVQ
+from vector_quantize_pytorch import ResidualVQ as TorchRVQ
+from vector_quantize_pytorch import VectorQuantize as TorchVQ
 from vector_quantize_pytorch.vector_quantize_pytorch import orthogonal_loss_fn, rotate_to
 
 import vqref
@@ -270,8 +271,13 @@ def test_vqp_shared_codebook_orthogonal_gradient_uses_overwritten_codes(rng):
     # gradient of nothing.  vqref returns the gradient of the loss it reported.
     Q, w = 2, 1.0
     make = lambda: TorchRVQ(
-        dim=D, codebook_size=K, num_quantizers=Q, shared_codebook=True, orthogonal_reg_weight=w,
-        commitment_weight=0.0, rotation_trick=False,
+        dim=D,
+        codebook_size=K,
+        num_quantizers=Q,
+        shared_codebook=True,
+        orthogonal_reg_weight=w,
+        commitment_weight=0.0,
+        rotation_trick=False,
     )
     t, r = make_pair(make)
     before = t.layers[0]._codebook.embed.detach()[0].clone()
@@ -339,7 +345,12 @@ def test_shared_codebook_restarts_after_the_last_depth_only(rng):
     # forward sees the codebook the forward started with.
     Q = 3
     make = lambda: TorchRVQ(
-        dim=D, codebook_size=K, num_quantizers=Q, shared_codebook=True, threshold_ema_dead_code=4.0, rotation_trick=False
+        dim=D,
+        codebook_size=K,
+        num_quantizers=Q,
+        shared_codebook=True,
+        threshold_ema_dead_code=4.0,
+        rotation_trick=False,
     )
     t, r = make_pair(make)
     x = batch(rng, (120, D))
@@ -391,11 +402,11 @@ def test_loss_shapes(rng):
 
 
 def test_num_quantizers_and_seed_aliases():
-    # The seed document's spellings: vqref's VectorQuantize(num_quantizers=Q > 1) is a
-    # ResidualVQ, and n_embed / commitment alias codebook_size / commitment_weight.  vqp's
+    # The spellings of tests/test_seed_examples.py: vqref's VectorQuantize(num_quantizers=Q > 1) is a
+    # residual stack of Q depths, and n_embed / commitment alias codebook_size / commitment_weight.  vqp's
     # VectorQuantize has no num_quantizers and neither class knows the aliases.
     rq = vqref.VectorQuantize(dim=D, codebook_size=K, num_quantizers=4)
-    assert isinstance(rq, vqref.ResidualVQ) and rq.num_quantizers == 4
+    assert type(rq) is vqref.VectorQuantize and rq.is_stack and rq.num_quantizers == 4
     rq = vqref.ResidualVQ(dim=D, n_embed=K, num_quantizers=2, commitment=0.25)
     assert rq.codebook_size == K and rq.layers[0].commitment_weight == 0.25
     with pytest.raises(TypeError, match="num_quantizers"):

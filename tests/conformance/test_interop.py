@@ -8,7 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from vector_quantize_pytorch import GroupedResidualVQ, ResidualVQ as TorchRVQ, VectorQuantize as TorchVQ
+from vector_quantize_pytorch import GroupedResidualVQ
+from vector_quantize_pytorch import ResidualVQ as TorchRVQ
+from vector_quantize_pytorch import VectorQuantize as TorchVQ
 
 import vqref
 from vqref import backend as B
@@ -50,8 +52,15 @@ VQP_MODULES = {
         dim=D, codebook_size=K, rotation_trick=False, use_cosine_sim=True, threshold_ema_dead_code=1.5, decay=0.9
     ),
     "vq-learnable-orth": lambda: TorchVQ(
-        dim=D, codebook_size=K, learnable_codebook=True, ema_update=False, orthogonal_reg_weight=2.0,
-        orthogonal_reg_active_codes_only=True, orthogonal_reg_max_codes=8, commitment_weight=0.25, eps=1e-4,
+        dim=D,
+        codebook_size=K,
+        learnable_codebook=True,
+        ema_update=False,
+        orthogonal_reg_weight=2.0,
+        orthogonal_reg_active_codes_only=True,
+        orthogonal_reg_max_codes=8,
+        commitment_weight=0.25,
+        eps=1e-4,
     ),
     "vq-kmeans": lambda: TorchVQ(dim=D, codebook_size=K, kmeans_init=True, kmeans_iters=3),
     "rvq": lambda: TorchRVQ(dim=D, codebook_size=K, num_quantizers=3, rotation_trick=False),
@@ -102,7 +111,9 @@ def test_vqref_to_torch_to_vqref_round_trip(kwargs, rng):
     t = to_vector_quantize_pytorch(r)
     again = from_vector_quantize_pytorch(t)
     assert again.config() == r.config()
-    assert_states_equal({k: B.to_numpy(v) for k, v in again.state_dict().items()}, {k: B.to_numpy(v) for k, v in r.state_dict().items()})
+    assert_states_equal(
+        {k: B.to_numpy(v) for k, v in again.state_dict().items()}, {k: B.to_numpy(v) for k, v in r.state_dict().items()}
+    )
 
 
 def test_rotation_trick_is_carried_explicitly_both_ways():
@@ -191,7 +202,10 @@ def test_training_mode_is_carried():
 def test_export_state_dict_loads_strictly_into_vqp():
     for r, make in [
         (vqref.VectorQuantize(D, K, seed=0), lambda: TorchVQ(dim=D, codebook_size=K)),
-        (vqref.ResidualVQ(dim=D, codebook_size=K, num_quantizers=3, seed=0), lambda: TorchRVQ(dim=D, codebook_size=K, num_quantizers=3)),
+        (
+            vqref.ResidualVQ(dim=D, codebook_size=K, num_quantizers=3, seed=0),
+            lambda: TorchRVQ(dim=D, codebook_size=K, num_quantizers=3),
+        ),
         (
             vqref.ResidualVQ(dim=D, codebook_size=K, num_quantizers=3, shared_codebook=True, seed=0),
             lambda: TorchRVQ(dim=D, codebook_size=K, num_quantizers=3, shared_codebook=True),
@@ -265,7 +279,9 @@ def test_unsupported_residual_options_are_named(option):
 
 
 def test_every_unsupported_option_is_named_at_once():
-    t = TorchVQ(dim=D, codebook_size=K, stochastic_sample_codes=True, codebook_diversity_loss_weight=0.1, channel_last=False)
+    t = TorchVQ(
+        dim=D, codebook_size=K, stochastic_sample_codes=True, codebook_diversity_loss_weight=0.1, channel_last=False
+    )
     with pytest.raises(ValueError) as info:
         from_vector_quantize_pytorch(t)
     for name in ("stochastic_sample_codes", "codebook_diversity_loss_weight", "channel_last"):
@@ -288,11 +304,15 @@ def test_other_classes_are_rejected():
 
 def test_vqref_options_without_a_vqp_equivalent_are_rejected():
     with pytest.raises(ValueError, match="codebook_weight"):
-        to_vector_quantize_pytorch(vqref.VectorQuantize(D, K, learnable_codebook=True, ema_update=False, codebook_weight=1.0))
+        to_vector_quantize_pytorch(
+            vqref.VectorQuantize(D, K, learnable_codebook=True, ema_update=False, codebook_weight=1.0)
+        )
     with pytest.raises(ValueError, match="gradient_routing"):
         export_state_dict(vqref.ResidualVQ(dim=D, codebook_size=K, num_quantizers=2, gradient_routing="sum"))
 
 
 def test_importing_vqref_interop_does_not_import_torch():
     code = "import sys, vqref, vqref.interop; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(vqref.__file__).parents[1]))
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(vqref.__file__).parents[1])
+    )

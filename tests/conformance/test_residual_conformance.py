@@ -1,10 +1,11 @@
-"""ResidualVQ and the seed document's configurations: vqref against vector-quantize-pytorch.
+"""ResidualVQ and the snippets' configurations: vqref against vector-quantize-pytorch.
 
-The seed document (the project's design card) shows six configurations at dim 256, 256-512
-codes and 1024 tokens; they run here at dim 32, 64 codes and 512 tokens with every other
-option as written.  Its ``VectorQuantize(num_quantizers=Q, ...)`` snippets are residual
-quantizers: vector-quantize-pytorch's ``VectorQuantize`` has no ``num_quantizers`` (vqref's
-returns a ``ResidualVQ``), so the torch side of those is ``ResidualVQ``.  Its ``n_embed`` and
+The snippets of the document vqref was started from (reproduced in tests/test_seed_examples.py)
+show six configurations at dim 256, 256-512 codes and 1024 tokens; they run here at dim 32, 64
+codes and 512 tokens with every other option as written.  Their
+``VectorQuantize(num_quantizers=Q, ...)`` snippets are residual quantizers:
+vector-quantize-pytorch's ``VectorQuantize`` has no ``num_quantizers`` (vqref's returns a
+``ResidualVQ``), so the torch side of those is ``ResidualVQ``.  Their ``n_embed`` and
 ``commitment`` are vqref aliases of ``codebook_size`` and ``commitment_weight``, which
 vector-quantize-pytorch does not accept (tests/conformance/test_deviations.py).
 """
@@ -17,7 +18,6 @@ import torch
 from vector_quantize_pytorch import ResidualVQ as TorchRVQ
 
 import vqref
-
 from vqref.testing.torch_reference.orthogonal import orthogonal_loss_reference
 
 from .conftest import batch, host_orthogonal_loss, make_pair, run_steps, vqp_step, vqref_step
@@ -33,8 +33,15 @@ SEED_K, SEED_SHAPE = 32, (4, 256, D)
 SEED_CONFIGS = {
     # "Residual VQ"
     "seed-residual-vq": (
-        dict(num_quantizers=2, decay=0.8, commitment_weight=1.0, kmeans_init=True, kmeans_iters=2,
-             use_cosine_sim=True, orthogonal_reg_weight=0.5),
+        dict(
+            num_quantizers=2,
+            decay=0.8,
+            commitment_weight=1.0,
+            kmeans_init=True,
+            kmeans_iters=2,
+            use_cosine_sim=True,
+            orthogonal_reg_weight=0.5,
+        ),
         True,
     ),
     # "Kmeans Initialization"
@@ -51,14 +58,28 @@ SEED_CONFIGS = {
     # overwrites that codebook in place before the backward, which corrupts its gradient
     # (test_deviations.py::test_vqp_shared_codebook_orthogonal_gradient_uses_overwritten_codes)
     "seed-shared-codebook": (
-        dict(num_quantizers=2, shared_codebook=True, decay=0.8, commitment_weight=1.0, kmeans_init=True,
-             kmeans_iters=2, use_cosine_sim=True, orthogonal_reg_weight=0.5),
+        dict(
+            num_quantizers=2,
+            shared_codebook=True,
+            decay=0.8,
+            commitment_weight=1.0,
+            kmeans_init=True,
+            kmeans_iters=2,
+            use_cosine_sim=True,
+            orthogonal_reg_weight=0.5,
+        ),
         False,
     ),
     # "Rotation Trick in VQ"
     "seed-rotation-trick": (
-        dict(num_quantizers=4, kmeans_init=True, kmeans_iters=10, use_cosine_sim=True, orthogonal_reg_weight=0.5,
-             rotation_trick=True),
+        dict(
+            num_quantizers=4,
+            kmeans_init=True,
+            kmeans_iters=10,
+            use_cosine_sim=True,
+            orthogonal_reg_weight=0.5,
+            rotation_trick=True,
+        ),
         True,
     ),
 }
@@ -77,7 +98,8 @@ PLAIN_CONFIGS = {
         20.0,
     ),
     "shared-orthogonal-learnable": (
-        dict(num_quantizers=2, shared_codebook=True, orthogonal_reg_weight=1.0, ema_update=False), 5.0
+        dict(num_quantizers=2, shared_codebook=True, orthogonal_reg_weight=1.0, ema_update=False),
+        5.0,
     ),
     "kmeans-euclidean-ste": (dict(num_quantizers=3, kmeans_init=True, kmeans_iters=5, rotation_trick=False), None),
     "dead-codes": (dict(num_quantizers=2, threshold_ema_dead_code=2.0, rotation_trick=False), None),
@@ -101,8 +123,13 @@ def test_orthogonal_regulariser_is_evaluated_per_depth_on_the_updated_codebook(r
     # gradients at that codebook (vqp's is wrong there, test_deviations.py).
     Q, w = 3, 0.5
     make = lambda: TorchRVQ(
-        dim=D, codebook_size=K, num_quantizers=Q, shared_codebook=shared, orthogonal_reg_weight=w,
-        commitment_weight=0.0, rotation_trick=False,
+        dim=D,
+        codebook_size=K,
+        num_quantizers=Q,
+        shared_codebook=shared,
+        orthogonal_reg_weight=w,
+        commitment_weight=0.0,
+        rotation_trick=False,
     )
     t, r = make_pair(make)
     x = batch(rng, SHAPE)
@@ -148,43 +175,81 @@ def test_residual_training_steps_agree(name):
 
 
 SEED_AS_WRITTEN = {
-    # the seed's keyword arguments, passed to vqref as they are written (aliases included)
+    # the snippets' keyword arguments, passed to vqref as they are written (aliases included)
     "seed-residual-vq": (
         vqref.ResidualVQ,
-        dict(num_quantizers=2, n_embed=K, dim=D, decay=0.8, commitment=1.0, kmeans_init=True, kmeans_iters=2,
-             use_cosine_sim=True, orthogonal_reg_weight=0.5),
+        dict(
+            num_quantizers=2,
+            n_embed=K,
+            dim=D,
+            decay=0.8,
+            commitment=1.0,
+            kmeans_init=True,
+            kmeans_iters=2,
+            use_cosine_sim=True,
+            orthogonal_reg_weight=0.5,
+        ),
     ),
-    "seed-kmeans-init": (vqref.VectorQuantize, dict(dim=D, codebook_size=K, num_quantizers=4, kmeans_init=True, kmeans_iters=10)),
+    "seed-kmeans-init": (
+        vqref.VectorQuantize,
+        dict(dim=D, codebook_size=K, num_quantizers=4, kmeans_init=True, kmeans_iters=10),
+    ),
     "seed-cosine": (
         vqref.VectorQuantize,
         dict(dim=D, codebook_size=K, num_quantizers=4, kmeans_init=True, kmeans_iters=10, use_cosine_sim=True),
     ),
     "seed-orthogonal": (
         vqref.VectorQuantize,
-        dict(dim=D, codebook_size=K, num_quantizers=4, kmeans_init=True, kmeans_iters=10, use_cosine_sim=True,
-             orthogonal_reg_weight=0.5),
+        dict(
+            dim=D,
+            codebook_size=K,
+            num_quantizers=4,
+            kmeans_init=True,
+            kmeans_iters=10,
+            use_cosine_sim=True,
+            orthogonal_reg_weight=0.5,
+        ),
     ),
     "seed-shared-codebook": (
         vqref.ResidualVQ,
-        dict(num_quantizers=2, n_embed=K, shared_codebook=True, dim=D, decay=0.8, commitment=1.0, kmeans_init=True,
-             kmeans_iters=2, use_cosine_sim=True, orthogonal_reg_weight=0.5),
+        dict(
+            num_quantizers=2,
+            n_embed=K,
+            shared_codebook=True,
+            dim=D,
+            decay=0.8,
+            commitment=1.0,
+            kmeans_init=True,
+            kmeans_iters=2,
+            use_cosine_sim=True,
+            orthogonal_reg_weight=0.5,
+        ),
     ),
     "seed-rotation-trick": (
         vqref.VectorQuantize,
-        dict(dim=D, codebook_size=K, num_quantizers=4, kmeans_init=True, kmeans_iters=10, use_cosine_sim=True,
-             orthogonal_reg_weight=0.5, rotation_trick=True),
+        dict(
+            dim=D,
+            codebook_size=K,
+            num_quantizers=4,
+            kmeans_init=True,
+            kmeans_iters=10,
+            use_cosine_sim=True,
+            orthogonal_reg_weight=0.5,
+            rotation_trick=True,
+        ),
     ),
 }
 
 
 @pytest.mark.parametrize("name", list(SEED_CONFIGS))
 def test_seed_as_written_in_vqref_matches_the_converted_torch_module(name):
-    # The seed's snippets in vqref build the module that conversion of the torch equivalent
-    # gives, except for the gradient estimator where the snippet relies on a default: vqref's
-    # default is the straight-through estimator, vector-quantize-pytorch's the rotation trick.
+    # The snippets (tests/test_seed_examples.py) in vqref build the module that conversion of the
+    # torch equivalent gives, except for the gradient estimator where the snippet relies on a
+    # default: vqref's default is the straight-through estimator, vector-quantize-pytorch's the
+    # rotation trick.
     cls, kwargs = SEED_AS_WRITTEN[name]
     mine = cls(**kwargs, seed=0)
-    assert isinstance(mine, vqref.ResidualVQ)
+    assert isinstance(mine, vqref.VectorQuantize) and mine.is_stack
     t, converted = make_pair(lambda: TorchRVQ(dim=D, codebook_size=K, **SEED_CONFIGS[name][0]))
     a, b = mine.config(), converted.config()
     if "rotation_trick" not in kwargs:

@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .. import backend as B
+from ..ops.l2norm import l2norm
 
 __all__ = [
     "EMAState",
@@ -100,8 +101,7 @@ def codebook_from_state(
         keep = positive & (cluster_size > 0)  # (K,)
         codebook = xp.where(keep[:, None], codebook, fallback)
     if normalize:
-        norm = xp.linalg.vector_norm(codebook, axis=-1, keepdims=True)  # (K, 1)
-        codebook = codebook / xp.maximum(norm, xp.full_like(norm, 1e-6))
+        codebook = l2norm(codebook)  # (K, D) unit rows, the norm clamped at 1e-6
     return codebook
 
 
@@ -189,8 +189,7 @@ def expire_dead_codes(
     rows = B.from_numpy(rows, xp, device=B.get_device(x))
     samples = xp.take(x, rows, axis=0)  # (K, D), one candidate per code
     if normalize:
-        norm = xp.linalg.vector_norm(samples, axis=-1, keepdims=True)
-        samples = samples / xp.maximum(norm, xp.full_like(norm, 1e-6))
+        samples = l2norm(samples)  # (K, D) unit rows, the norm clamped at 1e-6
     samples = xp.astype(samples, state.codebook.dtype)
     dead = state.cluster_size < threshold  # (K,)
     codebook = xp.where(dead[:, None], samples, state.codebook)

@@ -37,19 +37,15 @@ import numpy as np
 
 from .. import backend as B
 from ..ops.distance import nearest_code
-from ..ops.l2norm import l2norm_forward
+from ..ops.l2norm import l2norm
 
 __all__ = ["KMeansResult", "kmeans", "assign", "kmeans_inertia", "sample_initial_means"]
+
 
 class KMeansResult(NamedTuple):
     means: Any  # (K, D) final centroids, x's namespace, device and dtype
     counts: Any  # (K,) int64, cluster sizes of the last assignment (made with the previous means)
     inertia: tuple  # (T,) Python floats, the objective of each iteration's assignment
-
-
-def _l2_normalize(v: Any) -> Any:
-    """Unit rows (zero rows stay zero): the forward of :func:`vqref.ops.l2norm.l2norm_forward`."""
-    return l2norm_forward(v)[0]
 
 
 def sample_initial_means(x: Any, num_clusters: int, rng: Any = None) -> Any:
@@ -99,7 +95,7 @@ def assign(x: Any, means: Any, use_cosine_sim: bool = False, *, chunk_size: int 
     indices : (N,) int64, ties to the lowest index
     """
     if use_cosine_sim:
-        return nearest_code(_l2_normalize(x), _l2_normalize(means), metric="dot", chunk_size=chunk_size)
+        return nearest_code(l2norm(x), l2norm(means), metric="dot", chunk_size=chunk_size)
     return nearest_code(x, means, metric="euclidean", chunk_size=chunk_size)
 
 
@@ -121,9 +117,7 @@ def kmeans_inertia(x: Any, means: Any, use_cosine_sim: bool = False, *, chunk_si
     """
     xp = B.get_namespace(x, means)
     if use_cosine_sim:
-        _, sim = nearest_code(
-            _l2_normalize(x), _l2_normalize(means), metric="dot", chunk_size=chunk_size, return_score=True
-        )  # (N,)
+        _, sim = nearest_code(l2norm(x), l2norm(means), metric="dot", chunk_size=chunk_size, return_score=True)  # (N,)
         return -xp.sum(sim)
     _, dist = nearest_code(x, means, metric="euclidean", chunk_size=chunk_size, return_score=True)  # (N,)
     return xp.sum(dist)
@@ -211,7 +205,7 @@ def kmeans(
     N, D = x.shape
 
     if use_cosine_sim:
-        x = _l2_normalize(x)  # (N, D) rows on the unit sphere (zero rows stay zero)
+        x = l2norm(x)  # (N, D) rows on the unit sphere (zero rows stay zero)
     if init_means is None:
         means = sample_initial_means(x, K, rng)  # (K, D)
     else:
@@ -219,7 +213,7 @@ def kmeans(
             raise ValueError(f"init_means must be ({K}, {D}), got {tuple(init_means.shape)}")
         means = xp.astype(init_means, x.dtype) if init_means.dtype != x.dtype else init_means
         if use_cosine_sim:
-            means = _l2_normalize(means)
+            means = l2norm(means)
 
     metric = "dot" if use_cosine_sim else "euclidean"
     objective = []
@@ -234,7 +228,7 @@ def kmeans(
         denom = xp.astype(xp.maximum(counts, xp.ones_like(counts)), x.dtype)  # (K,) max(n_k, 1)
         new_means = means + dsums / denom[:, None]  # (K, D) s_k / n_k where n_k > 0
         if use_cosine_sim:
-            new_means = _l2_normalize(new_means)
+            new_means = l2norm(new_means)
         # An empty cluster's deviation sum is 0, so new_means already equals means there in the
         # Euclidean case; the where states rule (3) outright and skips the cosine re-normalisation.
         means = xp.where((counts > 0)[:, None], new_means, means)  # (K, D) empty clusters keep theirs

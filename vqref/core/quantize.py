@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .. import backend as B
+from ..backend import Array
 from ..ops.distance import nearest_code
 from ..ops.l2norm import l2norm_backward, l2norm_forward
 from ..ops.lookup import LookupCache, lookup_backward, lookup_forward
@@ -42,53 +43,97 @@ __all__ = [
     "quantize_backward",
     "estimator_forward",
     "estimator_backward",
+    "add_orthogonal_term",
+    "EstimatorCache",
 ]
 
 
 class QuantizeOutput(NamedTuple):
     quantized: Any  # (N, D), value = the selected (normalised) codes
-    indices: Any  # (N,) int64
+    indices: Array  # (N,) int64
     loss: Any  # 0-d, the weighted total
     commitment: Any  # 0-d, mse(x^, q) (unweighted; equals the codebook term's value)
     orthogonal: Any  # 0-d or None, the orthogonal regulariser (unweighted)
+
+
+class EstimatorCache(NamedTuple):
+    kind: str  # "ste" | "rotation"
+    inner: Any  # the estimator op's own cache (STECache or RotationCache)
 
 
 class QuantizeCache(NamedTuple):
     x_norm: Any  # l2norm cache of the input, or None (Euclidean)
     c_norm: Any  # l2norm cache of the codebook, or None
     lookup: LookupCache
-    estimator: str  # "ste" | "rotation"
-    estimator_cache: Any
+    estimator: EstimatorCache
     mse: MSECache  # mse(x^, q), shared by the commitment and codebook terms
     commitment_weight: float
     codebook_weight: float  # 0 when the codebook gets no gradient from the losses
-    orthogonal: Any  # orthogonal-loss cache, or None
+    orthogonal: Any  # orthogonal-loss cache, or None (see add_orthogonal_term)
     orthogonal_weight: float
 
 
-def estimator_forward(x: Any, q: Any, *, rotation_trick: bool = False) -> tuple[Any, str, Any]:
+def estimator_forward(x: Array, q: Array, *, rotation_trick: bool = False) -> tuple[Any, EstimatorCache]:
     """The gradient estimator: value ``q``, surrogate gradient to ``x``.
 
-    Returns ``(out (N, D), name, cache)`` with name ``"rotation"`` (the rotation trick) or
-    ``"ste"`` (straight-through); :func:`estimator_backward` takes the name and the cache.
+    Parameters
+    ----------
+    x : (N, D) the vectors the gradient goes to
+    q : (N, D) their codes (the value)
+    rotation_trick : the rotation trick (arXiv 2410.06424) instead of the straight-through estimator
+
+    Returns
+    -------
+    out : (N, D), equal to ``q``
+    cache : EstimatorCache(kind, inner) for :func:`estimator_backward`
     """
     if rotation_trick:
-        out, cache = rotation_trick_forward(x, q)
-        return out, "rotation", cache
-    out, cache = straight_through_forward(x, q)
-    return out, "ste", cache
+        out, inner = rotation_trick_forward(x, q)
+        return out, EstimatorCache("rotation", inner)
+    out, inner = straight_through_forward(x, q)
+    return out, EstimatorCache("ste", inner)
 
 
-def estimator_backward(dout: Any, name: str, cache: Any) -> Any:
-    """``dx`` of the estimator named ``name``: ``dout`` (STE) or ``lambda R^T dout`` (rotation)."""
-    if name == "rotation":
-        return rotation_trick_backward(dout, cache)
-    return straight_through_backward(dout, cache)
+def estimator_backward(dout: Array, cache: EstimatorCache) -> Array:
+    """``dx``: ``dout`` (straight-through) or ``lambda R^T dout`` (rotation trick); surrogates."""
+    if cache.kind == "rotation":
+        return rotation_trick_backward(dout, cache.inner)
+    return straight_through_backward(dout, cache.inner)
+
+
+def add_orthogonal_term(
+    cache: QuantizeCache, codebook: Array, *, weight: float, code_ids: Any = None
+) -> tuple[Any, QuantizeCache]:
+    """The orthogonal regulariser ``orth(codebook)``, with its gradient joined to a quantization's backward.
+
+    The orthogonal regulariser (arXiv 2112.00384) is a loss on the codebook parameter, not on the
+    quantization: it may be evaluated on another value of the codebook than the one the
+    assignment used.  A quantizer module with an EMA codebook evaluates it on the codebook after
+    this step's update (vector-quantize-pytorch's order), so that its gradient belongs to the
+    codebook an optimizer will step.  :func:`quantize_forward` calls this function on its own
+    codebook when given ``orthogonal_reg_weight > 0``.  The caller adds ``weight * orth`` to the
+    loss.
+
+    Parameters
+    ----------
+    cache : QuantizeCache from :func:`quantize_forward` (without a regulariser)
+    codebook : (K, D), the codebook value the regulariser is evaluated on (raw, not normalised)
+    weight : w > 0
+    code_ids : optional (n,) int, the codes the regulariser sees (default: all K)
+
+    Returns
+    -------
+    orth : 0-d, the unweighted value
+    cache : with the regulariser's cache and weight; :func:`quantize_backward` adds the gradient
+        of ``weight * orth`` at ``codebook`` (its step 4)
+    """
+    orth, orth_cache = orthogonal_loss_forward(codebook, code_ids=code_ids)  # ()
+    return orth, cache._replace(orthogonal=orth_cache, orthogonal_weight=float(weight))
 
 
 def quantize_forward(
-    x: Any,
-    codebook: Any,
+    x: Array,
+    codebook: Array,
     *,
     commitment_weight: float = 1.0,
     codebook_weight: float | None = None,
@@ -97,7 +142,7 @@ def quantize_forward(
     rotation_trick: bool = False,
     orthogonal_reg_weight: float = 0.0,
     orthogonal_code_ids: Any = None,
-    indices: Any = None,
+    indices: Array = None,
     chunk_size: int | None = None,
 ) -> tuple[QuantizeOutput, QuantizeCache]:
     """Quantize ``x`` with ``codebook``; return the outputs and what the backward needs.
@@ -134,7 +179,7 @@ def quantize_forward(
         indices = nearest_code(xh, ch, metric="dot" if use_cosine_sim else "euclidean", chunk_size=chunk_size)
     q, lookup_cache = lookup_forward(ch, indices)  # (N, D)
 
-    quantized, estimator, est_cache = estimator_forward(xh, q, rotation_trick=rotation_trick)
+    quantized, est_cache = estimator_forward(xh, q, rotation_trick=rotation_trick)
 
     # mse(x^, q) has one value; the weights below decide where its gradient goes.
     commit, mse_cache = mse_forward(xh, q)  # ()
@@ -142,30 +187,20 @@ def quantize_forward(
         cb_weight = commitment_weight if codebook_weight is None else codebook_weight
     else:
         cb_weight = 0.0
-    loss = (commitment_weight + cb_weight) * commit if codebook_weight is not None else commitment_weight * commit
+    weight = commitment_weight + cb_weight if codebook_weight is not None else commitment_weight
+    loss = xp.asarray(weight * commit)  # () a 0-d array on every backend (numpy makes a scalar)
 
-    orth = orth_cache = None
-    if orthogonal_reg_weight > 0:
-        orth, orth_cache = orthogonal_loss_forward(codebook, code_ids=orthogonal_code_ids)
-        loss = loss + orthogonal_reg_weight * orth
-
-    out = QuantizeOutput(quantized, indices, loss, commit, orth)
     cache = QuantizeCache(
-        x_norm,
-        c_norm,
-        lookup_cache,
-        estimator,
-        est_cache,
-        mse_cache,
-        float(commitment_weight),
-        float(cb_weight),
-        orth_cache,
-        float(orthogonal_reg_weight),
+        x_norm, c_norm, lookup_cache, est_cache, mse_cache, float(commitment_weight), float(cb_weight), None, 0.0
     )
-    return out, cache
+    orth = None
+    if orthogonal_reg_weight > 0:
+        orth, cache = add_orthogonal_term(cache, codebook, weight=orthogonal_reg_weight, code_ids=orthogonal_code_ids)
+        loss = xp.asarray(loss + orthogonal_reg_weight * orth)
+    return QuantizeOutput(quantized, indices, loss, commit, orth), cache
 
 
-def quantize_backward(dquantized: Any, dloss: Any, cache: QuantizeCache) -> tuple[Any, Any]:
+def quantize_backward(dquantized: Array, dloss: Array, cache: QuantizeCache) -> tuple[Any, Any]:
     """Gradients for the input and the codebook.
 
     Parameters
@@ -180,7 +215,7 @@ def quantize_backward(dquantized: Any, dloss: Any, cache: QuantizeCache) -> tupl
     dcodebook : (K, D), or ``None`` when no term reaches the codebook
     """
     # 1. The estimator carries the decoder's gradient to x^ (STE: unchanged; rotation: lambda R^T g).
-    dxh = estimator_backward(dquantized, cache.estimator, cache.estimator_cache)  # (N, D)
+    dxh = estimator_backward(dquantized, cache.estimator)  # (N, D)
 
     # 2. The losses: d mse(x^, q) = +(2/M)(x^ - q) for x^ and the opposite for q.  The
     #    commitment weight routes it to x^, the codebook weight to q.

@@ -12,7 +12,7 @@ Each depth quantizes what the depths before it left over:
 The residual recursion is a hierarchical clustering: depth 0 finds coarse clusters, each later
 depth clusters the errors of the ones before.  The tuple ``(k_0, ..., k_{Q-1})`` is a row's code.
 
-Gradient routing (MATH.md section 2.4).  Because ``r_{l+1} = r_l - sg[o_l]``, every residual has
+Gradient routing (docs/math.md §2.4).  Because ``r_{l+1} = r_l - sg[o_l]``, every residual has
 identity Jacobian with respect to x.  How the decoder's gradient g reaches x depends on where
 the estimator sits:
 
@@ -33,36 +33,52 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Sequence
 
 from .. import backend as B
-from .quantize import QuantizeCache, estimator_backward, estimator_forward, quantize_backward, quantize_forward
+from ..backend import Array
+from .quantize import (
+    EstimatorCache,
+    add_orthogonal_term,
+    estimator_backward,
+    estimator_forward,
+    quantize_backward,
+    quantize_forward,
+)
 
-__all__ = ["ResidualOutput", "ResidualCache", "residual_forward", "residual_backward", "GRADIENT_ROUTINGS"]
+__all__ = [
+    "ResidualOutput",
+    "ResidualCache",
+    "residual_forward",
+    "residual_backward",
+    "residual_add_orthogonal",
+    "GRADIENT_ROUTINGS",
+]
 
 GRADIENT_ROUTINGS = ("per_depth", "sum")
 
 
 class ResidualOutput(NamedTuple):
     quantized: Any  # (N, D) value sum_l c_l
-    indices: Any  # (N, Q) int64
+    indices: Array  # (N, Q) int64
     losses: Any  # (Q,) per-depth losses
     residuals: tuple  # Q + 1 arrays (N, D): r_0 = x, ..., r_Q = x - sum_l c_l
     codes: tuple  # Q arrays (N, D): the chosen (normalised) code at each depth
+    commitments: tuple = ()  # Q 0-d arrays: each depth's mse(r^_l, c_l), unweighted
+    orthogonals: tuple | None = None  # Q 0-d arrays: each depth's orthogonal regulariser (unweighted)
 
 
 class ResidualCache(NamedTuple):
     depths: tuple  # Q QuantizeCache
     routing: str
-    sum_estimator: str | None  # "ste" | "rotation" with routing "sum"
-    sum_cache: Any
+    sum_estimator: EstimatorCache | None  # the estimator on the total, with routing "sum"
     shared: bool
 
 
 def residual_forward(
-    x: Any,
-    codebooks: Sequence[Any],
+    x: Array,
+    codebooks: Sequence[Array],
     *,
     routing: str = "per_depth",
-    indices: Any = None,
-    code_ids: Sequence[Any] | None = None,
+    indices: Array = None,
+    code_ids: Sequence[Array] | None = None,
     **quantize_options: Any,
 ) -> tuple[ResidualOutput, ResidualCache]:
     """Quantize ``x`` residually, one codebook per depth.
@@ -93,7 +109,7 @@ def residual_forward(
         depth_options["rotation_trick"] = False  # the estimator sits on the sum instead
 
     residual = x
-    residuals, codes, idx_list, losses, caches = [x], [], [], [], []
+    residuals, codes, idx_list, losses, caches, commitments = [x], [], [], [], [], []
     total = None
     for level in range(Q):
         fixed = None if indices is None else indices[:, level]
@@ -104,14 +120,15 @@ def residual_forward(
         codes.append(out.quantized)
         idx_list.append(out.indices)
         losses.append(out.loss)
+        commitments.append(out.commitment)
         caches.append(cache)
         total = out.quantized if total is None else total + out.quantized  # (N, D)
         residual = residual - out.quantized  # r_{l+1} = r_l - sg[o_l]  (N, D)
         residuals.append(residual)
 
-    sum_estimator = sum_cache = None
+    sum_estimator = None
     if routing == "sum":
-        quantized, sum_estimator, sum_cache = estimator_forward(x, total, rotation_trick=rotation)
+        quantized, sum_estimator = estimator_forward(x, total, rotation_trick=rotation)
     else:
         quantized = total
     out = ResidualOutput(
@@ -120,11 +137,12 @@ def residual_forward(
         xp.stack([xp.asarray(v) for v in losses]),
         tuple(residuals),
         tuple(codes),
+        tuple(commitments),
     )
-    return out, ResidualCache(tuple(caches), routing, sum_estimator, sum_cache, shared)
+    return out, ResidualCache(tuple(caches), routing, sum_estimator, shared)
 
 
-def residual_backward(dquantized: Any, dlosses: Any, cache: ResidualCache) -> tuple[Any, list]:
+def residual_backward(dquantized: Array, dlosses: Array, cache: ResidualCache) -> tuple[Any, list]:
     """Gradients for the input and every depth's codebook.
 
     Parameters
@@ -140,7 +158,7 @@ def residual_backward(dquantized: Any, dlosses: Any, cache: ResidualCache) -> tu
     """
     xp = B.get_namespace(dquantized)
     Q = len(cache.depths)
-    if B._is_array(dlosses) and dlosses.ndim == 1:
+    if B.is_array(dlosses) and dlosses.ndim == 1:
         dl = [dlosses[level] for level in range(Q)]
     else:
         dl = [dlosses] * Q
@@ -156,7 +174,7 @@ def residual_backward(dquantized: Any, dlosses: Any, cache: ResidualCache) -> tu
         return dx, dcodebooks
     # routing "sum": the estimator on the total carries the decoder gradient once; the depths
     # contribute their loss gradients only.
-    dx = estimator_backward(dquantized, cache.sum_estimator, cache.sum_cache)
+    dx = estimator_backward(dquantized, cache.sum_estimator)
     zeros = xp.zeros_like(dquantized)
     dcodebooks = []
     for level, depth in enumerate(cache.depths):
@@ -165,3 +183,32 @@ def residual_backward(dquantized: Any, dlosses: Any, cache: ResidualCache) -> tu
         dcodebooks.append(dcb)
     return dx, dcodebooks
 
+
+def residual_add_orthogonal(
+    out: ResidualOutput,
+    cache: ResidualCache,
+    codebooks: Sequence[Array],
+    *,
+    weight: float,
+    code_ids: Sequence[Array] | None = None,
+) -> tuple[ResidualOutput, ResidualCache]:
+    """Add each depth's orthogonal regulariser ``weight * orth(C_l)`` to its loss.
+
+    The per-depth form of :func:`vqref.core.quantize.add_orthogonal_term`: ``codebooks[l]`` is the
+    codebook value depth l's term is evaluated on (for a quantizer module: after this step's EMA
+    update, or the assignment's codebook for a shared one), ``code_ids[l]`` its code subset.
+
+    Returns
+    -------
+    out : with ``losses[l] + weight * orth_l``
+    cache : with every depth's regulariser cache (its gradient joins that depth's codebook gradient)
+    """
+    xp = B.get_namespace(out.losses)
+    depths, orths = [], []
+    for level, depth in enumerate(cache.depths):
+        ids = None if code_ids is None else code_ids[level]
+        orth, depth = add_orthogonal_term(depth, codebooks[level], weight=weight, code_ids=ids)
+        depths.append(depth)
+        orths.append(orth)
+    out = out._replace(losses=out.losses + weight * xp.stack(orths), orthogonals=tuple(orths))  # (Q,)
+    return out, cache._replace(depths=tuple(depths))

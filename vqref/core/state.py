@@ -16,9 +16,10 @@ Order within a training step (as in vector-quantize-pytorch):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from .. import backend as B
+from ..backend import Array
 from .ema import (
     EMAState,
     accumulate_statistics,
@@ -28,11 +29,17 @@ from .ema import (
     recompute_codebook,
 )
 
-__all__ = ["kmeans_init_state", "training_update"]
+__all__ = [
+    "kmeans_init_state",
+    "training_update",
+    "shared_training_update",
+    "residual_kmeans_init",
+    "residual_training_update",
+]
 
 
 def kmeans_init_state(
-    x: Any,
+    x: Array,
     num_codes: int,
     *,
     iters: int,
@@ -44,7 +51,7 @@ def kmeans_init_state(
     """Initial EMA state from k-means on one batch (SoundStream, arXiv 2107.03312).
 
     The EMA statistics are seeded consistently with the centroids: ``N_k = n_k`` (the cluster
-    sizes) and ``m_k = mu_k n_k``, so that ``c_k = m_k / N~_k`` holds (MATH.md section 3.2) and
+    sizes) and ``m_k = mu_k n_k``, so that ``c_k = m_k / N~_k`` holds (docs/math.md §3.2) and
     one EMA step on the same batch leaves the codes at the centroids.
 
     Parameters
@@ -82,8 +89,8 @@ def kmeans_init_state(
 
 def training_update(
     state: EMAState,
-    x: Any,
-    indices: Any,
+    x: Array,
+    indices: Array,
     *,
     decay: float,
     eps: float,
@@ -114,3 +121,141 @@ def training_update(
     if dead_code_threshold > 0:
         state, _ = expire_dead_codes(state, x, threshold=dead_code_threshold, rng=rng, normalize=normalize)
     return state
+
+
+def shared_training_update(
+    state: EMAState,
+    xs: Sequence[Array],
+    indices: Sequence[Array],
+    *,
+    decay: float,
+    eps: float,
+    ema: bool = True,
+    dead_code_threshold: float = 0.0,
+    rng: Any = None,
+    normalize: bool = False,
+) -> EMAState:
+    """The state update of one codebook shared by Q depths (RQ-VAE, arXiv 2203.01941).
+
+    Each depth's statistics take one EMA step, in depth order; the codes are recomputed once,
+    after the last depth, so that every depth of the forward saw the same codebook (as
+    vector-quantize-pytorch does).  The old statistics therefore decay by ``decay ** Q`` per
+    forward.  Dead-code restarts then draw their candidates from all depths' vectors.
+
+    Parameters
+    ----------
+    state : EMAState of the shared codebook
+    xs : Q arrays (N, D), what each depth quantized (normalised for cosine codebooks), state dtype
+    indices : Q arrays (N,), each depth's codes
+    decay, eps, ema, dead_code_threshold, rng, normalize : as :func:`training_update`
+    """
+    xp = B.get_namespace(state.codebook)
+    if ema or dead_code_threshold > 0:
+        for x, idx in zip(xs, indices):
+            counts, sums = batch_statistics(x, idx, state.codebook.shape[0])
+            state = accumulate_statistics(state, counts, sums, decay=decay)
+    if ema:
+        state = recompute_codebook(state, eps=eps, normalize=normalize)
+    if dead_code_threshold > 0:
+        state, _ = expire_dead_codes(
+            state, xp.concat(list(xs), axis=0), threshold=dead_code_threshold, rng=rng, normalize=normalize
+        )
+    return state
+
+
+def residual_kmeans_init(
+    x: Array,
+    states: Sequence[EMAState],
+    initted: Sequence[bool],
+    *,
+    num_depths: int,
+    shared: bool,
+    iters: int,
+    rngs: Sequence[Array],
+    eps: float,
+    use_cosine_sim: bool,
+    dtype: Any,
+    quantize_options: dict,
+) -> tuple[list, list]:
+    """k-means initialisation of a residual stack on its first batch, depth by depth.
+
+    Depth l clusters the residuals that the depths before it leave (each quantizing with its
+    already initialised codebook), so every codebook starts at the centroids of what it will
+    see (SoundStream, arXiv 2107.03312).  A shared codebook is initialised from the first
+    depth's input.  With one depth this is :func:`kmeans_init_state` on the batch.
+
+    Parameters
+    ----------
+    x : (N, D) the batch
+    states : one EMAState per codebook (1 if shared, else Q)
+    initted : one flag per codebook; initialised codebooks are kept
+    num_depths : Q
+    shared : one codebook for every depth
+    iters : Lloyd iterations
+    rngs : one numpy Generator per codebook (draws the initial means)
+    eps : Laplace smoothing constant
+    use_cosine_sim : spherical k-means on l2-normalised vectors, unit codes
+    dtype : dtype of the state
+    quantize_options : options of :func:`vqref.core.quantize.quantize_forward` used to compute
+        the residuals between depths
+
+    Returns
+    -------
+    states, initted : new lists (the inputs are not modified)
+    """
+    from ..ops.l2norm import l2norm_forward
+    from .quantize import quantize_forward
+
+    xp = B.get_namespace(x)
+    states, initted = list(states), list(initted)
+    residual = x
+    for level in range(num_depths):
+        i = 0 if shared else level
+        if not initted[i]:
+            data = l2norm_forward(residual)[0] if use_cosine_sim else residual  # (N, D)
+            states[i] = kmeans_init_state(
+                data,
+                states[i].codebook.shape[0],
+                iters=iters,
+                rng=rngs[i],
+                eps=eps,
+                use_cosine_sim=use_cosine_sim,
+                dtype=dtype,
+            )
+            initted[i] = True
+        if level + 1 < num_depths:
+            out, _ = quantize_forward(residual, xp.astype(states[i].codebook, x.dtype), **quantize_options)
+            residual = residual - out.quantized  # (N, D)
+    return states, initted
+
+
+def residual_training_update(
+    states: Sequence[EMAState],
+    xs: Sequence[Array],
+    indices: Sequence[Array],
+    *,
+    shared: bool,
+    rngs: Sequence[Array],
+    **options: Any,
+) -> list:
+    """The state update of a residual stack after a training forward.
+
+    Separate codebooks: :func:`training_update` per depth, on what that depth quantized, with
+    that depth's generator.  A shared codebook: :func:`shared_training_update`.
+
+    Parameters
+    ----------
+    states : one EMAState per codebook
+    xs : Q arrays (N, D), each depth's quantized vectors (normalised for cosine), state dtype
+    indices : Q arrays (N,)
+    shared : one codebook for every depth
+    rngs : one numpy Generator per codebook
+    **options : decay, eps, ema, dead_code_threshold, normalize (see :func:`training_update`)
+
+    Returns
+    -------
+    list of the new EMAStates
+    """
+    if shared:
+        return [shared_training_update(states[0], xs, indices, rng=rngs[0], **options)]
+    return [training_update(st, x, idx, rng=rng, **options) for st, x, idx, rng in zip(states, xs, indices, rngs)]

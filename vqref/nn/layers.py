@@ -23,12 +23,14 @@ Their ``params`` are live: writing ``net.params["0.W"] = new`` (which is what th
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from .. import backend as B
+from ..ops.losses import MSECache, mse_backward, mse_forward
+from ..params import NamedArrays, ParamView
 
 __all__ = [
     "LinearCache",
@@ -173,16 +175,13 @@ def tanh_backward(dy: Any, cache: TanhCache) -> Any:
     return dy * (1.0 - y * y)  # (N, D)
 
 
-class MSECache(NamedTuple):
-    diff: Any  # (N, D) pred - target
-    scale: float  # 2 / M, with M the number of elements
-
-
 def mse_loss_forward(pred: Any, target: Any) -> tuple[Any, MSECache]:
     """Mean squared error over all elements, ``loss = (1/M) sum_ij (pred_ij - target_ij)^2``.
 
     This is the reconstruction loss of the VQ-VAE (van den Oord et al. 2017, eq. 3, first term)
-    with the normaliser ``M = N * D`` of ``torch.nn.functional.mse_loss``.
+    with the normaliser ``M = N * D`` of ``torch.nn.functional.mse_loss``.  It is the one MSE of
+    vqref, :func:`vqref.ops.losses.mse_forward`; this wrapper only insists on equal shapes
+    (that op also accepts arrays that broadcast).
 
     Parameters
     ----------
@@ -192,25 +191,20 @@ def mse_loss_forward(pred: Any, target: Any) -> tuple[Any, MSECache]:
     Returns
     -------
     loss : () float, the 0-d mean
-    cache : MSECache(diff, scale)
+    cache : MSECache(pred, target, M) of :mod:`vqref.ops.losses` (references to the two arrays:
+        do not modify them in place before the backward)
 
     Notes
     -----
     An empty batch gives a loss of 0, not the NaN of a mean over nothing.
     """
-    xp = B.get_namespace(pred, target)
     if tuple(pred.shape) != tuple(target.shape):
-        raise ValueError(
-            f"mse_loss_forward: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ"
-        )
-    M = math.prod(pred.shape)
-    diff = pred - target  # (N, D)
-    loss = xp.sum(diff * diff) / max(M, 1)  # ()
-    return loss, MSECache(diff, 2.0 / max(M, 1))
+        raise ValueError(f"mse_loss_forward: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    return mse_forward(pred, target)
 
 
 def mse_loss_backward(dloss: Any, cache: MSECache) -> Any:
-    """``dpred = dloss * (2/M) (pred - target)``.
+    """``dpred = dloss * (2/M) (pred - target)``: :func:`vqref.ops.losses.mse_backward`'s first gradient.
 
     Parameters
     ----------
@@ -220,7 +214,8 @@ def mse_loss_backward(dloss: Any, cache: MSECache) -> Any:
     -------
     dpred : (N, D)
     """
-    return dloss * (cache.scale * cache.diff)  # (N, D)
+    dpred, _ = mse_backward(dloss, cache)  # the target is data: its gradient is dropped
+    return dpred  # (N, D)
 
 
 # The activations an MLP may use: name -> (forward, backward).
@@ -228,69 +223,6 @@ ACTIVATIONS = {
     "relu": (relu_forward, relu_backward),
     "tanh": (tanh_forward, tanh_backward),
 }
-
-
-# --------------------------------------------------------------------------------------------
-# A writable, flat view of arrays owned by several layers
-# --------------------------------------------------------------------------------------------
-
-
-class NamedArrays(MutableMapping):
-    """Arrays owned by several mappings, seen as one flat mapping with dotted names.
-
-    ``NamedArrays({"0": layer0.params, "1": layer1.params})`` has keys ``"0.W", "0.b", "1.W", ...``.
-    Reading ``view["1.W"]`` returns the array the layer holds (not a copy), and assigning
-    ``view["1.W"] = new`` stores ``new`` in ``layer1.params["W"]``, so an optimizer that writes its
-    out-of-place update back through the view updates the layer.  Views nest: the owners may
-    themselves be views (``NamedArrays({"enc": encoder.params, "dec": decoder.params})`` gives
-    ``"enc.0.W"``, ...), which is how a whole VQ-VAE hands one mapping to one optimizer.
-
-    Only existing names can be assigned, and only with an array of the same shape: a typo or a
-    transposed array raises at once rather than silently adding a parameter nobody reads.
-    Entries cannot be deleted.
-    """
-
-    def __init__(self, owners: Mapping[str, MutableMapping]):
-        for prefix in owners:
-            if not prefix or "." in prefix:
-                raise ValueError(f"NamedArrays: prefix {prefix!r} must be non-empty and contain no '.'")
-        self._owners = dict(owners)
-
-    def _locate(self, name: str) -> tuple[MutableMapping, str]:
-        prefix, dot, rest = str(name).partition(".")
-        owner = self._owners.get(prefix)
-        if not dot or owner is None or rest not in owner:
-            raise KeyError(name)
-        return owner, rest
-
-    def __getitem__(self, name: str) -> Any:
-        owner, rest = self._locate(name)
-        return owner[rest]
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        owner, rest = self._locate(name)
-        old = owner[rest]
-        if tuple(value.shape) != tuple(old.shape):
-            raise ValueError(
-                f"{name}: cannot replace an array of shape {tuple(old.shape)} "
-                f"by one of shape {tuple(value.shape)}"
-            )
-        owner[rest] = value
-
-    def __delitem__(self, name: str) -> None:
-        raise TypeError("NamedArrays: entries cannot be deleted (they belong to the layers)")
-
-    def __iter__(self) -> Iterator[str]:
-        for prefix, owner in self._owners.items():
-            for key in owner:
-                yield f"{prefix}.{key}"
-
-    def __len__(self) -> int:
-        return sum(len(owner) for owner in self._owners.values())
-
-    def __repr__(self) -> str:
-        shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.items())
-        return f"NamedArrays({{{shapes}}})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,7 +260,8 @@ class Linear:
 
     Attributes
     ----------
-    params : dict ``{"W": (Din, Dout), "b": (Dout,)}``, the live arrays; assign to replace them
+    params : :class:`vqref.params.ParamView` ``{"W": (Din, Dout), "b": (Dout,)}``: reading gives a
+        copy; assigning checks the value and replaces the layer's array by a copy of it
     grads : dict with the same keys, filled by :meth:`backward` (overwritten, never accumulated)
 
     Notes
@@ -371,8 +304,23 @@ class Linear:
         self._cache: LinearCache | None = None
 
     @property
-    def params(self) -> dict:
-        return self._params
+    def params(self) -> ParamView:
+        return ParamView(lambda: ("W", "b"), lambda name: self._params[name], self._set_param)
+
+    def _set_param(self, name: str, value: Any) -> None:
+        old = self._params[name]
+        if not B.is_array(value) or B.library_name(value) != B.library_name(old):
+            raise TypeError(f"{name} must be a {B.library_name(old)} array, got {type(value).__name__}")
+        if tuple(value.shape) != tuple(old.shape):
+            raise ValueError(
+                f"{name}: cannot replace an array of shape {tuple(old.shape)} by one of shape {tuple(value.shape)}"
+            )
+        if not self.xp.isdtype(value.dtype, "real floating"):
+            raise TypeError(f"{name} must be a real floating-point array, got dtype {value.dtype}")
+        if not B.all_finite(value):
+            raise ValueError(f"{name} contains NaN or infinite values")
+        # a new dict: the layer's parameters change in one assignment, and never in place
+        self._params = {**self._params, name: self.xp.astype(value, self.dtype, copy=True)}
 
     @property
     def grads(self) -> dict:
@@ -381,9 +329,7 @@ class Linear:
     def forward(self, x: Any) -> Any:
         """``(N, Din) -> (N, Dout)``; remembers what the backward needs."""
         if x.ndim != 2 or x.shape[1] != self.din:
-            raise ValueError(
-                f"Linear({self.din}, {self.dout}) expects input (N, {self.din}), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"Linear({self.din}, {self.dout}) expects input (N, {self.din}), got {tuple(x.shape)}")
         y, self._cache = linear_forward(x, self._params["W"], self._params["b"])
         return y
 
@@ -392,9 +338,7 @@ class Linear:
     def backward(self, dy: Any) -> Any:
         """Store ``grads["W"]``, ``grads["b"]`` for the last forward and return ``dx (N, Din)``."""
         if self._cache is None:
-            raise RuntimeError(
-                "Linear.backward was called before forward: there is no input to differentiate at"
-            )
+            raise RuntimeError("Linear.backward was called before forward: there is no input to differentiate at")
         dx, dW, db = linear_backward(dy, self._cache)
         self._grads["W"] = dW
         self._grads["b"] = db
@@ -417,12 +361,21 @@ def _load(params: MutableMapping, state: Mapping[str, Any], xp: Any, dtype: Any)
     extra = set(state) - set(params)
     if missing or extra:
         raise KeyError(f"load_state_dict: missing {sorted(missing)}, unexpected {sorted(extra)}")
+    # every entry is checked and converted first; only then is anything replaced, so a bad entry
+    # late in the dict leaves every parameter as it was
+    converted = {}
     for k in list(params):
         old = params[k]
-        new = np.asarray(state[k])
+        new = np.asarray(B.to_numpy(state[k]) if B.is_array(state[k]) else state[k])
         if new.shape != tuple(old.shape):
             raise ValueError(f"load_state_dict: {k} has shape {new.shape}, expected {tuple(old.shape)}")
-        params[k] = B.from_numpy(new, xp, device=B.get_device(old), dtype=dtype)
+        if not (np.issubdtype(new.dtype, np.floating) or np.issubdtype(new.dtype, np.integer)):
+            raise TypeError(f"load_state_dict: {k} must hold real numbers, got dtype {new.dtype}")
+        if not np.all(np.isfinite(new)):
+            raise ValueError(f"load_state_dict: {k} contains NaN or infinite values")
+        converted[k] = B.from_numpy(new, xp, device=B.get_device(old), dtype=dtype)
+    for k, v in converted.items():
+        params[k] = v
 
 
 class MLP:
@@ -505,9 +458,7 @@ class MLP:
         scales (tanh) it.
         """
         if self._act_caches is None:
-            raise RuntimeError(
-                "MLP.backward was called before forward: there is no input to differentiate at"
-            )
+            raise RuntimeError("MLP.backward was called before forward: there is no input to differentiate at")
         _, act_backward = ACTIVATIONS[self.activation]
         dh = dout  # (N, sizes[-1])
         for i in reversed(range(len(self.layers))):

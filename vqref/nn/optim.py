@@ -49,9 +49,7 @@ class Optimizer:
         else:
             groups = list(params)
         if not groups or not all(isinstance(g, MutableMapping) for g in groups):
-            raise TypeError(
-                "params must be a mutable mapping name -> array, or a non-empty list of them"
-            )
+            raise TypeError("params must be a mutable mapping name -> array, or a non-empty list of them")
         if lr < 0:
             raise ValueError(f"learning rate must be >= 0, got {lr}")
         self.groups = groups
@@ -79,9 +77,7 @@ class Optimizer:
         else:
             grad_groups = list(grads)
             if len(grad_groups) != len(self.groups):
-                raise ValueError(
-                    f"got {len(grad_groups)} gradient mappings for {len(self.groups)} parameter mappings"
-                )
+                raise ValueError(f"got {len(grad_groups)} gradient mappings for {len(self.groups)} parameter mappings")
         for gi, (group, ggroup) in enumerate(zip(self.groups, grad_groups)):
             for name in list(group):
                 if name in ggroup and ggroup[name] is not None:
@@ -93,8 +89,7 @@ class Optimizer:
             p = group[name]
             if tuple(g.shape) != tuple(p.shape):
                 raise ValueError(
-                    f"{name}: gradient shape {tuple(g.shape)} differs from "
-                    f"parameter shape {tuple(p.shape)}"
+                    f"{name}: gradient shape {tuple(g.shape)} differs from parameter shape {tuple(p.shape)}"
                 )
             state = self.state.setdefault((gi, name), {})
             group[name] = self._update(p, g, state)

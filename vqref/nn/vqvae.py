@@ -119,8 +119,17 @@ class VQVAE:
         hidden_sizes = [int(hidden)] if isinstance(hidden, (int, np.integer)) else [int(h) for h in hidden]
         latent = self.num_tokens * self.token_dim  # E
         gen = B.as_generator(rng)
-        self.encoder = MLP([self.in_dim, *hidden_sizes, latent], activation=activation, rng=gen, dtype=dtype, xp=xp, device=device)
-        self.decoder = MLP([latent, *hidden_sizes[::-1], self.in_dim], activation=activation, rng=gen, dtype=dtype, xp=xp, device=device)
+        self.encoder = MLP(
+            [self.in_dim, *hidden_sizes, latent], activation=activation, rng=gen, dtype=dtype, xp=xp, device=device
+        )
+        self.decoder = MLP(
+            [latent, *hidden_sizes[::-1], self.in_dim],
+            activation=activation,
+            rng=gen,
+            dtype=dtype,
+            xp=xp,
+            device=device,
+        )
         self.training = True
         self._cache: _Cache | None = None
         self._params = NamedArrays(

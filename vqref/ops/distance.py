@@ -15,6 +15,13 @@ are first centred by a common vector (the codebook mean) -- that restores the ra
 
 For the argmin alone ``||x_i||^2`` is the same for every code and is dropped; rows are processed
 in chunks so that memory stays O(chunk * K), never O(N * K).
+
+The nearest code has a definition and a fast path.  :func:`nearest_code_portable` is the
+definition, in Array API calls only (numpy, cupy, array_api_strict).  :func:`nearest_code_inplace`
+is a numpy-only fast path (reused buffers, the code norms folded into the matrix product): the
+one reason this module imports numpy.  :func:`nearest_code` chooses between them in one line --
+the fast path for numpy arrays of one float dtype, the definition otherwise -- and the test
+suite pins one to the other, including the clamp of the scores at 0.
 """
 
 from __future__ import annotations
@@ -149,7 +156,7 @@ def nearest_code(
     xp = B.get_namespace(x, codebook)
     if metric not in ("euclidean", "dot"):
         raise ValueError(f"metric must be 'euclidean' or 'dot', got {metric!r}")
-    if B.is_numpy(xp) and x.dtype == codebook.dtype and xp.isdtype(x.dtype, "real floating"):
+    if B.is_numpy(xp) and x.dtype == codebook.dtype and xp.isdtype(x.dtype, "real floating"):  # the one-line choice
         return nearest_code_inplace(x, codebook, metric=metric, chunk_size=chunk_size, return_score=return_score)
     return nearest_code_portable(x, codebook, metric=metric, chunk_size=chunk_size, return_score=return_score)
 

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 from .. import backend as B
 
-__all__ = ["L2NormCache", "l2norm_forward", "l2norm_backward"]
+__all__ = ["L2NormCache", "l2norm_forward", "l2norm_backward", "l2norm"]
 
 
 class L2NormCache(NamedTuple):
@@ -97,3 +97,21 @@ def l2norm_backward(dy: Any, cache: L2NormCache) -> Any:
     # Both branches are evaluated and the mask picks per row: no host-side branching.
     projected = xp.where(above, dy - y * ydy, dy)  # (N, D)
     return projected / scale  # (N, D)
+
+
+def l2norm(x: Any, *, eps: float = 1e-6) -> Any:
+    """``x / max(||x||, eps)`` row by row, without a cache: :func:`l2norm_forward`'s ``y``.
+
+    The one l2 normalisation of vqref, for every place that needs unit rows and no gradient
+    (k-means on the sphere, cosine codebooks rebuilt from EMA statistics, restarted codes).
+
+    Parameters
+    ----------
+    x : (N, D) float, or (..., D)
+    eps : smallest divisor, as in :func:`l2norm_forward`
+
+    Returns
+    -------
+    y : the shape and dtype of ``x``; zero rows stay zero
+    """
+    return l2norm_forward(x, eps=eps)[0]

@@ -13,6 +13,13 @@ identity forward, zero Jacobian backward) decides.  Here every loss is a mean ov
 elements, as ``torch.nn.functional.mse_loss`` and vector-quantize-pytorch compute it.
 
     mse(a, b) = (1/M) sum (a - b)^2,     d mse / d a = (2/M)(a - b) = - d mse / d b
+
+Each public function below is that formula.  Two fast paths do the same arithmetic block of rows
+by block of rows, so that no (N, D) temporary of differences is ever whole (on the CPU the
+blocks stay in cache; on a GPU the block is the whole array): :func:`mse_forward_blocked` for
+the forward's sum, :func:`scaled_difference_blocked` for the backwards' ``factor * (a - b)``.
+Each public function chooses its fast path in one line (``fast=False`` runs the formula), and
+the test suite pins each fast path to its formula.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ __all__ = [
     "MSECache",
     "mse_forward",
     "mse_backward",
+    "mse_forward_blocked",
+    "scaled_difference_blocked",
     "commitment_loss_forward",
     "commitment_loss_backward",
     "codebook_loss_forward",
@@ -44,12 +53,15 @@ class MSECache(NamedTuple):
 _BLOCK_ELEMENTS = 1 << 20
 
 
-def mse_forward(a: Any, b: Any) -> tuple[Any, MSECache]:
+def mse_forward(a: Any, b: Any, *, fast: bool = True) -> tuple[Any, MSECache]:
     """``mse(a, b) = mean((a - b)^2)`` over all elements.
 
     Parameters
     ----------
-    a, b : (N, D) float
+    a, b : (N, D) float (other shapes that broadcast are accepted too)
+    fast : for two (N, D) arrays of one shape, take the sum with :func:`mse_forward_blocked`
+        (the same sum, block of rows by block of rows; equal to rounding, and bit for bit when
+        the array fits in one block).  ``False`` runs the formula written below.
 
     Returns
     -------
@@ -58,18 +70,29 @@ def mse_forward(a: Any, b: Any) -> tuple[Any, MSECache]:
 
     Notes
     -----
-    The sum of squares is taken block of rows by block of rows, so the forward never holds an
-    (N, D) array of differences (in an eval-mode quantizer that is the largest array after the
-    output); the backward, which needs ``a - b`` whole, forms it there.  The arguments are
-    cached by reference: they must not be modified in place before the backward.
+    The arguments are cached by reference (the backward forms ``a - b`` itself): they must not
+    be modified in place before the backward.  An empty input gives 0, not NaN.
+    """
+    if fast and a.ndim == 2 and tuple(a.shape) == tuple(b.shape):  # the one-line choice
+        return mse_forward_blocked(a, b)
+    xp = B.get_namespace(a, b)
+    diff = a - b  # (N, D), or the shape a and b broadcast to
+    count = B.numel(diff.shape)  # M
+    sq = xp.vecdot(diff, diff) if diff.ndim else diff * diff  # (N,) row sums of squares
+    # xp.asarray: numpy reductions return numpy scalars; vqref's losses are 0-d arrays
+    return xp.asarray(xp.sum(sq) / max(count, 1)), MSECache(a, b, count)
+
+
+def mse_forward_blocked(a: Any, b: Any) -> tuple[Any, MSECache]:
+    """Fast path of :func:`mse_forward` for two (N, D) arrays of one shape.
+
+    The row sums of squares are taken block of rows by block of rows and added up, so the forward
+    never holds an (N, D) array of differences (in an eval-mode quantizer that would be the
+    largest array after the output).  With one block (``N <= _BLOCK_ELEMENTS // D`` rows, or
+    any size on cupy) the additions are those of :func:`mse_forward` and so is the result, bit
+    for bit; with several, the partial sums are added in another order (equal to rounding).
     """
     xp = B.get_namespace(a, b)
-    if a.ndim != 2 or tuple(a.shape) != tuple(b.shape):
-        diff = a - b  # any other shapes: broadcast once, whole
-        count = B.numel(diff.shape)
-        sq = xp.vecdot(diff, diff) if diff.ndim else diff * diff
-        # xp.asarray: numpy reductions return numpy scalars; vqref's losses are 0-d arrays
-        return xp.asarray(xp.sum(sq) / max(count, 1)), MSECache(a, b, count)
     N, D = a.shape
     count = N * D
     step = B.rows_per_block(a, _BLOCK_ELEMENTS)
@@ -80,18 +103,23 @@ def mse_forward(a: Any, b: Any) -> tuple[Any, MSECache]:
     return xp.asarray(total / max(count, 1)), MSECache(a, b, count)
 
 
-def mse_backward(dloss: Any, cache: MSECache) -> tuple[Any, Any]:
-    """Gradients of ``dloss * mse(a, b)``: ``da = (2/M) dloss (a - b)``, ``db = -da``."""
-    da = _scaled_difference((2.0 / max(cache.count, 1)) * dloss, cache.a, cache.b)  # (N, D)
+def mse_backward(dloss: Any, cache: MSECache, *, fast: bool = True) -> tuple[Any, Any]:
+    """Gradients of ``dloss * mse(a, b)``: ``da = (2/M) dloss (a - b)``, ``db = -da``.
+
+    ``fast`` forms ``da`` with :func:`scaled_difference_blocked` (the same numbers, bit for bit).
+    """
+    factor = (2.0 / max(cache.count, 1)) * dloss  # () 2 dloss / M
+    da = scaled_difference_blocked(factor, cache.a, cache.b) if fast else factor * (cache.a - cache.b)  # (N, D)
     return da, -da
 
 
-def _scaled_difference(factor: Any, a: Any, b: Any) -> Any:
-    """``factor * (a - b)`` for (N, D) arrays, written one block of rows at a time.
+def scaled_difference_blocked(factor: Any, a: Any, b: Any) -> Any:
+    """Fast path of ``factor * (a - b)`` for (N, D) arrays, written one block of rows at a time.
 
-    The same numbers as the one-line expression; block by block, the difference never exists
-    whole (one (N, D) array is allocated instead of two), and each block of it is still in
-    cache when it is scaled.
+    The same numbers as the one-line expression, bit for bit (the same two operations on every
+    element); block by block, the difference never exists whole (one (N, D) array is allocated
+    instead of two), and each block of it is still in cache when it is scaled.  Other shapes
+    (and empty arrays) take the one-line expression.
     """
     xp = B.get_namespace(a, b)
     if a.ndim != 2 or tuple(a.shape) != tuple(b.shape) or a.shape[0] == 0:
@@ -119,9 +147,13 @@ def commitment_loss_forward(x: Any, q: Any) -> tuple[Any, MSECache]:
     return mse_forward(x, q)
 
 
-def commitment_loss_backward(dloss: Any, cache: MSECache) -> Any:
-    """``dx = (2/M) dloss (x - q)``; ``q`` is behind a stop-gradient and gets nothing."""
-    return _scaled_difference((2.0 / max(cache.count, 1)) * dloss, cache.a, cache.b)  # (N, D)
+def commitment_loss_backward(dloss: Any, cache: MSECache, *, fast: bool = True) -> Any:
+    """``dx = (2/M) dloss (x - q)``; ``q`` is behind a stop-gradient and gets nothing.
+
+    ``fast``: :func:`scaled_difference_blocked`, the same numbers.
+    """
+    factor = (2.0 / max(cache.count, 1)) * dloss  # () 2 dloss / M
+    return scaled_difference_blocked(factor, cache.a, cache.b) if fast else factor * (cache.a - cache.b)  # (N, D)
 
 
 def codebook_loss_forward(x: Any, q: Any) -> tuple[Any, MSECache]:
@@ -135,6 +167,10 @@ def codebook_loss_forward(x: Any, q: Any) -> tuple[Any, MSECache]:
     return mse_forward(x, q)
 
 
-def codebook_loss_backward(dloss: Any, cache: MSECache) -> Any:
-    """``dq = (2/M) dloss (q - x)``; ``x`` is behind a stop-gradient and gets nothing."""
-    return _scaled_difference((2.0 / max(cache.count, 1)) * dloss, cache.b, cache.a)  # (N, D)
+def codebook_loss_backward(dloss: Any, cache: MSECache, *, fast: bool = True) -> Any:
+    """``dq = (2/M) dloss (q - x)``; ``x`` is behind a stop-gradient and gets nothing.
+
+    ``fast``: :func:`scaled_difference_blocked`, the same numbers.
+    """
+    factor = (2.0 / max(cache.count, 1)) * dloss  # () 2 dloss / M
+    return scaled_difference_blocked(factor, cache.b, cache.a) if fast else factor * (cache.b - cache.a)  # (N, D)

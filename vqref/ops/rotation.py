@@ -44,24 +44,29 @@ Degenerate rows never give NaN:
   unit ``p`` orthogonal to ``e^`` then gives a valid rotation (the identity for c = 1, a proper
   rotation by pi, det +1, for c = -1); vqref takes the coordinate axis where ``|e^_j|`` is
   smallest, with its ``e^`` component removed.
-* ``e = 0`` or ``q = 0`` (more precisely ``lambda`` outside ``[eps, 1/eps]``): ``e^`` or ``q^``
-  is undefined and ``lambda`` is 0 or unbounded.  Those rows fall back to the straight-through
-  estimator, which is the rotation trick with ``R = I`` and ``lambda = 1``: ``de = g``.
+* ``e = 0`` or ``q = 0`` (more precisely ``lambda`` outside the open interval ``(eps, 1/eps)``:
+  ``||q|| <= eps ||e||`` or ``||e|| <= eps ||q||``): ``e^`` or ``q^`` is undefined and ``lambda``
+  is 0 or unbounded.  Those rows fall back to the straight-through estimator, which is the
+  rotation trick with ``R = I`` and ``lambda = 1``: ``de = g``.
 
 How the trick's backward applies ``R^T``.  The forward value is ``q`` itself, so only the
 backward needs ``lambda`` and ``R`` -- and only the product ``lambda R^T g``, one vector per row.
-With the row scalars ``a = e^.g``, ``b = q^.g`` and ``c = e^.q^``, the Householder form becomes
+:func:`rotation_trick_backward` is the definition: ``lambda`` and the plane-form basis, then
+:func:`rotate_transpose`.  By default it hands the work to a fast path,
+:func:`rotation_trick_backward_fused` (the choice is one line; ``fast=False`` runs the
+definition).  With the row scalars ``a = e^.g``, ``b = q^.g`` and ``c = e^.q^``, the
+Householder form becomes
 
     R^T g = g + ((1 + 2c) b - a) / (1 + c) e^  -  (a + b) / (1 + c) q^
 
-so :func:`rotation_trick_backward` needs five row dot products (``e.e``, ``q.q``, ``e.q``,
-``e.g``, ``q.g``) and one combination of g, e and q, computed block of rows by block of rows
-so that each block is read from memory once.  It is the same matrix, with the rounding error of
-the Householder form, about ``u / (1 + c)``: small while the angle stays below 120 degrees
-(``1 + c >= 1/2``), as it does for nearly every row in practice.  The rows beyond, and rows
-whose squared norms leave the dtype's range, take the plane form instead (the definition
-above: :func:`rotation_basis`, :func:`rotate_transpose`), computed on those rows alone
-(:func:`vqref.backend.where_rows`).
+so the fast path needs five row dot products (``e.e``, ``q.q``, ``e.q``, ``e.g``, ``q.g``) and
+one combination of g, e and q, computed block of rows by block of rows so that each block is
+read from memory once.  It is the same matrix, with the rounding error of the Householder
+form, about ``u / (1 + c)``: small while the angle stays below 120 degrees (``1 + c >= 1/2``),
+as it does for nearly every row in practice.  The rows beyond, and rows whose squared norms
+leave the dtype's range, take the definition instead, computed on those rows alone
+(:func:`vqref.backend.where_rows`).  The test suite pins the fast path to the definition on
+rows that reach each of its masks.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ __all__ = [
     "rotation_matrix",
     "rotation_trick_forward",
     "rotation_trick_backward",
+    "rotation_trick_backward_fused",
 ]
 
 
@@ -105,7 +111,7 @@ class RotationTrickCache(NamedTuple):
 
     e: Any  # (N, D) encoder outputs
     q: Any  # (N, D) selected codes
-    eps: float  # rows with lambda outside [eps, 1/eps] use the straight-through estimator
+    eps: float  # rows with lambda <= eps or lambda >= 1/eps use the straight-through estimator
 
     @property
     def scale(self) -> Any:
@@ -298,22 +304,17 @@ _BLOCK_ELEMENTS = 1 << 18
 def _plain_rotation(e: Any, q: Any, eps: float) -> tuple[RotationBasis, Any]:
     """``R`` in plane form and ``lambda``, row by row, the careful way (the definition).
 
-    Norms after scaling by the largest entry (no under- or overflow), rows with ``lambda``
-    outside ``[eps, 1/eps]`` set to ``R = I`` and ``lambda = 1``.
+    Norms after scaling by the largest entry (no under- or overflow); rows with ``lambda`` outside
+    the open interval ``(eps, 1/eps)`` -- ``||q|| <= eps ||e||`` or ``||e|| <= eps ||q||`` -- set to
+    ``R = I`` and ``lambda = 1``.
     """
     xp = B.get_namespace(e, q)
     ehat, e_norm = _unit(e, xp)  # (N, D), (N, 1)
     qhat, q_norm = _unit(q, xp)  # (N, D), (N, 1)
-    # lambda in [eps, 1/eps], written without dividing; False whenever e or q is zero.
+    # lambda in (eps, 1/eps), written without dividing; False whenever e or q is zero.
     live = (q_norm > eps * e_norm) & (e_norm > eps * q_norm)  # (N, 1)
     scale = xp.where(live, q_norm / xp.where(live, e_norm, 1.0), 1.0)  # (N, 1) lambda
     return _plane_basis(ehat, qhat, live, xp), scale
-
-
-def _plain_backward(g: Any, e: Any, q: Any, eps: float) -> Any:
-    """``lambda R^T g`` from the plane-form basis: the definition, and the path for hard rows."""
-    basis, scale = _plain_rotation(e, q, eps)
-    return scale * rotate_transpose(g, basis)  # (N, D)
 
 
 def rotation_trick_forward(e: Any, q: Any, *, eps: float | None = None) -> tuple[Any, RotationTrickCache]:
@@ -329,8 +330,9 @@ def rotation_trick_forward(e: Any, q: Any, *, eps: float | None = None) -> tuple
     ----------
     e : (N, D) float, encoder outputs (where the gradient goes), D >= 2
     q : (N, D) float, selected codes (the value)
-    eps : rows whose ``lambda`` falls outside ``[eps, 1/eps]`` (``e`` or ``q`` numerically zero
-        next to the other, including exactly zero) use the straight-through estimator instead.
+    eps : rows whose ``lambda`` falls outside the open interval ``(eps, 1/eps)``, that is
+        ``||q|| <= eps ||e||`` or ``||e|| <= eps ||q||`` (``e`` or ``q`` numerically zero next to
+        the other, including exactly zero), use the straight-through estimator instead.
         Default: the machine epsilon of the dtype (2.2e-16 in float64, 1.2e-7 in float32).
 
     Returns
@@ -351,32 +353,58 @@ def rotation_trick_forward(e: Any, q: Any, *, eps: float | None = None) -> tuple
     return q, RotationTrickCache(e, q, eps)
 
 
-def rotation_trick_backward(dq_tilde: Any, cache: RotationTrickCache) -> Any:
+def rotation_trick_backward(dq_tilde: Any, cache: RotationTrickCache, *, fast: bool = True) -> Any:
     """``de = lambda R^T dq_tilde``: the rotation trick's surrogate gradient for ``e``.
 
     ``lambda`` and ``R`` are functions of the cached ``(e, q)`` and are constants
     (``sg[lambda R]``), so this is the exact VJP of ``v -> lambda R v`` with the rotation
-    frozen, not a derivative of the forward value ``q``.  The codebook receives nothing through
-    this path (train it with the codebook loss or an EMA).  Straight-through rows (``R = I``,
-    ``lambda = 1``) return ``dq_tilde`` unchanged.
+    frozen, not a derivative of the forward value ``q`` (arXiv 2410.06424, section 4).  The
+    codebook receives nothing through this path (train it with the codebook loss or an EMA).
 
-    With ``g = dq_tilde``, ``a = e^.g``, ``b = q^.g`` and ``c = cos theta`` (module notes), on
-    most rows
-
-        de = lambda (g + ((1 + 2c) b - a)/(1 + c) e^ - (a + b)/(1 + c) q^)
-
-    computed from row dot products of each block of rows; the rows with ``1 + c < 1/2`` or with
-    squared norms outside the dtype's range get ``lambda`` times :func:`rotate_transpose` with
-    the plane-form basis (:func:`_plain_backward`), the definition.  Both are ``lambda R^T g``.
+    Straight-through rows -- ``||q|| <= eps ||e||`` or ``||e|| <= eps ||q||``, including a zero
+    ``e`` or ``q`` -- have ``R = I`` and ``lambda = 1`` and return ``dq_tilde`` unchanged.
+    Exactly (anti)parallel rows rotate in a fixed plane (module notes); no row gives NaN.
 
     Parameters
     ----------
     dq_tilde : (N, D) float, upstream gradient of the quantizer output
     cache : RotationTrickCache
+    fast : compute the same product with :func:`rotation_trick_backward_fused` (row dot
+        products, block by block; equal to the definition to rounding).  ``False`` runs the
+        definition written below, for reading and for the tests that pin the fast path to it.
 
     Returns
     -------
     de : (N, D), with ``||de_i|| = lambda_i ||dq_tilde_i||`` and ``e_i . de_i = q_i . dq_tilde_i``
+    """
+    if fast:  # the one-line choice of the fast path; the definition follows
+        return rotation_trick_backward_fused(dq_tilde, cache)
+    basis, scale = _plain_rotation(cache.e, cache.q, cache.eps)  # R (plane form), lambda (N, 1)
+    return scale * rotate_transpose(dq_tilde, basis)  # (N, D) lambda R^T g
+
+
+def rotation_trick_backward_fused(dq_tilde: Any, cache: RotationTrickCache) -> Any:
+    """Fast path of :func:`rotation_trick_backward`: ``lambda R^T g`` from five row dot products.
+
+    With ``g = dq_tilde``, ``a = e^.g``, ``b = q^.g`` and ``c = cos theta`` (module notes), the
+    rows it calls *easy* get
+
+        de = lambda (g + ((1 + 2c) b - a)/(1 + c) e^ - (a + b)/(1 + c) q^)
+
+    computed block of rows by block of rows (:func:`vqref.backend.rows_per_block`).  The masks,
+    row by row:
+
+    * ``safe``: ``e.e`` and ``q.q`` in ``[lo, hi]`` (no square underflowed enough to matter, no
+      product can overflow) and ``e.g``, ``q.g`` finite;
+    * ``live``: ``||q|| > eps ||e||`` and ``||e|| > eps ||q||``, the definition's test on the
+      norms ``sqrt(e.e)`` and ``sqrt(q.q)`` (``safe`` rows that are not ``live`` are
+      straight-through: ``de = g``);
+    * ``easy``: ``safe``, ``live`` and ``1 + c >= 1/2`` (the Householder form's rounding error,
+      ``u / (1 + c)``, stays small);
+    * *hard* = not ``safe``, or ``live`` but not ``easy``: these rows take the definition,
+      ``rotation_trick_backward(..., fast=False)``, on those rows alone.
+
+    Parameters and returns as :func:`rotation_trick_backward`.
     """
     xp = B.get_namespace(dq_tilde, cache.e)
     g, (e, q, eps) = dq_tilde, cache
@@ -397,10 +425,10 @@ def rotation_trick_backward(dq_tilde: Any, cache: RotationTrickCache) -> Any:
         safe = (ee >= lo) & (ee <= hi) & (qq >= lo) & (qq <= hi) & xp.isfinite(eg) & xp.isfinite(qg)
         ne = xp.sqrt(xp.where(safe, ee, 1.0))  # (n, 1) ||e||
         nq = xp.sqrt(xp.where(safe, qq, 1.0))  # (n, 1) ||q||
-        live = (nq > eps * ne) & (ne > eps * nq)  # (n, 1) lambda in [eps, 1/eps]
+        live = (nq > eps * ne) & (ne > eps * nq)  # (n, 1) lambda in (eps, 1/eps)
         c = xp.where(safe, eq, 0.0) / (ne * nq)  # (n, 1) cos theta
         easy = safe & live & (1.0 + c >= _WIDE_ANGLE)  # (n, 1)
-        hard_parts.append(~safe | (live & ~easy))  # the plane form's rows
+        hard_parts.append(~safe | (live & ~easy))  # the rows that take the definition
         lam = xp.where(easy, nq / ne, 1.0)  # (n, 1) lambda; 1 elsewhere
         a = xp.where(easy, eg / ne, 0.0)  # (n, 1) e^ . g
         b = xp.where(easy, qg / nq, 0.0)  # (n, 1) q^ . g
@@ -411,4 +439,8 @@ def rotation_trick_backward(dq_tilde: Any, cache: RotationTrickCache) -> Any:
     if not hard_parts:
         return de
     hard = hard_parts[0] if len(hard_parts) == 1 else xp.concat(hard_parts, axis=0)  # (N, 1)
-    return B.where_rows(hard, lambda g_, e_, q_: _plain_backward(g_, e_, q_, eps), (g, e, q), de)
+
+    def definition(g_: Any, e_: Any, q_: Any) -> Any:  # lambda R^T g on the hard rows alone
+        return rotation_trick_backward(g_, RotationTrickCache(e_, q_, eps), fast=False)
+
+    return B.where_rows(hard, definition, (g, e, q), de)

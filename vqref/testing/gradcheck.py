@@ -70,7 +70,7 @@ def numerical_vjp(
     list of host float64 arrays, one per input in ``wrt``, each of that input's shape.
     """
     host = [np.array(B.to_numpy(a), dtype=np.float64, copy=True) for a in inputs]
-    xp = B.get_namespace(*[a for a in inputs if B._is_array(a)])
+    xp = B.get_namespace(*[a for a in inputs if B.is_array(a)])
     dtype = inputs[0].dtype
     dev = B.get_device(inputs[0])
     g = np.asarray(B.to_numpy(dout), dtype=np.float64)
@@ -148,7 +148,7 @@ def check_vjp(
     -------
     GradCheckResult; raises ``AssertionError`` naming the worst input if ``raise_on_failure``.
     """
-    xp = B.get_namespace(*[a for a in inputs if B._is_array(a)])
+    xp = B.get_namespace(*[a for a in inputs if B.is_array(a)])
     dev = B.get_device(inputs[0])
     out = f(*inputs)
     if dout is None:

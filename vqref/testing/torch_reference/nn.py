@@ -111,9 +111,7 @@ def adam_steps(
     import torch
 
     return _run(
-        lambda ps: torch.optim.Adam(
-            ps, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False
-        ),
+        lambda ps: torch.optim.Adam(ps, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False),
         params,
         grads_seq,
     )
@@ -131,9 +129,7 @@ def sgd_steps(
     import torch
 
     return _run(
-        lambda ps: torch.optim.SGD(
-            ps, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=False
-        ),
+        lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=False),
         params,
         grads_seq,
     )

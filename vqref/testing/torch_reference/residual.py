@@ -1,6 +1,6 @@
 """torch reference for residual VQ: the two gradient-routing patterns, codes held fixed.
 
-``routing="per_depth"`` is vector-quantize-pytorch's code pattern (MATH.md 2.4, P3): every depth
+``routing="per_depth"`` is vector-quantize-pytorch's code pattern (docs/math.md §2.4, pattern P3): every depth
 applies its estimator to its residual, ``r_{l+1} = r_l - o_l.detach()``, and the output is the
 sum of the estimator outputs.  ``routing="sum"`` is RQ-VAE's (P1): one straight-through (or
 rotation) on the total, ``x + (sum_l q_l - x).detach()``.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 import numpy as np
 
 from ... import backend as B
@@ -58,8 +57,10 @@ def mse_grads(a: Any, b: Any, dloss: float = 1.0, *, detach_a: bool = False, det
     at, bt = torch_tensor(a, True), torch_tensor(b, True)
     loss = F.mse_loss(at.detach() if detach_a else at, bt.detach() if detach_b else bt)
     (loss * dloss).backward()
-    return float(loss.detach()), _np(at.grad) if at.grad is not None else np.zeros_like(_np(at)), (
-        _np(bt.grad) if bt.grad is not None else np.zeros_like(_np(bt))
+    return (
+        float(loss.detach()),
+        _np(at.grad) if at.grad is not None else np.zeros_like(_np(at)),
+        (_np(bt.grad) if bt.grad is not None else np.zeros_like(_np(bt))),
     )
 
 

@@ -1,4 +1,4 @@
-"""``vqref bench``: every CPU benchmark in one run, against the libraries people would otherwise use.
+"""The CPU benchmarks (``make bench``): every benchmark in one run, against the libraries people would otherwise use.
 
 Each benchmark builds its inputs once (float32, from a seeded generator) and races its
 contestants on them in the same process, round-robin: every round runs each contestant in turn,
@@ -23,14 +23,16 @@ spread.
 ==================  ===========================================================================
 
 Every time is wall-clock (``time.perf_counter``) of a call made right after an untimed call of
-the same contestant (the steady state of a training loop; see :func:`_race`).  torch
+the same contestant (the steady state of a training loop; see :func:`benchmarks.harness.race`).  torch
 runs with as many threads as numpy's BLAS (threadpoolctl tells; ``os.cpu_count()`` otherwise).
 The floor is ``np.matmul(x, C.T, out=S)`` into a preallocated S: the arithmetic every
 nearest-code search must do, without the cost of allocating the (N, K) result.
 
-Usage::
+Usage, from the repository's root (the benchmarks are not part of the installed package)::
 
-    vqref bench [--quick] [--only NAME[,NAME...]] [--reps R] [--threads T] [--out DIR]
+    python -m benchmarks.bench [--quick] [--only NAME[,NAME...]] [--reps R] [--threads T] [--out DIR]
+    python benchmarks/bench.py ...        # the same
+    make bench ARGS="..."                 # the same, in the project's virtual environment
 
 writes ``DIR/bench.json`` and ``DIR/bench.md`` (default ``reports/``) and prints the table.
 ``--quick`` runs tiny sizes (seconds; the test suite uses it).  Its numbers say nothing about
@@ -41,9 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -53,6 +53,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+if __package__ in (None, ""):  # run as a script (python benchmarks/bench.py): make the checkout importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import blas_threads, fit, floor, machine, peer_torch, race, ratio, summary, target  # noqa: E402
+from benchmarks.report import markdown  # noqa: E402
+from vqref import ResidualVQ, VectorQuantize  # noqa: E402
+from vqref.core.kmeans import kmeans, kmeans_inertia  # noqa: E402
 
 __all__ = ["BENCHMARKS", "main"]
 
@@ -83,69 +91,17 @@ _EVAL_MEMORY_BUDGET = 512 * 2**20
 
 
 # --------------------------------------------------------------------------------------------
-# Measuring
-# --------------------------------------------------------------------------------------------
-
-
-def _race(contestants: dict[str, Callable[[], Any]], reps: int) -> dict[str, list[float]]:
-    """``reps`` rounds; in each, every contestant runs twice back to back and the second run is timed.
-
-    The untimed run puts the contestant in its steady state, as in a training loop that calls
-    it again and again.  Without it, whoever runs right after another library pays for that
-    library's memory habits: after a torch step, the next numpy step measured 0.1-0.3 s slower
-    (glibc hands the freed pages back and they must be faulted in again).
-    """
-    times: dict[str, list[float]] = {name: [] for name in contestants}
-    for _ in range(reps):
-        for name, fn in contestants.items():
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def _summary(ts: list[float]) -> dict:
-    return dict(median=statistics.median(ts), min=min(ts), max=max(ts), runs=[round(t, 6) for t in ts])
-
-
-def _ratio(num: list[float], den: list[float]) -> dict:
-    """Per-round ratios num/den (both measured in the same round): median and spread."""
-    r = [a / b for a, b in zip(num, den)]
-    return dict(median=statistics.median(r), min=min(r), max=max(r))
-
-
-def _target(text: str, value: float | None, ok: bool | None, shown: str) -> dict:
-    return dict(target=text, value=value, met=ok, shown=shown)
-
-
-def _floor(x: np.ndarray, C: np.ndarray) -> Callable[[], Any]:
-    S = np.empty((x.shape[0], C.shape[0]), dtype=x.dtype)  # allocated (and touched) once
-    S.fill(0)
-    return lambda: np.matmul(x, C.T, out=S)
-
-
-# --------------------------------------------------------------------------------------------
 # Peers (imported lazily; a missing peer is reported as n/a)
 # --------------------------------------------------------------------------------------------
 
 
-def _torch():
-    try:
-        import torch
-        import vector_quantize_pytorch  # noqa: F401
-    except Exception:
-        return None
-    return torch
-
-
 def _vqp_vq_step(x: np.ndarray, g: np.ndarray, C: np.ndarray | None, options: dict) -> Callable[[], Any] | None:
-    torch = _torch()
+    torch = peer_torch()
     if torch is None:
         return None
     from vector_quantize_pytorch import VectorQuantize as TV
 
-    N, D = x.shape
+    D = x.shape[1]
     m = TV(dim=D, codebook_size=options.pop("K"), **options)
     if C is not None:
         with torch.no_grad():
@@ -168,7 +124,7 @@ def _vqp_vq_step(x: np.ndarray, g: np.ndarray, C: np.ndarray | None, options: di
 
 
 def _vqp_rvq_step(x: np.ndarray, g: np.ndarray, K: int, Q: int) -> Callable[[], Any] | None:
-    torch = _torch()
+    torch = peer_torch()
     if torch is None:
         return None
     from vector_quantize_pytorch import ResidualVQ as TR
@@ -187,13 +143,9 @@ def _vqp_rvq_step(x: np.ndarray, g: np.ndarray, K: int, Q: int) -> Callable[[], 
 
 
 def _vqref_vq(D: int, K: int, C: np.ndarray | None, options: dict):
-    from . import VectorQuantize
-
     vq = VectorQuantize(D, K, seed=0, **options)
     if C is not None:
-        vq.load_state_dict(
-            {"codebook": C, "cluster_size": np.ones(K, np.float32), "embed_avg": C.copy(), "initted": np.asarray(True)}
-        )
+        vq.init_codebook(C)  # one pseudo-count per code, as vector-quantize-pytorch starts
     return vq
 
 
@@ -212,7 +164,11 @@ def _vqref_step(vq, x: np.ndarray, g: np.ndarray) -> Callable[[], Any]:
 _VQ_ROWS = {
     # name: (title, vqref options, vqp options)
     "vq-ste": ("VectorQuantize train step, STE", {}, dict(rotation_trick=False)),
-    "vq-cosine": ("VectorQuantize train step, cosine sim", dict(use_cosine_sim=True), dict(use_cosine_sim=True, rotation_trick=False)),
+    "vq-cosine": (
+        "VectorQuantize train step, cosine sim",
+        dict(use_cosine_sim=True),
+        dict(use_cosine_sim=True, rotation_trick=False),
+    ),
     "vq-rotation": ("VectorQuantize train step, rotation trick", dict(rotation_trick=True), {}),
     "vq-learnable": (
         "VectorQuantize train step, learnable codebook",
@@ -236,36 +192,40 @@ def _bench_vq(name: str, sizes: dict, reps: int, rng: np.random.Generator) -> di
     vqp = _vqp_vq_step(x, g, C, dict(K=K, **theirs))
     if vqp is not None:
         contestants["vqp"] = vqp
-    contestants["floor"] = _floor(x, C)
-    t = _race(contestants, reps)
+    contestants["floor"] = floor(x, C)
+    t = race(contestants, reps)
     row = dict(
         name=name,
         workload=f"{title}, N={N} D={D} K={K}",
-        times={k: _summary(v) for k, v in t.items()},
+        times={k: summary(v) for k, v in t.items()},
         ratios={},
         targets=[],
     )
     if "vqp" in t:
-        r = _ratio(t["vqp"], t["vqref"])
+        r = ratio(t["vqp"], t["vqref"])
         row["ratios"]["vqp/vqref"] = r
-        row["targets"].append(_target(">= 5x faster than vector-quantize-pytorch", r["median"], r["median"] >= 5, f"{r['median']:.1f}x"))
+        row["targets"].append(
+            target(">= 5x faster than vector-quantize-pytorch", r["median"], r["median"] >= 5, f"{r['median']:.1f}x")
+        )
     else:
-        row["targets"].append(_target(">= 5x faster than vector-quantize-pytorch", None, None, "n/a (not installed)"))
-    r = _ratio(t["vqref"], t["floor"])
+        row["targets"].append(target(">= 5x faster than vector-quantize-pytorch", None, None, "n/a (not installed)"))
+    r = ratio(t["vqref"], t["floor"])
     row["ratios"]["vqref/floor"] = r
     if name == "vq-ste":
-        row["targets"].append(_target("<= 2.5x one bare (N x D)(D x K) matmul", r["median"], r["median"] <= 2.5, f"{r['median']:.2f}x"))
+        row["targets"].append(
+            target("<= 2.5x one bare (N x D)(D x K) matmul", r["median"], r["median"] <= 2.5, f"{r['median']:.2f}x")
+        )
     if name == "vq-rotation":
-        r = _ratio(t["vqref"], t["vqref-ste"])
+        r = ratio(t["vqref"], t["vqref-ste"])
         row["ratios"]["vqref/vqref-ste"] = r
         extra = r["median"] - 1
-        row["targets"].append(_target("rotation trick adds <= 15% over the STE step", extra, extra <= 0.15, f"+{100 * extra:.0f}%"))
+        row["targets"].append(
+            target("rotation trick adds <= 15% over the STE step", extra, extra <= 0.15, f"+{100 * extra:.0f}%")
+        )
     return row
 
 
 def _bench_rvq(sizes: dict, reps: int, rng: np.random.Generator) -> dict:
-    from . import ResidualVQ
-
     N, D, K, Q = sizes["N"], sizes["D"], sizes["K"], sizes["Q"]
     x = rng.standard_normal((N, D), dtype=np.float32)
     g = rng.standard_normal((N, D), dtype=np.float32)
@@ -279,21 +239,30 @@ def _bench_rvq(sizes: dict, reps: int, rng: np.random.Generator) -> dict:
     vqp = _vqp_rvq_step(x, g, K, Q)
     if vqp is not None:
         contestants["vqp"] = vqp
-    contestants["floor"] = _floor(x, x[:K])
-    t = _race(contestants, max(2, reps // 2))  # the peer takes tens of seconds per step
+    contestants["floor"] = floor(x, x[:K])
+    t = race(contestants, max(2, reps // 2))  # the peer takes tens of seconds per step
     row = dict(
         name="rvq",
         workload=f"ResidualVQ train step, {Q} depths, N={N} D={D} K={K}",
-        times={k: _summary(v) for k, v in t.items()},
-        ratios={"vqref/floor": _ratio(t["vqref"], t["floor"])},
+        times={k: summary(v) for k, v in t.items()},
+        ratios={"vqref/floor": ratio(t["vqref"], t["floor"])},
         targets=[],
     )
     if "vqp" in t:
-        r = _ratio(t["vqp"], t["vqref"])
+        r = ratio(t["vqp"], t["vqref"])
         row["ratios"]["vqp/vqref"] = r
-        row["targets"].append(_target(">= 5x faster than vector-quantize-pytorch's ResidualVQ", r["median"], r["median"] >= 5, f"{r['median']:.1f}x"))
+        row["targets"].append(
+            target(
+                ">= 5x faster than vector-quantize-pytorch's ResidualVQ",
+                r["median"],
+                r["median"] >= 5,
+                f"{r['median']:.1f}x",
+            )
+        )
     else:
-        row["targets"].append(_target(">= 5x faster than vector-quantize-pytorch's ResidualVQ", None, None, "n/a (not installed)"))
+        row["targets"].append(
+            target(">= 5x faster than vector-quantize-pytorch's ResidualVQ", None, None, "n/a (not installed)")
+        )
     return row
 
 
@@ -338,7 +307,11 @@ def _eval_memory(N: int, D: int, K: int) -> dict | None:
     try:
         out = subprocess.run(
             [sys.executable, "-c", _MEMORY_SCRIPT, str(N), str(D), str(K)],
-            capture_output=True, text=True, env=env, timeout=1800, check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=1800,
+            check=True,
         )
         m = json.loads(out.stdout.strip().splitlines()[-1])
     except Exception as e:  # pragma: no cover - reported, not fatal
@@ -350,28 +323,26 @@ def _eval_memory(N: int, D: int, K: int) -> dict | None:
 
 
 def _bench_eval(sizes: dict, reps: int, rng: np.random.Generator) -> dict:
-    from . import VectorQuantize
-
     N, D, K = sizes["N"], sizes["D"], sizes["K"]
     mem = _eval_memory(N, D, K)
     x = rng.standard_normal((N, D), dtype=np.float32)
     vq = VectorQuantize(D, K, seed=0).eval()
     C = np.asarray(vq.codebook)
-    t = _race({"vqref": lambda: vq(x), "floor": _floor(x, C)}, max(2, reps // 2))
-    r = _ratio(t["vqref"], t["floor"])
+    t = race({"vqref": lambda: vq(x), "floor": floor(x, C)}, max(2, reps // 2))
+    r = ratio(t["vqref"], t["floor"])
     row = dict(
         name="eval",
         workload=f"VectorQuantize eval forward, N={N} D={D} K={K}",
-        times={k: _summary(v) for k, v in t.items()},
+        times={k: summary(v) for k, v in t.items()},
         ratios={"vqref/floor": r},
         memory=mem,
-        targets=[_target("time <= 2x the bare matmul", r["median"], r["median"] <= 2.0, f"{r['median']:.2f}x")],
+        targets=[target("time <= 2x the bare matmul", r["median"], r["median"] <= 2.0, f"{r['median']:.2f}x")],
     )
     mib = 2.0**20
     if mem and "peak_extra" in mem:
         extra = mem["peak_extra"]
         row["targets"].append(
-            _target(
+            target(
                 "peak memory <= input + 512 MiB (no N x K matrix)",
                 extra / mib,
                 extra <= _EVAL_MEMORY_BUDGET,
@@ -379,13 +350,13 @@ def _bench_eval(sizes: dict, reps: int, rng: np.random.Generator) -> dict:
             )
         )
     else:
-        row["targets"].append(_target("peak memory <= input + 512 MiB (no N x K matrix)", None, None, "n/a (needs Linux /proc)"))
+        row["targets"].append(
+            target("peak memory <= input + 512 MiB (no N x K matrix)", None, None, "n/a (needs Linux /proc)")
+        )
     return row
 
 
 def _bench_kmeans(sizes: dict, reps: int, rng: np.random.Generator) -> dict:
-    from .core.kmeans import kmeans, kmeans_inertia
-
     N, D, K, T = sizes["N"], sizes["D"], sizes["K"], sizes["iters"]
     # Unclustered data, so that no implementation converges (and stops) before T iterations.
     x = rng.standard_normal((N, D), dtype=np.float32)
@@ -420,66 +391,68 @@ def _bench_kmeans(sizes: dict, reps: int, rng: np.random.Generator) -> dict:
         contestants["faiss"] = fs
     except Exception:
         pass
-    contestants["floor"] = _floor(x, init)
-    t = _race(contestants, reps)
+    contestants["floor"] = floor(x, init)
+    t = race(contestants, reps)
     row = dict(
         name="kmeans",
         workload=f"k-means (Lloyd), N={N} D={D} K={K}, {T} iterations",
-        times={k: _summary(v) for k, v in t.items()},
-        ratios={"vqref/floor": _ratio(t["vqref"], t["floor"])},
+        times={k: summary(v) for k, v in t.items()},
+        ratios={"vqref/floor": ratio(t["vqref"], t["floor"])},
         inertia={k: v for k, v in result.items()},
         targets=[],
     )
     for peer, limit, text in (("sklearn", 1.0, "<= scikit-learn's time"), ("faiss", 2.0, "<= 2x FAISS")):
         if peer in t:
-            r = _ratio(t["vqref"], t[peer])
+            r = ratio(t["vqref"], t[peer])
             row["ratios"][f"vqref/{peer}"] = r
-            row["targets"].append(_target(text, r["median"], r["median"] <= limit, f"{r['median']:.2f}x"))
+            row["targets"].append(target(text, r["median"], r["median"] <= limit, f"{r['median']:.2f}x"))
             rel = abs(result["vqref"] - result[peer]) / abs(result[peer])
             shown = f"{rel:.1e} (vqref {result['vqref']:.7g}, {peer} {result[peer]:.7g}"
             shown += f", {result['sklearn_iters']} iterations)" if peer == "sklearn" else ")"
-            row["targets"].append(_target(f"same inertia as {peer} to 1e-4 relative", rel, rel <= 1e-4, shown))
+            row["targets"].append(target(f"same inertia as {peer} to 1e-4 relative", rel, rel <= 1e-4, shown))
         else:
-            row["targets"].append(_target(text, None, None, "n/a (not installed)"))
+            row["targets"].append(target(text, None, None, "n/a (not installed)"))
     return row
-
-
-def _fit(sizes: list[float], times: list[float]) -> dict:
-    """Log-log slope end to end, and the affine least-squares fit ``t = a + b s`` (R^2)."""
-    slope = math.log(times[-1] / times[0]) / math.log(sizes[-1] / sizes[0])
-    s, t = np.asarray(sizes, float), np.asarray(times, float)
-    A = np.stack([np.ones_like(s), s], axis=1)
-    coef, *_ = np.linalg.lstsq(A, t, rcond=None)
-    pred = A @ coef
-    r2 = 1 - float(np.sum((t - pred) ** 2)) / max(float(np.sum((t - t.mean()) ** 2)), 1e-300)
-    return dict(loglog_slope=slope, affine_intercept=float(coef[0]), affine_slope=float(coef[1]), r2=r2)
 
 
 def _bench_scaling(sizes: dict, reps: int, rng: np.random.Generator) -> dict:
     sn, sk = sizes["scaling_n"], sizes["scaling_k"]
     reps = max(2, reps // 2)
     points = []
-    for axis, N, K, D in [("N", n, sn["K"], sn["D"]) for n in sn["Ns"]] + [("K", sk["N"], k, sk["D"]) for k in sk["Ks"]]:
+    for axis, N, K, D in [("N", n, sn["K"], sn["D"]) for n in sn["Ns"]] + [
+        ("K", sk["N"], k, sk["D"]) for k in sk["Ks"]
+    ]:
         x = rng.standard_normal((N, D), dtype=np.float32)
         g = rng.standard_normal((N, D), dtype=np.float32)
         C = x[rng.choice(N, K, replace=N < K)].copy()
-        t = _race({"vqref": _vqref_step(_vqref_vq(D, K, C, {}), x, g), "floor": _floor(x, C)}, reps)
+        t = race({"vqref": _vqref_step(_vqref_vq(D, K, C, {}), x, g), "floor": floor(x, C)}, reps)
         points.append(
-            dict(axis=axis, N=N, K=K, D=D, vqref=statistics.median(t["vqref"]), floor=statistics.median(t["floor"]),
-                 ratio=_ratio(t["vqref"], t["floor"])["median"])
+            dict(
+                axis=axis,
+                N=N,
+                K=K,
+                D=D,
+                vqref=statistics.median(t["vqref"]),
+                floor=statistics.median(t["floor"]),
+                ratio=ratio(t["vqref"], t["floor"])["median"],
+            )
         )
         del x, g, C
     fits = {}
     for axis in ("N", "K"):
         pts = [p for p in points if p["axis"] == axis]
-        fits[axis] = _fit([p[axis] for p in pts], [p["vqref"] for p in pts])
+        fits[axis] = fit([p[axis] for p in pts], [p["vqref"] for p in pts])
     targets = []
     for axis in ("N", "K"):
         f = fits[axis]
         ok = f["loglog_slope"] <= 1.1 and f["r2"] >= 0.98
         targets.append(
-            _target(f"time linear in {axis} (log-log slope <= 1.1, affine fit R^2 >= 0.98)", f["loglog_slope"], ok,
-                    f"slope {f['loglog_slope']:.2f}, R^2 {f['r2']:.3f}")
+            target(
+                f"time linear in {axis} (log-log slope <= 1.1, affine fit R^2 >= 0.98)",
+                f["loglog_slope"],
+                ok,
+                f"slope {f['loglog_slope']:.2f}, R^2 {f['r2']:.3f}",
+            )
         )
     return dict(
         name="scaling",
@@ -505,195 +478,25 @@ BENCHMARKS: dict[str, Callable[[dict, int, np.random.Generator], dict]] = {
 
 
 # --------------------------------------------------------------------------------------------
-# The machine
-# --------------------------------------------------------------------------------------------
-
-
-def _blas_threads() -> int:
-    try:
-        from threadpoolctl import threadpool_info
-
-        n = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas" and "numpy" in p.get("filepath", "")]
-        if n:
-            return int(n[0])
-    except Exception:
-        pass
-    return os.cpu_count() or 1
-
-
-def _version(module: str) -> str:
-    try:
-        from importlib.metadata import version
-
-        return version(module)
-    except Exception:
-        try:
-            return str(__import__(module).__version__)
-        except Exception:
-            return "not installed"
-
-
-def _machine(threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            cpu = names[0]
-    except OSError:
-        pass
-    blas = []
-    try:
-        from threadpoolctl import threadpool_info
-
-        for p in threadpool_info():
-            blas.append(
-                dict(api=p.get("user_api"), impl=p.get("internal_api"), version=p.get("version"), threads=p.get("num_threads"),
-                     arch=p.get("architecture"), library=Path(p.get("filepath", "")).name)
-            )
-    except Exception:
-        try:
-            cfg = np.show_config(mode="dicts")
-            blas.append(dict(api="blas", impl=str(cfg["Build Dependencies"]["blas"].get("name")), version=str(cfg["Build Dependencies"]["blas"].get("version"))))
-        except Exception:
-            pass
-    torch = _torch()
-    return dict(
-        cpu=cpu,
-        cores=os.cpu_count(),
-        usable_cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        threads=threads,
-        torch_threads=torch.get_num_threads() if torch is not None else None,
-        platform=platform.platform(),
-        python=platform.python_version(),
-        blas=blas,
-        versions={m: _version(m) for m in ("vqref", "numpy", "array-api-compat", "torch", "vector-quantize-pytorch", "scikit-learn", "faiss-cpu")},
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Reporting
-# --------------------------------------------------------------------------------------------
-
-
-def _fmt_t(s: dict | None) -> str:
-    if not s:
-        return "n/a"
-    m = s["median"]
-    if m < 1e-3:
-        return f"{m * 1e6:.0f} us"
-    return f"{m * 1e3:.1f} ms" if m < 1 else f"{m:.2f} s"
-
-
-def _fmt_r(r: dict | None) -> str:
-    return "n/a" if not r else f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
-
-
-def _tables(report: dict) -> tuple[list[str], list[str]]:
-    """The main table and the targets, as markdown lines."""
-    main = [
-        "| benchmark | workload | vqref | peer | peer time | peer / vqref | floor (matmul) | vqref / floor |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in report["rows"]:
-        if row["name"] == "scaling":
-            continue
-        times, ratios = row["times"], row["ratios"]
-        peers = [p for p in ("vqp", "sklearn", "faiss", "vqref-ste") if p in times]
-        if row["name"] == "kmeans":
-            peers = [p for p in ("sklearn", "faiss") if p in times] or ["sklearn"]
-        if not peers:
-            peers = ["-"]
-        for i, p in enumerate(peers):
-            if p == "-":
-                peer_t, pr = "-", "-"
-            elif p in ("sklearn", "faiss"):
-                peer_t = _fmt_t(times.get(p))
-                r = ratios.get(f"vqref/{p}")
-                pr = "n/a" if r is None else f"{1 / r['median']:.2f}x ({1 / r['max']:.2f}-{1 / r['min']:.2f})"
-            elif p == "vqref-ste":
-                peer_t = _fmt_t(times.get(p))
-                pr = _fmt_r({k: 1 / v for k, v in zip(("median", "min", "max"), (ratios["vqref/vqref-ste"]["median"], ratios["vqref/vqref-ste"]["max"], ratios["vqref/vqref-ste"]["min"]))})
-            else:
-                peer_t = _fmt_t(times.get(p))
-                pr = _fmt_r(ratios.get(f"{p}/vqref"))
-            first = i == 0
-            main.append(
-                f"| {row['name'] if first else ''} | {row['workload'] if first else ''} | {_fmt_t(times.get('vqref')) if first else ''} "
-                f"| {p} | {peer_t} | {pr} | {_fmt_t(times.get('floor')) if first else ''} | {_fmt_r(ratios.get('vqref/floor')) if first else ''} |"
-            )
-    tgt = ["| benchmark | target | measured | met |", "|---|---|---|---|"]
-    for row in report["rows"]:
-        for t in row["targets"]:
-            met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
-            tgt.append(f"| {row['name']} | {t['target']} | {t['shown']} | {met} |")
-    return main, tgt
-
-
-def _scaling_lines(report: dict) -> list[str]:
-    rows = [r for r in report["rows"] if r["name"] == "scaling"]
-    if not rows:
-        return []
-    out = ["| axis | N | K | D | vqref | floor (matmul) | vqref / floor | vqref ns per N*K |", "|---|---|---|---|---|---|---|---|"]
-    for p in rows[0]["points"]:
-        out.append(
-            f"| {p['axis']} | {p['N']} | {p['K']} | {p['D']} | {_fmt_t(dict(median=p['vqref']))} | {_fmt_t(dict(median=p['floor']))} "
-            f"| {p['ratio']:.2f}x | {p['vqref'] / (p['N'] * p['K']) * 1e9:.2f} |"
-        )
-    for axis, f in rows[0]["fits"].items():
-        out.append("")
-        out.append(
-            f"Over {axis}: log-log slope {f['loglog_slope']:.2f}; affine fit t = {f['affine_intercept'] * 1e3:.1f} ms + "
-            f"{f['affine_slope'] * 1e6:.3f} ms per 1000 {axis}, R^2 = {f['r2']:.4f}."
-        )
-    return out
-
-
-def _markdown(report: dict) -> str:
-    m = report["machine"]
-    main, tgt = _tables(report)
-    blas = "; ".join(
-        f"{b.get('impl')} {b.get('version')} ({b.get('library')}, {b.get('threads')} threads, {b.get('arch')})" for b in m["blas"] if b.get("api") == "blas"
-    )
-    lines = [
-        f"# vqref bench{' (quick: tiny sizes, not the targets)' if report['quick'] else ''}",
-        "",
-        f"{report['date']}, float32, {m['threads']} threads (numpy BLAS and torch); {report['reps']} rounds per benchmark "
-        "(half for rvq, eval and scaling); in each round every contestant runs twice and the second run is timed. "
-        "Times are medians; ratios are medians of per-round ratios (range in brackets).",
-        f"Load average (1 min) {report['load'][0]:.1f} at the start, {report['load'][1]:.1f} at the end.",
-        "",
-        f"Machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable); {m['platform']}; Python {m['python']}.  ",
-        f"BLAS: {blas or 'unknown'}.  ",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
-        "",
-        "## Times",
-        "",
-        *main,
-        "",
-        "## Targets",
-        "",
-        *tgt,
-    ]
-    sc = _scaling_lines(report)
-    if sc:
-        lines += ["", "## Scaling (train step, STE)", "", *sc]
-    lines += ["", f"Command: `{report['command']}`", ""]
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``vqref bench``: run the benchmarks, print the table, write ``bench.json`` and ``bench.md``."""
-    p = argparse.ArgumentParser(prog="vqref bench", description=__doc__.split("\n\n")[0])
+    """``python -m benchmarks.bench``: run the benchmarks, print the table, write ``bench.json`` and ``bench.md``."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds): checks the harness, not the targets")
-    p.add_argument("--only", action="append", default=None, metavar="NAME[,NAME]", help="run only these (" + ", ".join(BENCHMARKS) + ")")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="NAME[,NAME]",
+        help="run only these (" + ", ".join(BENCHMARKS) + ")",
+    )
     p.add_argument("--reps", type=int, default=5, help="timed rounds per benchmark (default 5)")
-    p.add_argument("--threads", type=int, default=None, help="threads for numpy's BLAS and torch (default: numpy's BLAS setting)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="threads for numpy's BLAS and torch (default: numpy's BLAS setting)"
+    )
     p.add_argument("--out", default="reports", help="directory for bench.json and bench.md (default reports/)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -713,9 +516,11 @@ def main(argv: list[str] | None = None) -> int:
 
             limiter = threadpool_limits(args.threads)
         except Exception:
-            print("vqref bench: threadpoolctl is not installed; --threads only sets torch's threads", file=sys.stderr)
-    threads = args.threads or _blas_threads()
-    torch = _torch()
+            print(
+                "benchmarks.bench: threadpoolctl is not installed; --threads only sets torch's threads", file=sys.stderr
+            )
+    threads = args.threads or blas_threads()
+    torch = peer_torch()
     if torch is not None:
         torch.set_num_threads(threads)
 
@@ -734,14 +539,14 @@ def main(argv: list[str] | None = None) -> int:
             limiter.restore_original_limits()
     report = dict(
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        command="vqref bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        command="python -m benchmarks.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         quick=args.quick,
         reps=args.reps,
         load=[load0, os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")],
-        machine=_machine(threads),
+        machine=machine(threads),
         rows=rows,
     )
-    md = _markdown(report)
+    md = markdown(report)
     print()
     print(md)
     out = Path(args.out)

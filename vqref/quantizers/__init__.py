@@ -1,0 +1,9 @@
+"""The stateful quantizer modules, one file each, on one base (:mod:`vqref.quantizers.base`)."""
+
+from ..params import ParamView
+from .base import Quantizer, QuantizerState
+from .residual_vq import ResidualVQ
+from .vector_quantize import VectorQuantize
+from .views import CodebookView
+
+__all__ = ["Quantizer", "QuantizerState", "ParamView", "CodebookView", "VectorQuantize", "ResidualVQ"]

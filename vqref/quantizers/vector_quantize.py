@@ -1,0 +1,511 @@
+"""``VectorQuantize``: the VQ-VAE quantizer with vector-quantize-pytorch's API and manual gradients.
+
+Symbols: N tokens (all leading axes of the input flattened), D = dim, K = codebook_size,
+Q = num_quantizers (residual depths; 1 for plain VQ).
+
+``quantized, indices, loss = vq(x)``, then ``dx = vq.backward(dquantized, dloss)``.  This file
+only validates, calls the pure functions of :mod:`vqref.core` in order, and commits the new state
+in one assignment (the transaction of :mod:`vqref.quantizers.base`).  A training forward is:
+
+    1. [k-means on the first batch]           core.state.residual_kmeans_init
+    2. quantize with the committed codebook    core.residual.residual_forward  (Q = 1: one depth)
+    3. EMA step, dead-code restarts            core.state.residual_training_update
+    4. [orthogonal regulariser, evaluated on   core.residual.residual_add_orthogonal
+        the codebook step 3 left behind]
+    5. commit state, generators and cache      self._commit(...)
+
+An eval forward runs steps 2 and 4 and commits nothing.  With ``num_quantizers = Q > 1`` the
+same steps quantize residually in Q depths (the module is then a residual stack; outputs gain a
+depth axis, see :class:`vqref.ResidualVQ`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .. import backend as B
+from ..backend import Array
+from ..core.ema import EMAState
+from ..core.residual import GRADIENT_ROUTINGS, residual_add_orthogonal, residual_backward, residual_forward
+from ..core.state import residual_kmeans_init, residual_training_update
+from ..ops.l2norm import l2norm
+from ..ops.orthogonal import select_codes
+from ..validation import (
+    check_alias,
+    check_bool,
+    check_choice,
+    check_dtype_name,
+    check_index_array,
+    check_int,
+    check_real,
+    check_seed,
+)
+from .base import Quantizer
+from .views import CodebookView
+
+__all__ = ["VectorQuantize"]
+
+_FLAGS = (
+    "ema_update",
+    "learnable_codebook",
+    "kmeans_init",
+    "use_cosine_sim",
+    "orthogonal_reg_active_codes_only",
+    "rotation_trick",
+    "shared_codebook",
+)
+
+
+class VectorQuantize(Quantizer):
+    """Vector quantization layer (VQ-VAE, arXiv 1711.00937) with manual gradients.
+
+    ``quantized, indices, loss = vq(x)`` for ``x`` of shape ``(..., dim)``; then
+    ``dx = vq.backward(dquantized, dloss=1.0)``; parameter gradients in ``vq.grads``.
+
+    Parameters
+    ----------
+    dim : D, the size of the last axis
+    codebook_size : K (alias ``n_embed``)
+    decay : EMA decay gamma in [0, 1] (vector-quantize-pytorch's default 0.8)
+    eps : Laplace smoothing of the EMA counts (1e-5)
+    commitment_weight : beta (alias ``commitment``), default 1.0
+    codebook_weight : with ``learnable_codebook``: weight of a separate codebook term
+        ``mse(sg[x], q)`` (the VQ-VAE paper's split, e.g. 1.0 with commitment 0.25); ``None``
+        (default) is vector-quantize-pytorch's single term ``commitment_weight * mse(x, q)``
+    ema_update : update the codebook by EMA in training (default True)
+    learnable_codebook : the losses send a gradient to the codebook (needs ``ema_update=False``)
+    kmeans_init, kmeans_iters : initialise the codebook by k-means on the first training batch
+    use_cosine_sim : l2-normalised inputs and codes, assignment by cosine similarity
+    orthogonal_reg_weight : weight of the orthogonal regulariser (> 0 makes the codebook learnable,
+        so its gradient appears in ``grads``).  In training it is evaluated on the codebook after
+        this step's EMA update and restarts (vector-quantize-pytorch's order), so its value and
+        gradient belong to the codebook in ``params`` after the forward.  With ``ema_update=True``
+        (as in vector-quantize-pytorch) the next training forward's EMA recompute overwrites any
+        gradient step on the codebook; use ``ema_update=False`` for the regulariser to act
+        persistently
+    orthogonal_reg_active_codes_only, orthogonal_reg_max_codes : restrict the regulariser's codes
+    threshold_ema_dead_code : restart codes whose EMA count falls below this (0 = off)
+    rotation_trick : the rotation trick (arXiv 2410.06424) instead of the straight-through
+        estimator (default False: vqref's default estimator is the STE)
+    num_quantizers : Q > 1 quantizes residually in Q depths, as :class:`vqref.ResidualVQ` (the
+        module stays a ``VectorQuantize``; its outputs gain the depth axis)
+    shared_codebook, gradient_routing : residual options, see :class:`vqref.ResidualVQ`
+    seed : seed or numpy Generator for every random choice (init, k-means, restarts).  A
+        Generator is used for the initial codebook and then copied: later draws do not touch it
+    dtype : dtype of the stored state (default "float32"); inputs may be float32 or float64, and
+        outputs keep the input's dtype
+    xp : array library of the state (numpy by default; cupy; array_api_strict); see :meth:`to`
+    chunk_size : rows per chunk of the nearest-code search (default: automatic)
+    """
+
+    CONFIG_KEYS = (
+        "dim", "codebook_size", "decay", "eps", "commitment_weight", "codebook_weight", "ema_update",
+        "learnable_codebook", "kmeans_init", "kmeans_iters", "use_cosine_sim", "orthogonal_reg_weight",
+        "orthogonal_reg_active_codes_only", "orthogonal_reg_max_codes", "threshold_ema_dead_code",
+        "rotation_trick", "num_quantizers", "shared_codebook", "gradient_routing", "dtype", "chunk_size",
+    )  # fmt: skip
+    _stacked = False  # ResidualVQ: outputs always carry the depth axis
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int | None = None,
+        *,
+        n_embed: int | None = None,
+        decay: float = 0.8,
+        eps: float = 1e-5,
+        commitment_weight: float | None = None,
+        commitment: float | None = None,
+        codebook_weight: float | None = None,
+        ema_update: bool = True,
+        learnable_codebook: bool = False,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        use_cosine_sim: bool = False,
+        orthogonal_reg_weight: float = 0.0,
+        orthogonal_reg_active_codes_only: bool = False,
+        orthogonal_reg_max_codes: int | None = None,
+        threshold_ema_dead_code: float = 0,
+        rotation_trick: bool = False,
+        num_quantizers: int = 1,
+        shared_codebook: bool = False,
+        gradient_routing: str = "per_depth",
+        seed: Any = None,
+        dtype: Any = "float32",
+        xp: Any = None,
+        device: Any = None,
+        chunk_size: int | None = None,
+    ):
+        name = type(self).__name__
+        codebook_size = check_alias("codebook_size", codebook_size, "n_embed", n_embed, None)
+        if codebook_size is None:
+            raise TypeError(f"{name} needs codebook_size (or its alias n_embed)")
+        commitment_weight = check_alias("commitment_weight", commitment_weight, "commitment", commitment, 1.0)
+        self.dim = check_int("dim", dim, 1)
+        self.codebook_size = check_int("codebook_size", codebook_size, 1)
+        self.num_quantizers = check_int("num_quantizers", num_quantizers, 1)
+        self.decay = check_real("decay", decay, 0.0, 1.0)
+        self.eps = check_real("eps", eps, 0.0)
+        self.commitment_weight = check_real("commitment_weight", commitment_weight, 0.0)
+        self.codebook_weight = None if codebook_weight is None else check_real("codebook_weight", codebook_weight, 0.0)
+        self.kmeans_iters = check_int("kmeans_iters", kmeans_iters, 1)
+        self.orthogonal_reg_weight = check_real("orthogonal_reg_weight", orthogonal_reg_weight, 0.0)
+        self.orthogonal_reg_max_codes = (
+            None
+            if orthogonal_reg_max_codes is None
+            else check_int("orthogonal_reg_max_codes", orthogonal_reg_max_codes, 1)
+        )
+        self.threshold_ema_dead_code = check_real("threshold_ema_dead_code", threshold_ema_dead_code, 0.0)
+        self.gradient_routing = check_choice("gradient_routing", gradient_routing, GRADIENT_ROUTINGS)
+        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, 1)
+        flags = dict(
+            ema_update=ema_update, learnable_codebook=learnable_codebook, kmeans_init=kmeans_init,
+            use_cosine_sim=use_cosine_sim, orthogonal_reg_active_codes_only=orthogonal_reg_active_codes_only,
+            rotation_trick=rotation_trick, shared_codebook=shared_codebook,
+        )  # fmt: skip
+        for flag in _FLAGS:
+            setattr(self, flag, check_bool(flag, flags[flag]))
+        if self.ema_update and self.learnable_codebook:
+            raise ValueError(
+                "learnable_codebook=True needs ema_update=False: the EMA would overwrite every gradient step"
+            )
+        if self.use_cosine_sim and self.learnable_codebook:
+            raise ValueError(
+                "use_cosine_sim cannot be combined with learnable_codebook (as in vector-quantize-pytorch)"
+            )
+        if self.codebook_weight is not None and not self.learnable_codebook:
+            raise ValueError("codebook_weight only applies with learnable_codebook=True and ema_update=False")
+        if self.rotation_trick and self.dim == 1:
+            raise ValueError("rotation_trick needs dim > 1: in one dimension the only rotation is the identity")
+        self._dtype_name = check_dtype_name("dtype", dtype)
+        rng = check_seed("seed", seed)
+        namespace = B.namespace_from_module(xp)
+
+        # One generator per codebook: a stack gives each depth its own stream.
+        n = self.num_codebooks
+        rngs = rng.spawn(n) if self.is_stack else [rng]
+        arrays, initted = {}, {}
+        for prefix, gen in zip(self._prefixes(), rngs):
+            codebook = self._initial_codebook(gen)
+            arrays.update({prefix + "codebook": codebook, prefix + "cluster_size": np.ones(self.codebook_size)})
+            arrays[prefix + "embed_avg"] = codebook
+            initted[prefix + "initted"] = not self.kmeans_init
+        self.training = True
+        self._init_state(arrays, initted, tuple(rngs), xp=namespace, device=device)
+
+    def _initial_codebook(self, rng: np.random.Generator) -> np.ndarray:
+        """Uniform in +-sqrt(6 / (K D)), as torch's kaiming_uniform_ on a (1, K, D) tensor gives in
+        vector-quantize-pytorch; unit rows for cosine codebooks.  With k-means initialisation the
+        codebook is a placeholder and no random numbers are drawn (the seed's first draws are
+        k-means' initial means)."""
+        K, D = self.codebook_size, self.dim
+        if self.kmeans_init:
+            return np.zeros((K, D))
+        bound = math.sqrt(6.0 / (K * D))
+        init = rng.uniform(-bound, bound, size=(K, D))
+        return l2norm(init) if self.use_cosine_sim else init
+
+    # ---------------------------------------------------------------- configuration
+
+    @property
+    def is_stack(self) -> bool:
+        """True for a residual stack (several depths, or a ResidualVQ): outputs carry the depth axis."""
+        return self._stacked or self.num_quantizers > 1
+
+    @property
+    def num_codebooks(self) -> int:
+        return 1 if (self.shared_codebook or not self.is_stack) else self.num_quantizers
+
+    def _prefixes(self) -> list:
+        if self.num_codebooks == 1 and (self.shared_codebook or not self.is_stack):
+            return [""]
+        return [f"{level}." for level in range(self.num_quantizers)]
+
+    def config(self) -> dict:
+        cfg = {k: getattr(self, k) for k in self.CONFIG_KEYS if k != "dtype"}
+        cfg["dtype"] = self._dtype_name
+        return cfg
+
+    @classmethod
+    def spec_from_config(cls, config: dict) -> dict:
+        K = check_int("codebook_size", config.get("codebook_size"), 1)
+        D = check_int("dim", config.get("dim"), 1)
+        Q = check_int("num_quantizers", config.get("num_quantizers", 1), 1)
+        shared = check_bool("shared_codebook", config.get("shared_codebook", False))
+        stack = cls._stacked or Q > 1
+        prefixes = [""] if (shared or not stack) else [f"{level}." for level in range(Q)]
+        spec = {}
+        for p in prefixes:
+            spec.update(
+                {p + "codebook": (K, D), p + "cluster_size": (K,), p + "embed_avg": (K, D), p + "initted": None}
+            )
+        return spec
+
+    def __repr__(self) -> str:
+        flags = [
+            k for k in ("use_cosine_sim", "kmeans_init", "rotation_trick", "learnable_codebook") if getattr(self, k)
+        ]
+        depth = f", num_quantizers={self.num_quantizers}" if self.is_stack else ""
+        return (
+            f"{type(self).__name__}(dim={self.dim}, codebook_size={self.codebook_size}{depth}, decay={self.decay}, "
+            f"commitment_weight={self.commitment_weight}{''.join(', ' + f + '=True' for f in flags)})"
+        )
+
+    @property
+    def codebook_is_learnable(self) -> bool:
+        """True when the codebook receives a gradient (a learnable codebook or the orthogonal
+        regulariser, which makes it learnable as in vector-quantize-pytorch)."""
+        return self.learnable_codebook or self.orthogonal_reg_weight > 0
+
+    def learnable_names(self) -> tuple:
+        return tuple(p + "codebook" for p in self._prefixes()) if self.codebook_is_learnable else ()
+
+    # ---------------------------------------------------------------- the state, read-only
+
+    def _single(self, key: str) -> Array:
+        if self._prefixes() != [""]:
+            raise AttributeError(
+                f"a stack of {self.num_codebooks} codebooks has no single {key}; use .layers[level].{key}"
+            )
+        return self._state.flags[key] if key == "initted" else self._state.arrays[key]
+
+    codebook = property(lambda self: self._single("codebook"), doc="(K, D) the codebook (read-only)")
+    cluster_size = property(lambda self: self._single("cluster_size"), doc="(K,) EMA counts N_k (read-only)")
+    embed_avg = property(lambda self: self._single("embed_avg"), doc="(K, D) EMA sums m_k (read-only)")
+    initted = property(lambda self: self._single("initted"), doc="False until k-means has initialised it")
+
+    @property
+    def layers(self) -> tuple:
+        """One read-only :class:`CodebookView` per depth (the same one at every depth if shared)."""
+        prefixes = self._prefixes()
+        return tuple(
+            CodebookView(self, prefixes[0 if len(prefixes) == 1 else level], level)
+            for level in range(self.num_quantizers)
+        )
+
+    @property
+    def generator(self) -> np.random.Generator:
+        """A copy of the module's random generator (the first depth's, for a stack)."""
+        return B.clone_generator(self._state.rngs[0])
+
+    def init_codebook(self, codebook: Array, cluster_size: Array = None) -> None:
+        """Set the codebook (e.g. your own initial codes) with a consistent EMA state.
+
+        ``cluster_size`` defaults to ones (one pseudo-count per code, the initial state of
+        vector-quantize-pytorch); ``embed_avg`` is set to ``codebook * cluster_size`` so that the
+        invariant ``codebook = embed_avg / smoothed(cluster_size)`` holds, and the module counts
+        as initialised (no k-means on the next batch).  Single-codebook modules; any array
+        library; checked like :meth:`load_state_dict`.
+        """
+        self._single("codebook")
+        if not B.is_array(codebook):
+            raise TypeError(f"codebook must be an array, got {type(codebook).__name__}")
+        cb = np.asarray(B.to_numpy(codebook))
+        cs = np.ones(self.codebook_size) if cluster_size is None else np.asarray(B.to_numpy(cluster_size))
+        embed_avg = cb * cs[:, None] if cb.ndim == 2 and cs.ndim == 1 and cs.shape[0] == cb.shape[0] else cb
+        self.load_state_dict({"codebook": cb, "cluster_size": cs, "embed_avg": embed_avg, "initted": True})
+
+    # ---------------------------------------------------------------- forward / backward
+
+    def _options(self) -> dict:
+        """The options of :func:`vqref.core.quantize.quantize_forward` at every depth."""
+        return dict(
+            commitment_weight=self.commitment_weight,
+            codebook_weight=self.codebook_weight,
+            learnable_codebook=self.learnable_codebook,
+            use_cosine_sim=self.use_cosine_sim,
+            rotation_trick=self.rotation_trick,
+            chunk_size=self.chunk_size,
+        )
+
+    def forward(self, x: Array):
+        """Quantize ``x``.
+
+        Parameters
+        ----------
+        x : (..., dim) float32 or float64 array of the module's library
+
+        Returns
+        -------
+        quantized : (..., dim), x's dtype; its rows are (sums of) codebook rows
+        indices : (...) int64, or (..., Q) for a stack
+        loss : 0-d ``commitment_weight * mse(x, sg[q])`` plus the enabled terms; (Q,) for a stack
+        """
+        self.check_input("x", x, last_dim=self.dim)
+        if self.training:
+            self.check_fits_state("x", x)
+        with self._exclusive():
+            return self._forward(x)
+
+    def _forward(self, x: Array):
+        xp, Q, prefixes = self.xp, self.num_quantizers, self._prefixes()
+        s = self._state
+        xf = xp.reshape(x, (-1, self.dim))  # (N, D)
+        states = [EMAState(*(s.arrays[p + k] for k in ("codebook", "cluster_size", "embed_avg"))) for p in prefixes]
+        initted = [s.flags[p + "initted"] for p in prefixes]
+        rngs = self._rngs()  # copies: the committed generators are never drawn from
+        opts = self._options()
+
+        # 1. k-means on the first training batch, depth by depth
+        if self.training and not all(initted):
+            states, initted = residual_kmeans_init(
+                xf, states, initted, num_depths=Q, shared=len(prefixes) == 1, iters=self.kmeans_iters, rngs=rngs,
+                eps=self.eps, use_cosine_sim=self.use_cosine_sim, dtype=self.dtype, quantize_options=opts,
+            )  # fmt: skip
+        # 2. quantize with the codebooks as they are now (Q = 1: plain VQ)
+        codebooks = [xp.astype(states[0 if len(states) == 1 else level].codebook, x.dtype) for level in range(Q)]
+        out, cache = residual_forward(xf, codebooks, routing=self.gradient_routing, **opts)
+        # 3. EMA step and dead-code restarts on what each depth quantized
+        if self.training:
+            data = [
+                xp.astype(out.residuals[level] if c.x_norm is None else c.x_norm.y, self.dtype)
+                for level, c in enumerate(cache.depths)
+            ]  # Q arrays (N, D), normalised for cosine codebooks
+            states = residual_training_update(
+                states, data, [out.indices[:, level] for level in range(Q)], shared=len(states) == 1 and Q > 1,
+                rngs=rngs, decay=self.decay, eps=self.eps, ema=self.ema_update,
+                dead_code_threshold=self.threshold_ema_dead_code, normalize=self.use_cosine_sim,
+            )  # fmt: skip
+        # 4. the orthogonal regulariser, on the codebook parameter as this forward leaves it
+        if self.orthogonal_reg_weight > 0:
+            out, cache = residual_add_orthogonal(
+                out, cache, self._orthogonal_points(states, codebooks, x.dtype),
+                weight=self.orthogonal_reg_weight, code_ids=self._orthogonal_code_ids(out.indices, rngs),
+            )  # fmt: skip
+        # 5. commit (training only): one assignment
+        if self.training:
+            arrays = {}
+            for p, st in zip(prefixes, states):
+                arrays.update(
+                    {p + "codebook": st.codebook, p + "cluster_size": st.cluster_size, p + "embed_avg": st.embed_avg}
+                )
+            pending = (cache, tuple(x.shape), x.dtype)
+            new = self._updated(arrays=arrays, flags={p + "initted": i for p, i in zip(prefixes, initted)},
+                                rngs=tuple(rngs), cache=pending)  # fmt: skip
+            self._commit(new)
+        # diagnostics of the last call in either mode (not state): unweighted loss terms, residuals
+        orth = out.orthogonals
+        if self.is_stack:
+            self.last_losses = {"commitment": out.commitments, "orthogonal": orth}
+        else:
+            self.last_losses = {"commitment": out.commitments[0], "orthogonal": None if orth is None else orth[0]}
+        self.last_residuals = out.residuals
+        lead = tuple(x.shape[:-1])
+        quantized = xp.reshape(out.quantized, tuple(x.shape))
+        if self.is_stack:
+            return quantized, xp.reshape(out.indices, lead + (Q,)), out.losses
+        return quantized, xp.reshape(out.indices[:, 0], lead), out.losses[0, ...]
+
+    def _orthogonal_points(self, states: list, codebooks: list, dtype: Any) -> list:
+        """The codebook value each depth's regulariser is evaluated on.
+
+        Separate codebooks: after this step's update (in eval: unchanged), as
+        vector-quantize-pytorch.  A shared codebook's update waits for the last depth, and
+        vector-quantize-pytorch evaluates every depth's term on the codebook the depths quantized
+        with; so does vqref (see docs/deviations.md).
+        """
+        if self.shared_codebook and self.is_stack:
+            return codebooks
+        return [self.xp.astype(st.codebook, dtype) for st in states]
+
+    def _orthogonal_code_ids(self, indices: Array, rngs: list) -> list | None:
+        """Per depth, the codes the regulariser sees (None: all K), from that depth's codes.
+
+        A driver step: the used codes are read on the host, and a random subset
+        (``orthogonal_reg_max_codes``) is drawn from the depth's generator, after this step's
+        restart candidates.
+        """
+        if not self.orthogonal_reg_active_codes_only and self.orthogonal_reg_max_codes is None:
+            return None
+        ids = []
+        for level in range(self.num_quantizers):
+            used = indices[:, level] if self.orthogonal_reg_active_codes_only else None
+            gen = rngs[0 if len(rngs) == 1 else level]
+            pick = select_codes(self.codebook_size, used_indices=used, max_codes=self.orthogonal_reg_max_codes, rng=gen)
+            ids.append(B.from_numpy(pick, self.xp, device=B.get_device(indices)))
+        return ids
+
+    def backward(self, dquantized: Array, dloss: Array = 1.0) -> Array:
+        """Gradient for the input of the last training forward.
+
+        Parameters
+        ----------
+        dquantized : (..., dim), the upstream gradient of ``quantized``
+        dloss : the upstream gradient of ``loss``: a real number or 0-d array (a (Q,) array, or a
+            number for every depth, for a stack); 1.0 when the loss is added to the objective
+
+        Returns
+        -------
+        dx : (..., dim), the input's dtype.  Codebook gradients (when learnable) go to
+            ``self.grads``.  The cache is consumed: a second backward raises.
+        """
+        return self._backward(dquantized, dloss, "dloss")
+
+    def _backward(self, dquantized: Array, dloss: Array, dloss_name: str) -> Array:
+        if self._state.cache is None:
+            raise RuntimeError("backward() needs a training-mode forward first (and each forward allows one backward)")
+        cache, shape, dtype = self._state.cache
+        self.check_input("dquantized", dquantized, shape=shape)
+        xp, Q = self.xp, self.num_quantizers
+        if B.is_array(dloss):
+            allowed = ((Q,), ()) if self.is_stack else ((),)
+            if tuple(dloss.shape) not in allowed:
+                raise ValueError(
+                    f"{dloss_name} must have shape {' or '.join(map(str, allowed))}, got {tuple(dloss.shape)}"
+                )
+            self.check_input(dloss_name, dloss, shape=tuple(dloss.shape))
+            dloss = xp.astype(dloss, dtype)
+        else:
+            dloss = check_real(dloss_name, dloss)
+        with self._exclusive():
+            dq = xp.astype(xp.reshape(dquantized, (-1, self.dim)), dtype)
+            dx, dcodebooks = residual_backward(dq, dloss, cache)
+            grads = {}
+            if self.codebook_is_learnable:
+                for i, name in enumerate(self.learnable_names()):
+                    mine = dcodebooks if len(self._prefixes()) == 1 else [dcodebooks[i]]
+                    total = None
+                    for g in mine:
+                        if g is not None:
+                            total = g if total is None else total + g  # a shared codebook collects every depth's
+                    if total is None:
+                        total = xp.zeros((self.codebook_size, self.dim), dtype=self.dtype, device=B.get_device(dx))
+                    grads[name] = xp.astype(total, self.dtype)
+                    if not B.all_finite(grads[name]):
+                        raise ValueError(
+                            f"the gradient of {name} overflows the module's {self._dtype_name} state; scale dquantized"
+                        )
+            self._commit(self._updated(cache=None))
+        self.grads.clear()  # in place: views of this dict stay valid
+        self.grads.update(grads)
+        return xp.reshape(dx, shape)
+
+    # ---------------------------------------------------------------- decoding
+
+    def get_codes_from_indices(self, indices: Array) -> Array:
+        """Codes for ``indices``: ``(..., dim)`` for ``(...)``, or ``(Q, ..., dim)`` for a stack's
+        ``(..., Q)`` (unit codes for cosine codebooks)."""
+        if not self.is_stack:
+            return self.layers[0].get_codes(indices)
+        if not B.is_array(indices) or indices.ndim < 1 or indices.shape[-1] != self.num_quantizers:
+            raise ValueError(f"indices must be an integer array of shape (..., {self.num_quantizers})")
+        return self.xp.stack([layer.get_codes(indices[..., layer.level]) for layer in self.layers], axis=0)
+
+    def get_output_from_indices(self, indices: Array) -> Array:
+        """The quantized output for ``indices`` (the sum over depths, for a stack), shape ``(..., dim)``.
+
+        For indices that an eval-mode forward returned, this equals that forward's output."""
+        if not self.is_stack:
+            return self.get_codes_from_indices(indices)
+        codes = self.get_codes_from_indices(indices)
+        out = codes[0, ...]
+        for level in range(1, self.num_quantizers):
+            out = out + codes[level, ...]
+        return out
+
+    def check_indices(self, name: str, indices: Array) -> Array:
+        """Refuse anything but integer indices of the module's library in [0, K)."""
+        return check_index_array(name, indices, next(iter(self._state.arrays.values())), self.codebook_size)
