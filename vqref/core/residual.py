@@ -49,6 +49,8 @@ __all__ = [
     "residual_forward",
     "residual_backward",
     "residual_add_orthogonal",
+    "orthogonal_code_subsets",
+    "codebook_gradients",
     "GRADIENT_ROUTINGS",
 ]
 
@@ -212,3 +214,46 @@ def residual_add_orthogonal(
         orths.append(orth)
     out = out._replace(losses=out.losses + weight * xp.stack(orths), orthogonals=tuple(orths))  # (Q,)
     return out, cache._replace(depths=tuple(depths))
+
+
+def orthogonal_code_subsets(
+    indices: Array, num_codes: int, *, active_only: bool, max_codes: int | None, rngs: Sequence[Any]
+) -> list | None:
+    """Per depth, the codes the orthogonal regulariser sees (``None``: all K at every depth).
+
+    ``active_only``: the codes depth l used in ``indices[:, l]``; ``max_codes``: at most that
+    many, drawn at random from depth l's generator (``rngs[l]``, or ``rngs[0]`` for a shared
+    codebook).  See :func:`vqref.ops.orthogonal.select_codes`.  A driver step: the used codes are
+    read on the host.
+
+    Parameters
+    ----------
+    indices : (N, Q) int, this forward's codes
+    num_codes : K
+    """
+    from ..ops.orthogonal import select_codes
+
+    if not active_only and max_codes is None:
+        return None
+    ids = []
+    for level in range(indices.shape[1]):
+        used = indices[:, level] if active_only else None
+        gen = rngs[0 if len(rngs) == 1 else level]
+        pick = select_codes(num_codes, used_indices=used, max_codes=max_codes, rng=gen)
+        ids.append(B.from_numpy(pick, B.get_namespace(indices), device=B.get_device(indices)))
+    return ids
+
+
+def codebook_gradients(dcodebooks: Sequence[Any], *, shared: bool) -> list:
+    """The gradient of each codebook from the per-depth ones of :func:`residual_backward`.
+
+    Separate codebooks: depth l's gradient, or ``None`` when nothing reached it.  A shared
+    codebook: the sum over depths (each depth scattered into the same codebook).
+    """
+    if not shared:
+        return list(dcodebooks)
+    total = None
+    for g in dcodebooks:
+        if g is not None:
+            total = g if total is None else total + g  # (K, D)
+    return [total]

@@ -16,7 +16,10 @@ Order within a training step (as in vector-quantize-pytorch):
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
+
+import numpy as np
 
 from .. import backend as B
 from ..backend import Array
@@ -30,12 +33,33 @@ from .ema import (
 )
 
 __all__ = [
+    "initial_codebook",
     "kmeans_init_state",
     "training_update",
     "shared_training_update",
     "residual_kmeans_init",
     "residual_training_update",
 ]
+
+
+def initial_codebook(
+    num_codes: int, dim: int, *, rng: np.random.Generator, kmeans_init: bool = False, use_cosine_sim: bool = False
+) -> np.ndarray:
+    """A codebook to start from, on the host in float64: ``(K, D)``.
+
+    Uniform in ``+-sqrt(6 / (K D))``, which is what torch's ``kaiming_uniform_`` gives a
+    ``(1, K, D)`` tensor in vector-quantize-pytorch; rows l2-normalised for cosine codebooks.
+    With k-means initialisation the codebook is a placeholder of zeros, replaced on the first
+    training batch, and no random number is drawn (so the generator's first draws are k-means'
+    initial means).
+    """
+    from ..ops.l2norm import l2norm
+
+    if kmeans_init:
+        return np.zeros((num_codes, dim))
+    bound = math.sqrt(6.0 / (num_codes * dim))
+    init = rng.uniform(-bound, bound, size=(num_codes, dim))  # (K, D)
+    return l2norm(init) if use_cosine_sim else init
 
 
 def kmeans_init_state(

@@ -217,6 +217,16 @@ class Quantizer:
         new = xp.astype(value, self.dtype, copy=True)
         self._commit(self._updated(arrays={name: new}))
 
+    def shield(self, a: Array) -> Array:
+        """``a`` as the caller may have it when the backward cache refers to it: a read-only view
+        on numpy (free), a copy on the libraries that have no read-only arrays.  Changing a
+        returned output in place can then never change a gradient."""
+        if isinstance(a, np.ndarray):
+            view = a.view()
+            view.flags.writeable = False
+            return view
+        return self.xp.asarray(a, copy=True)
+
     # ---------------------------------------------------------------- state dict and files
 
     def state_dict(self) -> dict:

@@ -21,7 +21,6 @@ depth axis, see :class:`vqref.ResidualVQ`).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -29,34 +28,20 @@ import numpy as np
 from .. import backend as B
 from ..backend import Array
 from ..core.ema import EMAState
-from ..core.residual import GRADIENT_ROUTINGS, residual_add_orthogonal, residual_backward, residual_forward
-from ..core.state import residual_kmeans_init, residual_training_update
-from ..ops.l2norm import l2norm
-from ..ops.orthogonal import select_codes
-from ..validation import (
-    check_alias,
-    check_bool,
-    check_choice,
-    check_dtype_name,
-    check_index_array,
-    check_int,
-    check_real,
-    check_seed,
+from ..core.residual import (
+    codebook_gradients,
+    orthogonal_code_subsets,
+    residual_add_orthogonal,
+    residual_backward,
+    residual_forward,
 )
+from ..core.state import initial_codebook, residual_kmeans_init, residual_training_update
+from ..validation import check_dtype_name, check_index_array, check_real, check_seed
 from .base import Quantizer
+from .options import CONFIG_KEYS, check_options, state_prefixes, state_spec
 from .views import CodebookView
 
 __all__ = ["VectorQuantize"]
-
-_FLAGS = (
-    "ema_update",
-    "learnable_codebook",
-    "kmeans_init",
-    "use_cosine_sim",
-    "orthogonal_reg_active_codes_only",
-    "rotation_trick",
-    "shared_codebook",
-)
 
 
 class VectorQuantize(Quantizer):
@@ -101,12 +86,7 @@ class VectorQuantize(Quantizer):
     chunk_size : rows per chunk of the nearest-code search (default: automatic)
     """
 
-    CONFIG_KEYS = (
-        "dim", "codebook_size", "decay", "eps", "commitment_weight", "codebook_weight", "ema_update",
-        "learnable_codebook", "kmeans_init", "kmeans_iters", "use_cosine_sim", "orthogonal_reg_weight",
-        "orthogonal_reg_active_codes_only", "orthogonal_reg_max_codes", "threshold_ema_dead_code",
-        "rotation_trick", "num_quantizers", "shared_codebook", "gradient_routing", "dtype", "chunk_size",
-    )  # fmt: skip
+    CONFIG_KEYS = CONFIG_KEYS
     _stacked = False  # ResidualVQ: outputs always carry the depth axis
 
     def __init__(
@@ -139,47 +119,18 @@ class VectorQuantize(Quantizer):
         device: Any = None,
         chunk_size: int | None = None,
     ):
-        name = type(self).__name__
-        codebook_size = check_alias("codebook_size", codebook_size, "n_embed", n_embed, None)
-        if codebook_size is None:
-            raise TypeError(f"{name} needs codebook_size (or its alias n_embed)")
-        commitment_weight = check_alias("commitment_weight", commitment_weight, "commitment", commitment, 1.0)
-        self.dim = check_int("dim", dim, 1)
-        self.codebook_size = check_int("codebook_size", codebook_size, 1)
-        self.num_quantizers = check_int("num_quantizers", num_quantizers, 1)
-        self.decay = check_real("decay", decay, 0.0, 1.0)
-        self.eps = check_real("eps", eps, 0.0)
-        self.commitment_weight = check_real("commitment_weight", commitment_weight, 0.0)
-        self.codebook_weight = None if codebook_weight is None else check_real("codebook_weight", codebook_weight, 0.0)
-        self.kmeans_iters = check_int("kmeans_iters", kmeans_iters, 1)
-        self.orthogonal_reg_weight = check_real("orthogonal_reg_weight", orthogonal_reg_weight, 0.0)
-        self.orthogonal_reg_max_codes = (
-            None
-            if orthogonal_reg_max_codes is None
-            else check_int("orthogonal_reg_max_codes", orthogonal_reg_max_codes, 1)
-        )
-        self.threshold_ema_dead_code = check_real("threshold_ema_dead_code", threshold_ema_dead_code, 0.0)
-        self.gradient_routing = check_choice("gradient_routing", gradient_routing, GRADIENT_ROUTINGS)
-        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, 1)
-        flags = dict(
+        options = check_options(
+            type(self).__name__, dim=dim, codebook_size=codebook_size, n_embed=n_embed, decay=decay, eps=eps,
+            commitment_weight=commitment_weight, commitment=commitment, codebook_weight=codebook_weight,
             ema_update=ema_update, learnable_codebook=learnable_codebook, kmeans_init=kmeans_init,
-            use_cosine_sim=use_cosine_sim, orthogonal_reg_active_codes_only=orthogonal_reg_active_codes_only,
-            rotation_trick=rotation_trick, shared_codebook=shared_codebook,
+            kmeans_iters=kmeans_iters, use_cosine_sim=use_cosine_sim, orthogonal_reg_weight=orthogonal_reg_weight,
+            orthogonal_reg_active_codes_only=orthogonal_reg_active_codes_only,
+            orthogonal_reg_max_codes=orthogonal_reg_max_codes, threshold_ema_dead_code=threshold_ema_dead_code,
+            rotation_trick=rotation_trick, num_quantizers=num_quantizers, shared_codebook=shared_codebook,
+            gradient_routing=gradient_routing, chunk_size=chunk_size,
         )  # fmt: skip
-        for flag in _FLAGS:
-            setattr(self, flag, check_bool(flag, flags[flag]))
-        if self.ema_update and self.learnable_codebook:
-            raise ValueError(
-                "learnable_codebook=True needs ema_update=False: the EMA would overwrite every gradient step"
-            )
-        if self.use_cosine_sim and self.learnable_codebook:
-            raise ValueError(
-                "use_cosine_sim cannot be combined with learnable_codebook (as in vector-quantize-pytorch)"
-            )
-        if self.codebook_weight is not None and not self.learnable_codebook:
-            raise ValueError("codebook_weight only applies with learnable_codebook=True and ema_update=False")
-        if self.rotation_trick and self.dim == 1:
-            raise ValueError("rotation_trick needs dim > 1: in one dimension the only rotation is the identity")
+        for key, value in options.items():
+            setattr(self, key, value)
         self._dtype_name = check_dtype_name("dtype", dtype)
         rng = check_seed("seed", seed)
         namespace = B.namespace_from_module(xp)
@@ -189,24 +140,14 @@ class VectorQuantize(Quantizer):
         rngs = rng.spawn(n) if self.is_stack else [rng]
         arrays, initted = {}, {}
         for prefix, gen in zip(self._prefixes(), rngs):
-            codebook = self._initial_codebook(gen)
+            codebook = initial_codebook(
+                self.codebook_size, self.dim, rng=gen, kmeans_init=self.kmeans_init, use_cosine_sim=self.use_cosine_sim
+            )
             arrays.update({prefix + "codebook": codebook, prefix + "cluster_size": np.ones(self.codebook_size)})
             arrays[prefix + "embed_avg"] = codebook
             initted[prefix + "initted"] = not self.kmeans_init
         self.training = True
         self._init_state(arrays, initted, tuple(rngs), xp=namespace, device=device)
-
-    def _initial_codebook(self, rng: np.random.Generator) -> np.ndarray:
-        """Uniform in +-sqrt(6 / (K D)), as torch's kaiming_uniform_ on a (1, K, D) tensor gives in
-        vector-quantize-pytorch; unit rows for cosine codebooks.  With k-means initialisation the
-        codebook is a placeholder and no random numbers are drawn (the seed's first draws are
-        k-means' initial means)."""
-        K, D = self.codebook_size, self.dim
-        if self.kmeans_init:
-            return np.zeros((K, D))
-        bound = math.sqrt(6.0 / (K * D))
-        init = rng.uniform(-bound, bound, size=(K, D))
-        return l2norm(init) if self.use_cosine_sim else init
 
     # ---------------------------------------------------------------- configuration
 
@@ -220,9 +161,7 @@ class VectorQuantize(Quantizer):
         return 1 if (self.shared_codebook or not self.is_stack) else self.num_quantizers
 
     def _prefixes(self) -> list:
-        if self.num_codebooks == 1 and (self.shared_codebook or not self.is_stack):
-            return [""]
-        return [f"{level}." for level in range(self.num_quantizers)]
+        return state_prefixes(self.num_quantizers, shared=self.shared_codebook, stacked=self._stacked)
 
     def config(self) -> dict:
         cfg = {k: getattr(self, k) for k in self.CONFIG_KEYS if k != "dtype"}
@@ -231,18 +170,7 @@ class VectorQuantize(Quantizer):
 
     @classmethod
     def spec_from_config(cls, config: dict) -> dict:
-        K = check_int("codebook_size", config.get("codebook_size"), 1)
-        D = check_int("dim", config.get("dim"), 1)
-        Q = check_int("num_quantizers", config.get("num_quantizers", 1), 1)
-        shared = check_bool("shared_codebook", config.get("shared_codebook", False))
-        stack = cls._stacked or Q > 1
-        prefixes = [""] if (shared or not stack) else [f"{level}." for level in range(Q)]
-        spec = {}
-        for p in prefixes:
-            spec.update(
-                {p + "codebook": (K, D), p + "cluster_size": (K,), p + "embed_avg": (K, D), p + "initted": None}
-            )
-        return spec
+        return state_spec(config, stacked=cls._stacked)
 
     def __repr__(self) -> str:
         flags = [
@@ -344,6 +272,10 @@ class VectorQuantize(Quantizer):
         xp, Q, prefixes = self.xp, self.num_quantizers, self._prefixes()
         s = self._state
         xf = xp.reshape(x, (-1, self.dim))  # (N, D)
+        if self.training:
+            # The backward cache refers to the input; a private copy, so that changing x in place
+            # between forward and backward cannot change a gradient.
+            xf = xp.asarray(xf, copy=True)
         states = [EMAState(*(s.arrays[p + k] for k in ("codebook", "cluster_size", "embed_avg"))) for p in prefixes]
         initted = [s.flags[p + "initted"] for p in prefixes]
         rngs = self._rngs()  # copies: the committed generators are never drawn from
@@ -371,9 +303,13 @@ class VectorQuantize(Quantizer):
             )  # fmt: skip
         # 4. the orthogonal regulariser, on the codebook parameter as this forward leaves it
         if self.orthogonal_reg_weight > 0:
+            code_ids = orthogonal_code_subsets(
+                out.indices, self.codebook_size, active_only=self.orthogonal_reg_active_codes_only,
+                max_codes=self.orthogonal_reg_max_codes, rngs=rngs,
+            )  # fmt: skip
             out, cache = residual_add_orthogonal(
                 out, cache, self._orthogonal_points(states, codebooks, x.dtype),
-                weight=self.orthogonal_reg_weight, code_ids=self._orthogonal_code_ids(out.indices, rngs),
+                weight=self.orthogonal_reg_weight, code_ids=code_ids,
             )  # fmt: skip
         # 5. commit (training only): one assignment
         if self.training:
@@ -392,12 +328,15 @@ class VectorQuantize(Quantizer):
             self.last_losses = {"commitment": out.commitments, "orthogonal": orth}
         else:
             self.last_losses = {"commitment": out.commitments[0], "orthogonal": None if orth is None else orth[0]}
-        self.last_residuals = out.residuals
+        # The outputs share memory with the backward cache (the codes, the indices): they are handed
+        # out read-only (numpy) or as copies (other libraries), see Quantizer.shield.
+        shield = self.shield if self.training else (lambda a: a)
+        self.last_residuals = tuple(shield(r) for r in out.residuals)
         lead = tuple(x.shape[:-1])
-        quantized = xp.reshape(out.quantized, tuple(x.shape))
+        quantized = shield(xp.reshape(out.quantized, tuple(x.shape)))
         if self.is_stack:
-            return quantized, xp.reshape(out.indices, lead + (Q,)), out.losses
-        return quantized, xp.reshape(out.indices[:, 0], lead), out.losses[0, ...]
+            return quantized, shield(xp.reshape(out.indices, lead + (Q,))), out.losses
+        return quantized, shield(xp.reshape(out.indices[:, 0], lead)), out.losses[0, ...]
 
     def _orthogonal_points(self, states: list, codebooks: list, dtype: Any) -> list:
         """The codebook value each depth's regulariser is evaluated on.
@@ -410,23 +349,6 @@ class VectorQuantize(Quantizer):
         if self.shared_codebook and self.is_stack:
             return codebooks
         return [self.xp.astype(st.codebook, dtype) for st in states]
-
-    def _orthogonal_code_ids(self, indices: Array, rngs: list) -> list | None:
-        """Per depth, the codes the regulariser sees (None: all K), from that depth's codes.
-
-        A driver step: the used codes are read on the host, and a random subset
-        (``orthogonal_reg_max_codes``) is drawn from the depth's generator, after this step's
-        restart candidates.
-        """
-        if not self.orthogonal_reg_active_codes_only and self.orthogonal_reg_max_codes is None:
-            return None
-        ids = []
-        for level in range(self.num_quantizers):
-            used = indices[:, level] if self.orthogonal_reg_active_codes_only else None
-            gen = rngs[0 if len(rngs) == 1 else level]
-            pick = select_codes(self.codebook_size, used_indices=used, max_codes=self.orthogonal_reg_max_codes, rng=gen)
-            ids.append(B.from_numpy(pick, self.xp, device=B.get_device(indices)))
-        return ids
 
     def backward(self, dquantized: Array, dloss: Array = 1.0) -> Array:
         """Gradient for the input of the last training forward.
@@ -465,15 +387,11 @@ class VectorQuantize(Quantizer):
             dx, dcodebooks = residual_backward(dq, dloss, cache)
             grads = {}
             if self.codebook_is_learnable:
-                for i, name in enumerate(self.learnable_names()):
-                    mine = dcodebooks if len(self._prefixes()) == 1 else [dcodebooks[i]]
-                    total = None
-                    for g in mine:
-                        if g is not None:
-                            total = g if total is None else total + g  # a shared codebook collects every depth's
-                    if total is None:
-                        total = xp.zeros((self.codebook_size, self.dim), dtype=self.dtype, device=B.get_device(dx))
-                    grads[name] = xp.astype(total, self.dtype)
+                per_codebook = codebook_gradients(dcodebooks, shared=len(self._prefixes()) == 1)
+                for name, g in zip(self.learnable_names(), per_codebook):
+                    if g is None:  # no term reached this codebook
+                        g = xp.zeros((self.codebook_size, self.dim), dtype=self.dtype, device=B.get_device(dx))
+                    grads[name] = xp.astype(g, self.dtype)
                     if not B.all_finite(grads[name]):
                         raise ValueError(
                             f"the gradient of {name} overflows the module's {self._dtype_name} state; scale dquantized"

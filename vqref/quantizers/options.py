@@ -1,0 +1,94 @@
+"""The options of a vector quantizer: their checks, their names in files, and the state layout.
+
+Symbols: D = dim, K = codebook_size, Q = num_quantizers.
+
+:func:`check_options` turns constructor arguments into validated values (Python ``int``,
+``float``, ``bool``, ``str``; aliases resolved) or raises an error that names the option;
+:func:`state_spec` says which state entries a configuration has and their shapes, by arithmetic
+alone, so that a model file can be checked before anything is built.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..core.residual import GRADIENT_ROUTINGS
+from ..validation import check_alias, check_bool, check_choice, check_int, check_real
+
+__all__ = ["CONFIG_KEYS", "check_options", "state_prefixes", "state_spec"]
+
+# What config() returns and a model file's configuration may hold.
+CONFIG_KEYS = (
+    "dim", "codebook_size", "decay", "eps", "commitment_weight", "codebook_weight", "ema_update",
+    "learnable_codebook", "kmeans_init", "kmeans_iters", "use_cosine_sim", "orthogonal_reg_weight",
+    "orthogonal_reg_active_codes_only", "orthogonal_reg_max_codes", "threshold_ema_dead_code",
+    "rotation_trick", "num_quantizers", "shared_codebook", "gradient_routing", "dtype", "chunk_size",
+)  # fmt: skip
+
+_FLAGS = (
+    "ema_update",
+    "learnable_codebook",
+    "kmeans_init",
+    "use_cosine_sim",
+    "orthogonal_reg_active_codes_only",
+    "rotation_trick",
+    "shared_codebook",
+)
+
+
+def check_options(name: str, **kw: Any) -> dict:
+    """Validated options of :class:`vqref.VectorQuantize` (``name``: the class, for messages).
+
+    Takes every constructor option except seed, dtype, xp and device; returns them without the
+    aliases (``n_embed`` -> ``codebook_size``, ``commitment`` -> ``commitment_weight``).
+    """
+    codebook_size = check_alias("codebook_size", kw["codebook_size"], "n_embed", kw["n_embed"], None)
+    if codebook_size is None:
+        raise TypeError(f"{name} needs codebook_size (or its alias n_embed)")
+    commitment = check_alias("commitment_weight", kw["commitment_weight"], "commitment", kw["commitment"], 1.0)
+    max_codes, codebook_weight, chunk_size = kw["orthogonal_reg_max_codes"], kw["codebook_weight"], kw["chunk_size"]
+    out = {
+        "dim": check_int("dim", kw["dim"], 1),
+        "codebook_size": check_int("codebook_size", codebook_size, 1),
+        "num_quantizers": check_int("num_quantizers", kw["num_quantizers"], 1),
+        "decay": check_real("decay", kw["decay"], 0.0, 1.0),
+        "eps": check_real("eps", kw["eps"], 0.0),
+        "commitment_weight": check_real("commitment_weight", commitment, 0.0),
+        "codebook_weight": None if codebook_weight is None else check_real("codebook_weight", codebook_weight, 0.0),
+        "kmeans_iters": check_int("kmeans_iters", kw["kmeans_iters"], 1),
+        "orthogonal_reg_weight": check_real("orthogonal_reg_weight", kw["orthogonal_reg_weight"], 0.0),
+        "orthogonal_reg_max_codes": None if max_codes is None else check_int("orthogonal_reg_max_codes", max_codes, 1),
+        "threshold_ema_dead_code": check_real("threshold_ema_dead_code", kw["threshold_ema_dead_code"], 0.0),
+        "gradient_routing": check_choice("gradient_routing", kw["gradient_routing"], GRADIENT_ROUTINGS),
+        "chunk_size": None if chunk_size is None else check_int("chunk_size", chunk_size, 1),
+    }
+    out.update({flag: check_bool(flag, kw[flag]) for flag in _FLAGS})
+    if out["ema_update"] and out["learnable_codebook"]:
+        raise ValueError("learnable_codebook=True needs ema_update=False: the EMA would overwrite every gradient step")
+    if out["use_cosine_sim"] and out["learnable_codebook"]:
+        raise ValueError("use_cosine_sim cannot be combined with learnable_codebook (as in vector-quantize-pytorch)")
+    if out["codebook_weight"] is not None and not out["learnable_codebook"]:
+        raise ValueError("codebook_weight only applies with learnable_codebook=True and ema_update=False")
+    if out["rotation_trick"] and out["dim"] == 1:
+        raise ValueError("rotation_trick needs dim > 1: in one dimension the only rotation is the identity")
+    return out
+
+
+def state_prefixes(num_quantizers: int, *, shared: bool, stacked: bool = False) -> list:
+    """The prefixes of the state entries: ``[""]`` for one codebook (plain VQ, or a shared one),
+    ``["0.", "1.", ...]`` for one codebook per depth of a stack."""
+    if shared or not (stacked or num_quantizers > 1):
+        return [""]
+    return [f"{level}." for level in range(num_quantizers)]
+
+
+def state_spec(config: dict, *, stacked: bool = False) -> dict:
+    """``name -> shape`` of every state entry of a configuration (flags: ``None``)."""
+    K = check_int("codebook_size", config.get("codebook_size"), 1)
+    D = check_int("dim", config.get("dim"), 1)
+    Q = check_int("num_quantizers", config.get("num_quantizers", 1), 1)
+    shared = check_bool("shared_codebook", config.get("shared_codebook", False))
+    spec = {}
+    for p in state_prefixes(Q, shared=shared, stacked=stacked):
+        spec.update({p + "codebook": (K, D), p + "cluster_size": (K,), p + "embed_avg": (K, D), p + "initted": None})
+    return spec
