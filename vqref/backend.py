@@ -64,8 +64,6 @@ def is_array(x: Any) -> bool:
     return array_api_compat.is_array_api_obj(x) and not isinstance(x, (int, float, complex, bool))
 
 
-
-
 def library_name(x: Any) -> str:
     """A short name of the library that owns array ``x`` ("numpy", "cupy", "array_api_strict", ...)."""
     if array_api_compat.is_numpy_array(x):

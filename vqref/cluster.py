@@ -45,7 +45,7 @@ import numpy as np
 
 from . import backend as B
 from .core.ema import laplace_smoothing
-from .core.kmeans import assign, kmeans, sample_initial_means
+from .core.kmeans import assign, kmeans, kmeans_plusplus, sample_initial_means
 from .ops.l2norm import l2norm
 from .validation import check_int
 
@@ -79,52 +79,6 @@ def _check_data(X: Any, name: str = "X") -> Any:
 
 def _dtype_name(xp: Any, dtype: Any) -> str:
     return "float32" if dtype == xp.float32 else "float64"
-
-
-def kmeans_plusplus(x: Any, num_clusters: int, rng: Any = None) -> Any:
-    """k-means++ seeding (Arthur and Vassilvitskii, SODA 2007): spread-out initial centroids.
-
-    The first centroid is a uniformly random row; each next one is a row drawn with probability
-    proportional to its squared distance to the nearest centroid chosen so far,
-
-        P(i) = d_i^2 / sum_j d_j^2,     d_i = min_{chosen c} ||x_i - c||.
-
-    This is the plain version (one candidate per step); scikit-learn's default is the "greedy"
-    version, which draws ``2 + log K`` candidates per step and keeps the best, so the two do not
-    pick the same rows for the same seed.
-
-    Parameters
-    ----------
-    x : (N, D) float, any Array API backend
-    num_clusters : K >= 1 (may exceed N: once every row is a centroid, rows are drawn uniformly)
-    rng : numpy Generator or seed; the draws happen on the host
-
-    Returns
-    -------
-    means : (K, D), rows of x (same namespace, device and dtype)
-
-    Notes
-    -----
-    The distances are direct differences (no expansion), so they are never negative.  Each
-    step moves the (N,) distances to the host to draw from them: K synchronisations in all.
-    """
-    xp = B.get_namespace(x)
-    N = x.shape[0]
-    K = check_int("num_clusters", num_clusters, 1)
-    gen = B.as_generator(rng)
-    rows = [int(gen.integers(N))]
-    d2 = xp.sum((x - x[rows[0] : rows[0] + 1, :]) ** 2, axis=1)  # (N,) squared distance to the nearest centroid
-    for _ in range(1, K):
-        weights = np.asarray(B.to_numpy(d2), dtype=np.float64)  # host copy to sample from
-        total = float(weights.sum())
-        if total > 0.0 and np.isfinite(total):
-            row = int(gen.choice(N, p=weights / total))
-        else:  # every row already coincides with a centroid (duplicates, or K > N)
-            row = int(gen.integers(N))
-        rows.append(row)
-        d2 = xp.minimum(d2, xp.sum((x - x[row : row + 1, :]) ** 2, axis=1))  # (N,)
-    idx = B.from_numpy(np.asarray(rows, dtype=np.int64), xp, device=B.get_device(x))  # (K,)
-    return xp.take(x, idx, axis=0)  # (K, D)
 
 
 def collision_rate(codes: Any) -> float:
