@@ -310,6 +310,9 @@ class Quantizer:
         self.__dict__.update(d)
         xp = B.namespace_from_module(p["library"])
         self._init_state(p["arrays"], p["flags"], p["rngs"], xp=xp, device=p["device"])
+        if p.get("cache") is not None:
+            self._commit(self._updated(cache=p["cache"]))
+        self.grads = p.get("grads", {})
 
     def __deepcopy__(self, memo: dict):
         # a copy keeps everything, the pending backward and the gradients included
@@ -317,9 +320,9 @@ class Quantizer:
 
         new = object.__new__(type(self))
         memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
-        new._state = new._state._replace(cache=copy.deepcopy(self._state.cache, memo))
-        new.grads = copy.deepcopy(self.grads, memo)
+        d = self.__getstate__()
+        d["_pickled_state"].update(cache=self._state.cache, grads=self.grads)
+        new.__setstate__(copy.deepcopy(d, memo))
         return new
 
 
