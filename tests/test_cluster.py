@@ -9,6 +9,7 @@ import contextlib
 import io
 import pathlib
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -318,6 +319,160 @@ def test_array_likes_and_validation(rng):
 
     with pytest.raises(TypeError, match="different libraries"):
         rc.predict(xs.asarray(x))
+
+
+# ------------------------------------------------------- the data and option checks of the modules
+
+_Xv = np.random.default_rng(7).standard_normal((N, D))  # a valid float64 data set
+
+
+def _set(a, value, where=(2, 1)):
+    a = a.copy()
+    a[where] = value
+    return a
+
+
+BAD_DATA = [
+    (_Xv.astype(np.float16), TypeError, "X must be float32 or float64, got dtype float16"),
+    (np.ma.masked_array(_Xv, mask=_Xv > 1.5), TypeError, "X is a numpy masked array"),
+    (np.ma.masked_array(_Xv), TypeError, "masked array"),  # even without masked entries
+    (_Xv.astype(object), TypeError, "X must hold real numbers, got dtype object"),
+    (_Xv.astype(np.complex128), TypeError, "X must hold real numbers, got dtype complex128"),
+    (_Xv.astype(str), TypeError, "X must hold real numbers"),
+    (_Xv > 0, TypeError, "X holds booleans, not numbers"),
+    ((_Xv > 0).tolist(), TypeError, "X holds booleans, not numbers"),
+    ([[1.0, 2.0], [3.0]], ValueError, "equal-length rows"),
+    ([[1.0, None], [3.0, 4.0]], TypeError, "dtype object"),
+    (None, ValueError, r"X must be a 2-D array \(N, D\), got shape \(\)"),
+    (3.0, ValueError, r"got shape \(\)"),
+    ("abc", ValueError, r"got shape \(\)"),
+    (_Xv[:, 0], ValueError, r"X must be a 2-D array \(N, D\), got shape \(90,\)"),
+    (_Xv[None], ValueError, r"X must be a 2-D array \(N, D\), got shape \(1, 90, 6\)"),
+    (_Xv[:0], ValueError, r"X is empty \(shape \(0, 6\)\)"),
+    (_Xv[:, :0], ValueError, r"X is empty \(shape \(90, 0\)\)"),
+    ([], ValueError, "2-D"),
+    (_set(_Xv, np.nan), ValueError, "X contains NaN or infinite values"),
+    (_set(_Xv, -np.inf), ValueError, "X contains NaN or infinite values"),
+    (_set(_Xv, 1e160), ValueError, "whose squared distances overflow float64; scale it"),
+    (_set(_Xv, 1e19).astype(np.float32), ValueError, "overflow float32; scale it or convert it to float64"),
+]
+
+
+@pytest.mark.parametrize("data, error, message", BAD_DATA)
+@pytest.mark.parametrize("call", ["VQClustering.fit", "ResidualClustering.fit", "predict", "transform", "score"])
+def test_bad_data_is_refused_with_a_message_that_names_it(call, data, error, message):
+    if call == "VQClustering.fit":
+        go = VQClustering(K, iters=2, seed=0).fit
+    elif call == "ResidualClustering.fit":
+        go = ResidualClustering(2, K, iters=2, seed=0).fit
+    else:
+        go = getattr(VQClustering(K, iters=2, seed=0).fit(_Xv), call)
+    with pytest.raises(error, match=message):
+        go(data)
+
+
+def test_float16_and_masked_data_the_way_the_errors_suggest():
+    """The regressions: float16 data used to fit to an infinite inertia and a mask was ignored.
+    Converted or with the masked rows dropped, as the messages say, the data fit normally."""
+    x16 = (_Xv * 40).astype(np.float16)  # squared distances beyond float16's 65504
+    with pytest.raises(TypeError, match="float16"):
+        VQClustering(K, iters=3, seed=0).fit(x16)
+    km = VQClustering(K, iters=3, seed=0).fit(x16.astype(np.float32))
+    assert np.isfinite(km.inertia_) and km.cluster_centers_.dtype == np.float32
+
+    masked = np.ma.masked_array(_Xv, mask=np.zeros_like(_Xv, dtype=bool))
+    masked[:10] = np.ma.masked  # ten rows nobody measured
+    with pytest.raises(TypeError, match="mask"):
+        VQClustering(K, iters=3, seed=0).fit(masked)
+    kept = masked[~masked.mask.any(axis=1)].data
+    assert VQClustering(K, iters=3, seed=0).fit(kept).labels_.shape == (N - 10,)
+
+
+def test_data_that_is_converted():
+    """Negative controls: lists, integer arrays and numpy subclasses other than masked arrays are
+    accepted as documented, and give the float64 array's fit; large but safe values fit."""
+    xi = np.round(_Xv * 10).astype(np.int32)
+    ref = VQClustering(K, iters=4, seed=3).fit(xi.astype(np.float64))
+    with warnings.catch_warnings():  # numpy discourages np.matrix; users still have them
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        matrix = np.asmatrix(xi.astype(np.float64))
+    for same in (xi, xi.astype(np.int64), xi.tolist(), matrix):
+        km = VQClustering(K, iters=4, seed=3).fit(same)
+        assert km.cluster_centers_.dtype == np.float64
+        np.testing.assert_array_equal(km.labels_, ref.labels_)
+        assert km.inertia_ == ref.inertia_
+    big = VQClustering(K, iters=3, seed=0).fit(_Xv * 1e150)  # squared distances ~1e301: still finite
+    assert np.isfinite(big.inertia_)
+
+
+BAD_OPTIONS = [
+    (VQClustering, dict(n_clusters=3.0), TypeError, r"n_clusters must be an integer, got 3.0 \(float\)"),
+    (VQClustering, dict(n_clusters=True), TypeError, r"n_clusters must be an integer, got True \(bool\)"),
+    (VQClustering, dict(n_clusters=np.float64(3)), TypeError, "n_clusters must be an integer"),
+    (VQClustering, dict(n_clusters=0), ValueError, "n_clusters must be >= 1"),
+    (VQClustering, dict(n_clusters=3, iters=2.5), TypeError, "iters must be an integer"),
+    (VQClustering, dict(n_clusters=3, iters=False), TypeError, "iters must be an integer"),
+    (VQClustering, dict(n_clusters=3, use_cosine_sim="no"), TypeError, "use_cosine_sim must be True or False"),
+    (VQClustering, dict(n_clusters=3, use_cosine_sim=1), TypeError, "use_cosine_sim must be True or False"),
+    (VQClustering, dict(n_clusters=3, seed=-1), ValueError, "seed must be a non-negative int"),
+    (VQClustering, dict(n_clusters=3, seed=1.5), TypeError, "seed must be None, a non-negative int"),
+    (VQClustering, dict(n_clusters=3, chunk_size=True), TypeError, "chunk_size must be an integer"),
+    (VQClustering, dict(n_clusters=3, init=[[0.0] * D] * 3), ValueError, "init must be one of"),
+    (VQClustering, dict(n_clusters=3, init=None), ValueError, "init must be one of"),
+    (VQClustering, dict(n_clusters=3, init=np.zeros((3, D), np.float16)), TypeError, "init must be float32 or float64"),
+    (VQClustering, dict(n_clusters=3, init=np.zeros((3, D), bool)), TypeError, "init holds booleans"),
+    (VQClustering, dict(n_clusters=3, init=np.ma.masked_array(np.zeros((3, D)))), TypeError, "init is a numpy masked"),
+    (VQClustering, dict(n_clusters=3, init=np.full((3, D), np.inf)), ValueError, "init contains NaN or infinite"),
+    (VQClustering, dict(n_clusters=3, init=np.zeros(D)), ValueError, r"init must be a 2-D array \(K, D\)"),
+    (ResidualClustering, dict(num_levels=2.0, codebook_size=3), TypeError, "num_levels must be an integer"),
+    (ResidualClustering, dict(num_levels=2, codebook_size=True), TypeError, "codebook_size must be an integer"),
+    (ResidualClustering, dict(num_levels=2, codebook_size=3, iters=np.float32(2)), TypeError, "iters must be an"),
+    (ResidualClustering, dict(num_levels=2, codebook_size=3, init=np.zeros((3, D))), ValueError, "init must be one of"),
+    (ResidualClustering, dict(num_levels=2, codebook_size=3, use_cosine_sim=None), TypeError, "use_cosine_sim"),
+    (ResidualClustering, dict(num_levels=2, codebook_size=3, seed="0"), TypeError, "seed must be None"),
+]
+
+
+@pytest.mark.parametrize("cls, options, error, message", BAD_OPTIONS)
+def test_bad_options_are_refused_at_construction(cls, options, error, message):
+    with pytest.raises(error, match=message):
+        cls(**options)
+
+
+def test_init_arrays_checked_against_the_data():
+    import array_api_strict as xs
+
+    with pytest.raises(ValueError, match=r"init must have shape \(3, 6\), got \(3, 5\)"):
+        VQClustering(3, init=np.zeros((3, D - 1))).fit(_Xv)
+    with pytest.raises(TypeError, match="init is a array_api_strict array but X is a numpy array"):
+        VQClustering(3, init=xs.asarray(_Xv[:3])).fit(_Xv)
+    with pytest.raises(TypeError, match="init is a numpy array but X is a array_api_strict array"):
+        VQClustering(3, init=_Xv[:3]).fit(xs.asarray(_Xv))
+    # negative controls: integer and float32 initial centroids are converted to the data's dtype
+    ref = VQClustering(3, iters=3, init=np.round(_Xv[:3])).fit(_Xv)
+    for init in (np.round(_Xv[:3]).astype(np.int64), np.round(_Xv[:3]).astype(np.float32)):
+        km = VQClustering(3, iters=3, init=init).fit(_Xv)
+        assert km.cluster_centers_.dtype == np.float64
+        np.testing.assert_array_equal(km.cluster_centers_, ref.cluster_centers_)
+
+
+def test_codes_checked_by_collision_rate_and_decode():
+    assert collision_rate([]) == 0.0 and collision_rate(np.zeros((0, 2), np.int64)) == 0.0
+    with pytest.raises(TypeError, match="masked array"):
+        collision_rate(np.ma.masked_array([1, 2, 1], mask=[0, 1, 0]))
+    with pytest.raises(ValueError, match="equal-length tuples"):
+        collision_rate([[1, 2], [3]])
+    with pytest.raises(TypeError, match="codes must be integers, got dtype bool"):
+        collision_rate([True, False])
+    with pytest.raises(TypeError, match="codes must be integers, got dtype float64"):
+        collision_rate([[1.0, 2.0]])
+    rc = ResidualClustering(2, K, iters=2, seed=0).fit(_Xv)
+    ids = rc.labels_[:4]
+    np.testing.assert_array_equal(rc.decode(ids.tolist()), rc.decode(ids))  # semantic IDs as lists
+    with pytest.raises(TypeError, match="masked array"):
+        rc.decode(np.ma.masked_array(ids))
+    with pytest.raises(ValueError, match="codes must be an integer array"):
+        rc.decode([[True, False]])
 
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "clustering.md"

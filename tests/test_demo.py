@@ -150,8 +150,8 @@ def test_steps_and_sizes_options(tmp_path, capsys):
         (["--train-size", "10", "--batch-size", "32"], "larger than --train-size"),
         (["--epochs", "2", "--steps", "3"], "not allowed with"),
         (["--lr", "-1"], "positive number"),
-        (["--token-dim", "1"], "at least 2"),
-        (["--seed", "zero"], "invalid int"),
+        (["--token-dim", "1"], "rotation_trick needs dim > 1"),
+        (["--seed", "zero"], "non-negative integer"),
         (["--frobnicate"], "unrecognized arguments"),
     ],
 )

@@ -411,3 +411,89 @@ def test_duplicate_means_tie_low(bk, rng, cosine):
     one = bk.np(run(bk, x, 5, 1, init_means=init, use_cosine_sim=cosine).counts)
     without_twin = np.bincount(oracle_assign(x, init[[0, 1, 2, 4]], cosine), minlength=4)  # codes 0, 1, 2, 4
     assert one[3] == 0 and np.array_equal(one[[0, 1, 2, 4]], without_twin)
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments checked at the entry (kmeans is public: vqref.kmeans)
+# --------------------------------------------------------------------------------------------
+
+N_, K_, D_ = 20, 4, 3  # the sizes of the calls below
+_X = np.random.default_rng(5).standard_normal((N_, D_))
+
+
+def _with_nan(a, value=np.nan):
+    a = a.copy()
+    a[2, 1] = value
+    return a
+
+
+BAD_ARGUMENTS = [
+    # x
+    (dict(x=_X.astype(np.float16)), TypeError, "x must be float32 or float64, got dtype float16"),
+    (dict(x=np.ma.masked_array(_X, mask=_X > 1)), TypeError, "x is a numpy masked array"),
+    (dict(x=_X.tolist()), TypeError, "x must be an array"),
+    (dict(x=None), TypeError, "x must be an array"),
+    (dict(x=_X.astype(object)), TypeError, "x must be a real floating-point array, got dtype object"),
+    (dict(x=(10 * _X).astype(np.int64)), TypeError, "x must be a real floating-point array, got dtype int64"),
+    (dict(x=_X > 0), TypeError, "x must be a real floating-point array, got dtype bool"),
+    (dict(x=_X.astype(np.complex128)), TypeError, "x must be a real floating-point array"),
+    (dict(x=_with_nan(_X)), ValueError, "x contains NaN or infinite values"),
+    (dict(x=_with_nan(_X, -np.inf)), ValueError, "x contains NaN or infinite values"),
+    (dict(x=_X[:, 0]), ValueError, r"x must be a 2-D array \(N, D\), got shape \(20,\)"),
+    (dict(x=_X[None]), ValueError, r"x must be a 2-D array \(N, D\), got shape \(1, 20, 3\)"),
+    (dict(x=_X[:0]), ValueError, "empty batch; pass init_means"),
+    # counts and flags
+    (dict(num_clusters=4.0), TypeError, "num_clusters must be an integer, got 4.0"),
+    (dict(num_clusters=True), TypeError, "num_clusters must be an integer, got True"),
+    (dict(num_clusters="4"), TypeError, "num_clusters must be an integer"),
+    (dict(num_clusters=0), ValueError, "num_clusters must be >= 1, got 0"),
+    (dict(iters=2.5), TypeError, "iters must be an integer"),
+    (dict(iters=False), TypeError, "iters must be an integer"),
+    (dict(iters=0), ValueError, "iters must be >= 1, got 0"),
+    (dict(use_cosine_sim="yes"), TypeError, "use_cosine_sim must be True or False"),
+    (dict(use_cosine_sim=1), TypeError, "use_cosine_sim must be True or False"),
+    (dict(rng=-1), ValueError, "rng must be a non-negative int"),
+    (dict(rng=0.5), TypeError, "rng must be None, a non-negative int or a numpy Generator"),
+    (dict(chunk_size=0), ValueError, "chunk_size must be >= 1"),
+    (dict(chunk_size=64.0), TypeError, "chunk_size must be an integer"),
+    # init_means
+    (dict(init_means=np.zeros((3, D_))), ValueError, r"init_means must have shape \(4, 3\), got \(3, 3\)"),
+    (dict(init_means=np.zeros((K_, D_ + 1))), ValueError, r"init_means must have shape \(4, 3\), got \(4, 4\)"),
+    (dict(init_means=np.zeros((K_, D_), np.int64)), TypeError, "init_means must be a real floating-point array"),
+    (dict(init_means=np.zeros((K_, D_), np.float16)), TypeError, "init_means must be float32 or float64"),
+    (dict(init_means=np.zeros((K_, D_)).tolist()), TypeError, "init_means must be an array"),
+    (dict(init_means=np.ma.masked_array(np.zeros((K_, D_)))), TypeError, "init_means is a numpy masked array"),
+    (dict(init_means=_with_nan(np.zeros((K_, D_)))), ValueError, "init_means contains NaN or infinite values"),
+]
+
+
+@pytest.mark.parametrize("change, error, message", BAD_ARGUMENTS)
+def test_bad_arguments_are_refused_by_name(change, error, message):
+    args = dict(x=_X, num_clusters=K_, iters=3, rng=0)
+    args.update(change)
+    with pytest.raises(error, match=message):
+        kmeans(args.pop("x"), args.pop("num_clusters"), args.pop("iters"), **args)
+
+
+def test_arrays_from_two_libraries_are_refused():
+    import array_api_strict as xs
+
+    with pytest.raises(TypeError, match="init_means is a array_api_strict array but x is a numpy array"):
+        kmeans(_X, K_, 2, init_means=xs.asarray(_X[:K_]))
+    with pytest.raises(TypeError, match="init_means is a numpy array but x is a array_api_strict array"):
+        kmeans(xs.asarray(_X), K_, 2, init_means=_X[:K_])
+
+
+def test_valid_arguments_in_their_other_spellings():
+    """Negative controls: numpy integers and bools, a Generator, float32 means for float64 data
+    and an explicit chunk size are accepted, and give the plain call's result."""
+    plain = kmeans(_X, K_, 3, rng=0)
+    spelled = kmeans(_X, np.int64(K_), np.int32(3), rng=np.random.default_rng(0), use_cosine_sim=np.bool_(False))
+    assert np.array_equal(plain.means, spelled.means) and plain.inertia == spelled.inertia
+    init = _X[[1, 5, 9, 14]]
+    as64 = kmeans(_X, K_, 3, init_means=init)
+    as32 = kmeans(_X, K_, 3, init_means=init.astype(np.float32), chunk_size=7)
+    assert as32.means.dtype == np.float64
+    np.testing.assert_allclose(as32.means, as64.means, rtol=1e-6)
+    x32 = _X.astype(np.float32)
+    assert kmeans(x32, K_, 3, rng=0).means.dtype == np.float32

@@ -379,7 +379,8 @@ def test_adam_first_step_is_lr_sign(bk64, rng):
     """With bias correction the first Adam step is lr * g / (|g| + eps), about lr per entry."""
     g_h = _away_from_zero(rng, (DIN, DOUT), margin=0.1)
     params = {"W": bk64.asarray(np.zeros((DIN, DOUT)))}
-    Adam(params, lr=0.01, eps=0.0).step({"W": bk64.asarray(g_h)})
+    # eps must be > 0; 1e-300 is absorbed by |g| >= 0.1 (it is below half an ulp), so the step is exact
+    Adam(params, lr=0.01, eps=1e-300).step({"W": bk64.asarray(g_h)})
     np.testing.assert_allclose(bk64.np(params["W"]), -0.01 * np.sign(g_h), rtol=1e-12)
 
 
@@ -465,3 +466,31 @@ def test_mlp_with_adam_fits_a_smooth_function(bk, activation):
         losses.append(float(bk.np(loss)))
     assert np.all(np.isfinite(losses))
     assert losses[-1] < losses[0] / 10.0, (losses[0], losses[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# apply / gradients: the halves of forward / backward that change nothing
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_apply_and_gradients_are_forward_and_backward_without_state(bk, rng, activation):
+    net = MLP(SIZES, activation=activation, rng=3, dtype=bk.dtype_name, xp=bk.module, init="fan_in")
+    x, dout = bk.asarray(rng.standard_normal((N, SIZES[0]))), bk.asarray(rng.standard_normal((N, SIZES[-1])))
+    out, cache = net.apply(x)
+    assert len(net.grads) == 0  # nothing remembered, nothing stored
+    with pytest.raises(RuntimeError, match="before forward"):
+        net.backward(dout)
+    dx, grads = net.gradients(dout, cache)
+    assert len(net.grads) == 0
+    np.testing.assert_array_equal(bk.np(net.forward(x)), bk.np(out))
+    np.testing.assert_array_equal(bk.np(net.backward(dout)), bk.np(dx))
+    assert sorted(net.grads) == sorted(grads)
+    for k, g in grads.items():
+        np.testing.assert_array_equal(bk.np(net.grads[k]), bk.np(g))
+    layer = net.layers[0]
+    y, lcache = layer.apply(x)
+    dxl, dW, db = linear_backward(bk.asarray(rng.standard_normal((N, SIZES[1]))), lcache)
+    assert layer.grads == {} and tuple(dW.shape) == (SIZES[0], SIZES[1])
+    with pytest.raises(ValueError, match="rows"):  # a dout for another batch
+        net.gradients(dout[:2, ...], cache)

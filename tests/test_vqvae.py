@@ -142,7 +142,7 @@ def _torch_vqvae_grads(model, x, indices, codebooks, dloss, drecon, orth_codeboo
     n = x.shape[0]
     xt = torch_tensor(x)
     tokens = mlp(xt, enc).reshape(n * model.num_tokens, model.token_dim)  # (N T, d)
-    idx = np.asarray(B.to_numpy(indices))
+    idx = np.array(B.to_numpy(indices))  # a writable copy: the quantizer hands out read-only outputs
     idx = idx.reshape(n * model.num_tokens, -1)  # (N T, Q), Q = 1 for one quantizer
     out_total, loss_total, r = 0, 0, tokens
     for level in range(idx.shape[1]):

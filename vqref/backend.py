@@ -108,7 +108,8 @@ def namespace_from_module(module: Any) -> ModuleType:
     Raises
     ------
     TypeError : ``module`` is neither a module nor a string
-    ValueError : a name outside :data:`KNOWN_LIBRARIES`, or a module that is not an array library
+    ValueError : a name outside :data:`KNOWN_LIBRARIES`, a known library that is not installed, or
+        a module that is not an array library
     """
     if module is None:
         module = np
@@ -117,7 +118,10 @@ def namespace_from_module(module: Any) -> ModuleType:
             raise ValueError(f"xp must be one of the array libraries {KNOWN_LIBRARIES} (or the module), got {module!r}")
         import importlib
 
-        module = importlib.import_module(module)
+        try:
+            module = importlib.import_module(module)
+        except ImportError as e:  # a known library that is not installed here (cupy on a CPU machine)
+            raise ValueError(f"xp={module!r} is not available here: {e}") from None
     if not isinstance(module, ModuleType):
         raise TypeError(f"xp must be an array library module (numpy, cupy, array_api_strict), got {module!r}")
     try:
@@ -191,8 +195,9 @@ def all_finite(x: Any) -> bool:
     """
     xp = get_namespace(x)
     if is_numpy(xp) and xp.isdtype(x.dtype, "real floating"):
-        if np.isfinite(np.sum(x)):
-            return True
+        with np.errstate(over="ignore", invalid="ignore"):  # large finite data may overflow the sum
+            if np.isfinite(np.sum(x)):
+                return True
     return bool(xp.all(xp.isfinite(x)))
 
 

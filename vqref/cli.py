@@ -28,12 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:<7} {help_}" for name, (_, help_) in COMMANDS.items()]
         text = "usage: vqref {" + ",".join(COMMANDS) + "} [options]\n\ncommands:\n" + "\n".join(lines)
-        if argv and argv[0] not in ("-h", "--help"):
+        if not argv:
+            print("vqref: which command?\n" + text, file=sys.stderr)
+            return 2
+        if argv[0] not in ("-h", "--help"):
             why = f"{argv[0]!r} moved: {MOVED[argv[0]]}" if argv[0] in MOVED else f"unknown command {argv[0]!r}"
             print(f"vqref: {why}\n" + text, file=sys.stderr)
             return 2
         print(text)
-        return 0 if argv else 2
+        return 0
     import importlib
 
     module = importlib.import_module(COMMANDS[argv[0]][0])

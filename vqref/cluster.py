@@ -32,9 +32,11 @@ reproduces :meth:`ResidualClustering.predict`.
 
 Backends: any Array API array in (numpy, cupy, array_api_strict), the same library, device and
 float dtype out; lists and integer arrays are converted to float64 numpy / the library's
-float64.  Random choices are made on the host from a ``numpy.random.Generator``, so a seed gives
-the same clusters on every backend.  These are drivers, not ops: they synchronise with the
-device (k-means++ once per centroid, the inertia once per fit).
+float64; float16, booleans, complex, object, masked (the mask would be lost), non-finite data
+and values whose squared distances overflow are refused by name.  Random choices are made on
+the host from a ``numpy.random.Generator``, so a seed gives the same clusters on every backend.
+These are drivers, not ops: they synchronise with the device (the data check once per fit or
+predict, k-means++ once per centroid, the inertia once per fit).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from . import backend as B
 from .core.ema import laplace_smoothing
 from .core.kmeans import assign, kmeans, kmeans_plusplus, sample_initial_means
 from .ops.l2norm import l2norm
-from .validation import check_int
+from .validation import check_bool, check_int, check_seed
 
 __all__ = ["VQClustering", "ResidualClustering", "kmeans_plusplus", "collision_rate"]
 
@@ -59,26 +61,66 @@ _INITS = ("k-means++", "random")
 # --------------------------------------------------------------------------------------------
 
 
-def _check_data(X: Any, name: str = "X") -> Any:
-    """``X`` as a 2-D real floating array of its own library (array-likes become numpy float64)."""
-    if not B.is_array(X):
-        X = np.asarray(X, dtype=np.float64)
+def _as_array(a: Any, name: str, what: str) -> Any:
+    """``a`` as an array (lists and numpy subclasses such as np.matrix as plain numpy); no masks."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a numpy masked array, whose mask would be ignored; drop or fill the masked rows")
+    try:
+        return np.asarray(a) if isinstance(a, np.ndarray) or not B.is_array(a) else a
+    except (ValueError, TypeError) as e:  # ragged lists
+        raise ValueError(f"{name} must be {what} ({e})") from None
+
+
+def _check_data(X: Any, name: str = "X", rows: str = "N") -> Any:
+    """``X`` as a finite 2-D float32/float64 array of its own library (lists and integer arrays
+    become float64); TypeError for the wrong kind of data, ValueError for wrong shapes or values."""
+    X = _as_array(X, name, f"a 2-D array ({rows}, D) or a list of equal-length rows of numbers")
     xp = B.get_namespace(X)
     if X.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array (N, D), got shape {tuple(X.shape)}")
-    if xp.isdtype(X.dtype, "integral") or xp.isdtype(X.dtype, "bool"):
+        raise ValueError(f"{name} must be a 2-D array ({rows}, D), got shape {tuple(X.shape)}")
+    if xp.isdtype(X.dtype, "bool"):
+        raise TypeError(f"{name} holds booleans, not numbers; convert it ({name}.astype(float)) if 0/1 is meant")
+    if xp.isdtype(X.dtype, "integral"):
         X = xp.astype(X, xp.float64)
     if not xp.isdtype(X.dtype, "real floating"):
         raise TypeError(f"{name} must hold real numbers, got dtype {X.dtype}")
+    if X.dtype not in (xp.float32, xp.float64):  # float16: squared distances overflow beyond 256
+        raise TypeError(f"{name} must be float32 or float64, got dtype {X.dtype}; convert it first")
     if X.shape[0] < 1 or X.shape[1] < 1:
         raise ValueError(f"{name} is empty (shape {tuple(X.shape)})")
-    if not B.all_finite(X):
+    top = B.to_float(xp.max(xp.abs(X)))  # the check's one host sync
+    if not np.isfinite(top):
         raise ValueError(f"{name} contains NaN or infinite values")
+    if X.shape[1] * (2 * top) * (2 * top) > float(xp.finfo(X.dtype).max):  # a squared distance's bound
+        fix = "scale it" + (" or convert it to float64" if X.dtype == xp.float32 else "")
+        raise ValueError(
+            f"{name} holds values up to {top:.3g}, whose squared distances overflow {_dtype_name(xp, X.dtype)}; {fix}"
+        )
     return X
 
 
 def _dtype_name(xp: Any, dtype: Any) -> str:
     return "float32" if dtype == xp.float32 else "float64"
+
+
+def _require_fit(est: Any) -> None:
+    if not hasattr(est, "cluster_centers_"):
+        raise RuntimeError(f"this {type(est).__name__} is not fitted yet; call fit(X) first")
+
+
+def _fitted_input(est: Any, X: Any) -> Any:
+    """``X`` checked for use with fitted ``est``: the data checks, the fit's features and library."""
+    _require_fit(est)
+    X = _check_data(X)
+    if X.shape[1] != est.n_features_in_:
+        raise ValueError(f"X has {X.shape[1]} features, the fit had {est.n_features_in_}")
+    B.get_namespace(X, est.cluster_centers_)  # same library, or a clear TypeError
+    return X
+
+
+def _centers_as(est: Any, X: Any) -> Any:  # the fitted centroids in X's dtype
+    c = est.cluster_centers_
+    return c if c.dtype == X.dtype else B.get_namespace(X).astype(c, X.dtype)
 
 
 def collision_rate(codes: Any) -> float:
@@ -102,15 +144,15 @@ def collision_rate(codes: Any) -> float:
     ``numpy.unique(axis=0)`` (the Array API's ``unique_counts`` is one-dimensional, and packing a
     tuple into one integer overflows int64 once ``K^L > 2^63``).
     """
-    host = np.asarray(B.to_numpy(codes) if B.is_array(codes) else codes)
+    host = B.to_numpy(_as_array(codes, "codes", "an (N, L) array or a list of equal-length tuples of integers"))
     if host.ndim == 1:
         host = host[:, None]
     if host.ndim != 2:
         raise ValueError(f"codes must be (N, L) or (N,), got shape {host.shape}")
-    if not np.issubdtype(host.dtype, np.integer):
-        raise TypeError(f"codes must be integers, got dtype {host.dtype}")
     if host.shape[0] == 0:
         return 0.0
+    if not np.issubdtype(host.dtype, np.integer):
+        raise TypeError(f"codes must be integers, got dtype {host.dtype}")
     _, inverse, counts = np.unique(host, axis=0, return_inverse=True, return_counts=True)
     shared = counts[np.reshape(inverse, (-1,))] > 1  # (N,) this row's tuple occurs elsewhere too
     return float(np.mean(shared))
@@ -167,10 +209,13 @@ class VQClustering:
     ):
         self.n_clusters = check_int("n_clusters", n_clusters, 1)
         self.iters = check_int("iters", iters, 1)
-        if not B.is_array(init) and init not in _INITS:
+        if not (B.is_array(init) or (isinstance(init, str) and init in _INITS)):
             raise ValueError(f"init must be one of {_INITS} or a (K, D) array, got {init!r}")
+        if B.is_array(init):
+            _check_data(init, "init", rows="K")  # what can be checked before fit sees X's shape
         self.init = init
-        self.use_cosine_sim = bool(use_cosine_sim)
+        self.use_cosine_sim = check_bool("use_cosine_sim", use_cosine_sim)
+        check_seed("seed", seed)
         self.seed = seed
         self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, 1)
 
@@ -187,12 +232,12 @@ class VQClustering:
         xp = B.get_namespace(X)
         K, D = self.n_clusters, X.shape[1]
         if B.is_array(self.init):
+            if B.library_name(self.init) != B.library_name(X):
+                raise TypeError(f"init is a {B.library_name(self.init)} array but X is a {B.library_name(X)} array")
             if tuple(self.init.shape) != (K, D):
                 raise ValueError(f"init must have shape ({K}, {D}), got {tuple(self.init.shape)}")
-            means = B.from_numpy(B.to_numpy(self.init), xp, device=B.get_device(X), dtype=X.dtype)
-            if not B.all_finite(means):
-                raise ValueError("init contains NaN or infinite values")
-            return means
+            means = _check_data(self.init, "init", rows="K")
+            return means if means.dtype == X.dtype else xp.astype(means, X.dtype)
         data = l2norm(X) if self.use_cosine_sim else X  # k-means++ on the sphere for cosine
         if self.init == "k-means++":
             return kmeans_plusplus(data, K, rng)
@@ -224,33 +269,19 @@ class VQClustering:
 
     # ------------------------------------------------------------------ using the fit
 
-    def _check_fitted(self, X: Any) -> Any:
-        if not hasattr(self, "cluster_centers_"):
-            raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit(X) first")
-        X = _check_data(X)
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} features, the fit had {self.n_features_in_}")
-        B.get_namespace(X, self.cluster_centers_)  # same library, or a clear TypeError
-        return X
-
-    def _centers_as(self, X: Any) -> Any:
-        xp = B.get_namespace(X)
-        c = self.cluster_centers_
-        return c if c.dtype == X.dtype else xp.astype(c, X.dtype)
-
     def _assign(self, X: Any) -> Any:
-        return assign(X, self._centers_as(X), self.use_cosine_sim, chunk_size=self.chunk_size)
+        return assign(X, _centers_as(self, X), self.use_cosine_sim, chunk_size=self.chunk_size)
 
     def _energy(self, X: Any, labels: Any) -> Any:
         """``sum_i ||x_i - mu_{a_i}||^2`` by direct differences (unit rows for cosine), 0-d."""
         xp = B.get_namespace(X)
         data = l2norm(X) if self.use_cosine_sim else X
-        diff = data - xp.take(self._centers_as(X), labels, axis=0)  # (N, D)
+        diff = data - xp.take(_centers_as(self, X), labels, axis=0)  # (N, D)
         return xp.sum(diff * diff)
 
     def predict(self, X: Any) -> Any:
         """The nearest centroid of every row: ``(N,)`` int64."""
-        return self._assign(self._check_fitted(X))
+        return self._assign(_fitted_input(self, X))
 
     def transform(self, X: Any) -> Any:
         """Distances from every row to every centroid, ``(N, K)`` (scikit-learn's ``transform``).
@@ -258,10 +289,10 @@ class VQClustering:
         Euclidean distances ``||x_i - mu_k||`` (cosine: between the l2-normalised row and the unit
         centroid, ``sqrt(2 - 2 cos)``), computed by direct differences in blocks of rows.
         """
-        X = self._check_fitted(X)
+        X = _fitted_input(self, X)
         xp = B.get_namespace(X)
         data = l2norm(X) if self.use_cosine_sim else X
-        c = self._centers_as(X)
+        c = _centers_as(self, X)
         N = data.shape[0]
         step = max(1, (1 << 22) // max(1, self.n_clusters * data.shape[1]))
         blocks = []
@@ -273,13 +304,13 @@ class VQClustering:
 
     def quantize(self, X: Any) -> Any:
         """Every row replaced by its centroid, ``(N, D)`` (a unit centroid for cosine)."""
-        X = self._check_fitted(X)
+        X = _fitted_input(self, X)
         xp = B.get_namespace(X)
-        return xp.take(self._centers_as(X), self._assign(X), axis=0)
+        return xp.take(_centers_as(self, X), self._assign(X), axis=0)
 
     def score(self, X: Any) -> float:
         """Minus the inertia of ``X`` with the fitted centroids (higher is better, as scikit-learn)."""
-        X = self._check_fitted(X)
+        X = _fitted_input(self, X)
         return -B.to_float(self._energy(X, self._assign(X)))
 
     def to_vector_quantize(self, **vq_kwargs: Any):
@@ -291,8 +322,7 @@ class VQClustering:
         """
         from .quantizers import VectorQuantize
 
-        if not hasattr(self, "cluster_centers_"):
-            raise RuntimeError("this VQClustering is not fitted yet; call fit(X) first")
+        _require_fit(self)
         c = self.cluster_centers_
         xp = B.get_namespace(c)
         vq = VectorQuantize(
@@ -372,10 +402,11 @@ class ResidualClustering:
         self.num_levels = check_int("num_levels", num_levels, 1)
         self.codebook_size = check_int("codebook_size", codebook_size, 1)
         self.iters = check_int("iters", iters, 1)
-        if init not in _INITS:
+        if not (isinstance(init, str) and init in _INITS):
             raise ValueError(f"init must be one of {_INITS}, got {init!r}")
         self.init = init
-        self.use_cosine_sim = bool(use_cosine_sim)
+        self.use_cosine_sim = check_bool("use_cosine_sim", use_cosine_sim)
+        check_seed("seed", seed)
         self.seed = seed
         self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, 1)
 
@@ -396,15 +427,9 @@ class ResidualClustering:
         gens = B.as_generator(self.seed).spawn(self.num_levels)
         residual = X  # r_0
         centers, labels, counts, energy = [], [], [], []
+        options = dict(iters=self.iters, init=self.init, use_cosine_sim=self.use_cosine_sim, chunk_size=self.chunk_size)
         for level in range(self.num_levels):
-            vq = VQClustering(
-                self.codebook_size,
-                iters=self.iters,
-                init=self.init,
-                use_cosine_sim=self.use_cosine_sim,
-                seed=gens[level],
-                chunk_size=self.chunk_size,
-            ).fit(residual)
+            vq = VQClustering(self.codebook_size, seed=gens[level], **options).fit(residual)
             centers.append(vq.cluster_centers_)
             labels.append(vq.labels_)
             counts.append(vq.counts_)
@@ -421,25 +446,11 @@ class ResidualClustering:
         """``fit(X)`` and return ``labels_ (N, L)``."""
         return self.fit(X).labels_
 
-    def _check_fitted(self, X: Any) -> Any:
-        if not hasattr(self, "cluster_centers_"):
-            raise RuntimeError("this ResidualClustering is not fitted yet; call fit(X) first")
-        X = _check_data(X)
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} features, the fit had {self.n_features_in_}")
-        B.get_namespace(X, self.cluster_centers_)
-        return X
-
-    def _codebooks_as(self, X: Any) -> Any:
-        xp = B.get_namespace(X)
-        c = self.cluster_centers_
-        return c if c.dtype == X.dtype else xp.astype(c, X.dtype)
-
     def predict(self, X: Any) -> Any:
         """Semantic IDs ``(N, L)`` int64: the greedy residual code of every row."""
-        X = self._check_fitted(X)
+        X = _fitted_input(self, X)
         xp = B.get_namespace(X)
-        codebooks = self._codebooks_as(X)  # (L, K, D)
+        codebooks = _centers_as(self, X)  # (L, K, D)
         residual = X
         codes = []
         for level in range(self.num_levels):
@@ -454,8 +465,10 @@ class ResidualClustering:
 
         A prefix ``codes[:, :l]`` (l < L) decodes the coarser reconstruction of the first l levels.
         """
-        if not hasattr(self, "cluster_centers_"):
-            raise RuntimeError("this ResidualClustering is not fitted yet; call fit(X) first")
+        _require_fit(self)
+        if not B.is_array(codes) or isinstance(codes, np.ma.MaskedArray):  # lists of IDs: to the codebooks
+            ids, c = _as_array(codes, "codes", "an (N, l) integer array"), self.cluster_centers_
+            codes = B.from_numpy(ids, B.get_namespace(c), device=B.get_device(c))
         xp = B.get_namespace(codes, self.cluster_centers_)
         if codes.ndim != 2 or not 1 <= codes.shape[1] <= self.num_levels or not xp.isdtype(codes.dtype, "integral"):
             raise ValueError(f"codes must be an integer array (N, l) with 1 <= l <= {self.num_levels}")
@@ -481,8 +494,7 @@ class ResidualClustering:
         """
         from .quantizers import ResidualVQ
 
-        if not hasattr(self, "cluster_centers_"):
-            raise RuntimeError("this ResidualClustering is not fitted yet; call fit(X) first")
+        _require_fit(self)
         c = self.cluster_centers_
         xp = B.get_namespace(c)
         rq = ResidualVQ(

@@ -26,16 +26,20 @@ __all__ = [
     "check_seed",
     "check_dtype_name",
     "check_float_array",
+    "fits",
+    "check_fits",
     "check_index_array",
 ]
 
 
-def check_int(name: str, value: Array, minimum: int | None = None) -> int:
-    """``value`` as an int (Python or numpy integer, not bool), at least ``minimum``."""
+def check_int(name: str, value: Array, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` as an int (Python or numpy integer, not bool) in ``[minimum, maximum]``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
 
 
@@ -62,7 +66,9 @@ def check_bool(name: str, value: Array) -> bool:
 
 def check_choice(name: str, value: Array, choices: tuple) -> Array:
     """``value`` if it is one of ``choices`` (compared as strings of the same type)."""
-    if not isinstance(value, str) or value not in choices:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {choices}, got {value!r} ({type(value).__name__})")
+    if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
 
@@ -153,6 +159,38 @@ def check_float_array(
     if not B.all_finite(a):
         raise ValueError(f"{name} contains NaN or infinite values")
     return a
+
+
+def fits(a: Any, dtype_name: str) -> bool:
+    """True when every value of the array or number ``a`` can be cast to ``dtype_name`` without
+    overflowing (a float64 value beyond float32's 3.4e38 becomes an infinity in float32)."""
+    if dtype_name != "float32":
+        return True
+    if B.is_array(a):
+        xp = B.get_namespace(a)
+        if a.dtype == xp.float32 or B.numel(tuple(a.shape)) == 0:
+            return True
+        largest = B.to_float(xp.max(xp.abs(a)))
+    else:
+        largest = abs(float(a))
+    return largest <= float(np.finfo(np.float32).max)
+
+
+def check_fits(
+    name: str,
+    a: Any,
+    dtype_name: str,
+    where: str,
+    fix: str = "scale the data or build the module with dtype='float64'",
+) -> None:
+    """Refuse an array or number ``a`` whose values would overflow ``dtype_name`` when cast to it
+    (see :func:`fits`); ``where`` says what the value is cast for (``"this module's state"``) and
+    ``fix`` how to avoid it, for the message."""
+    if not fits(a, dtype_name):
+        big = float(np.finfo(np.float32).max)
+        raise ValueError(
+            f"{name} holds values beyond the float32 range (|value| > {big:.3g}) and {where} is float32; {fix}"
+        )
 
 
 def check_index_array(name: str, indices: Array, like: Array, num_codes: int) -> Array:

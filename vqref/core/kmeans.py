@@ -26,7 +26,8 @@ counts come from the *last assignment*, which was made with the means from befor
 update.  Nothing here is differentiated: the initialisation has no backward.
 
 This module is a driver, not an op: it loops over iterations on the host and synchronises with
-the device once, at the end, to return the objective history as Python floats.
+the device at the end, to return the objective history as Python floats (and :func:`kmeans`
+at its entry, to refuse inputs with NaN or infinite values).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import numpy as np
 from .. import backend as B
 from ..ops.distance import nearest_code
 from ..ops.l2norm import l2norm
-from ..validation import check_int
+from ..validation import check_bool, check_float_array, check_int, check_seed
 
 __all__ = ["KMeansResult", "kmeans", "assign", "kmeans_inertia", "sample_initial_means", "kmeans_plusplus"]
 
@@ -138,17 +139,19 @@ def kmeans(
 
     Parameters
     ----------
-    x : (N, D) float, any Array API backend; not modified
-    num_clusters : int, K (may exceed N: some clusters are then necessarily empty)
+    x : (N, D) float32 or float64, finite, any Array API backend; not modified (N may be 0 when
+        ``init_means`` is given)
+    num_clusters : int >= 1, K (may exceed N: some clusters are then necessarily empty)
     iters : int >= 1, T, the number of assignment + update steps
         (vector-quantize-pytorch ``kmeans_iters``, default 10; scikit-learn ``max_iter`` with
         ``tol=0`` performs the same T updates, see Notes)
     rng : numpy Generator or seed for the initial means (ignored when ``init_means`` is given)
     use_cosine_sim : spherical k-means on l2-normalised data (vector-quantize-pytorch
         ``use_cosine_sim``)
-    init_means : (K, D) float, optional explicit initial means (cast to x's dtype; l2-normalised
-        in the cosine variant).  Default: :func:`sample_initial_means` with ``rng``.
-    chunk_size : rows per chunk in the assignment step
+    init_means : (K, D) float32 or float64, finite, x's library; optional explicit initial means
+        (cast to x's dtype; l2-normalised in the cosine variant).  Default:
+        :func:`sample_initial_means` with ``rng``.
+    chunk_size : int >= 1, rows per chunk in the assignment step
 
     Returns
     -------
@@ -163,6 +166,17 @@ def kmeans(
             iteration t, i.e. :func:`kmeans_inertia` of the means entering iteration t
             (``inertia[0]`` is that of the initial means).  Non-increasing up to rounding.
             The objective of the returned means is ``kmeans_inertia(x, result.means)``.
+
+    Raises
+    ------
+    TypeError
+        ``x`` or ``init_means`` is not an array, is a numpy masked array (its mask would be
+        ignored), is not float32/float64, or the two come from different libraries; a count
+        is not an int (bools are not counts); ``use_cosine_sim`` is not a bool; ``rng`` is not
+        None, a non-negative int or a Generator.
+    ValueError
+        ``x`` is not 2-D, or either array holds NaN or infinite values, or has the wrong shape;
+        a count is below 1; ``x`` is empty and no ``init_means`` are given.
 
     Notes
     -----
@@ -191,27 +205,35 @@ def kmeans(
     sums are one-hot matrix products, not atomic adds, for this reason).
 
     *Synchronisation.*  The objective of each iteration is kept as a 0-d device array and
-    converted to Python floats once, after the loop (one host-device sync per call).
+    converted to Python floats once, after the loop; with the finiteness checks of the inputs
+    at entry, a call synchronises with the device two or three times.
     """
-    xp = B.get_namespace(x, init_means)
+    _check_array("x", x)
     if x.ndim != 2:
-        raise ValueError(f"x must be (N, D), got shape {x.shape}")
-    if not xp.isdtype(x.dtype, "real floating"):
-        raise TypeError(f"x must be a real floating array, got {x.dtype}")
-    K = int(num_clusters)
-    if K < 1:
-        raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
-    if int(iters) < 1:
-        raise ValueError(f"iters must be >= 1 (the counts come from an assignment), got {iters}")
+        raise ValueError(f"x must be a 2-D array (N, D), got shape {tuple(x.shape)}")
+    K = check_int("num_clusters", num_clusters, 1)
+    iters = check_int("iters", iters, 1)  # >= 1: the counts come from an assignment
+    use_cosine_sim = check_bool("use_cosine_sim", use_cosine_sim)
+    rng = check_seed("rng", rng)
+    if chunk_size is not None:
+        chunk_size = check_int("chunk_size", chunk_size, 1)
+    check_float_array("x", x, x)
     N, D = x.shape
+    if init_means is not None:
+        _check_array("init_means", init_means)
+        if B.library_name(init_means) != B.library_name(x):
+            raise TypeError(
+                f"init_means is a {B.library_name(init_means)} array but x is a {B.library_name(x)} array; "
+                "give both in one library"
+            )
+        check_float_array("init_means", init_means, x, shape=(K, D))
+    xp = B.get_namespace(x)
 
     if use_cosine_sim:
         x = l2norm(x)  # (N, D) rows on the unit sphere (zero rows stay zero)
     if init_means is None:
         means = sample_initial_means(x, K, rng)  # (K, D)
     else:
-        if tuple(init_means.shape) != (K, D):
-            raise ValueError(f"init_means must be ({K}, {D}), got {tuple(init_means.shape)}")
         means = xp.astype(init_means, x.dtype) if init_means.dtype != x.dtype else init_means
         if use_cosine_sim:
             means = l2norm(means)
@@ -219,7 +241,7 @@ def kmeans(
     metric = "dot" if use_cosine_sim else "euclidean"
     objective = []
     counts = None
-    for _ in range(int(iters)):
+    for _ in range(iters):
         idx, score = nearest_code(x, means, metric=metric, chunk_size=chunk_size, return_score=True)  # (N,)
         objective.append(-xp.sum(score) if use_cosine_sim else xp.sum(score))
         counts = B.bincount(idx, K)  # (K,) int64
@@ -236,6 +258,17 @@ def kmeans(
 
     history = tuple(float(v) for v in B.to_numpy(xp.stack(objective)))  # the one host sync
     return KMeansResult(means, counts, history)
+
+
+def _check_array(name: str, a: Any) -> None:
+    """``a`` must be an array of an Array API library, and not a numpy masked array."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a numpy masked array, and k-means would ignore its mask; drop the masked rows or "
+            f"fill them ({name}.filled(value)) first"
+        )
+    if not B.is_array(a):
+        raise TypeError(f"{name} must be an array of an Array API library (numpy, cupy, ...), got {type(a).__name__}")
 
 
 def kmeans_plusplus(x: Any, num_clusters: int, rng: Any = None) -> Any:

@@ -14,13 +14,26 @@ the ``demo`` extra (scikit-learn, matplotlib, tqdm; no torch): ``pip install -e 
 
 from .cli import Settings, main, parse_args, progress_bar
 from .report import format_table, write_report
-from .train import CONFIGS, RunResult, TrainSettings, code_usage, evaluate, load_data, perplexity, train_one
+from .train import (
+    CONFIGS,
+    RunResult,
+    TrainingDiverged,
+    TrainSettings,
+    build_model,
+    code_usage,
+    evaluate,
+    load_data,
+    perplexity,
+    train_one,
+)
 
 __all__ = [
     "CONFIGS",
     "RunResult",
     "Settings",
     "TrainSettings",
+    "TrainingDiverged",
+    "build_model",
     "code_usage",
     "evaluate",
     "format_table",

@@ -23,9 +23,14 @@ from .train import BETA, DECAY, RunResult
 if TYPE_CHECKING:  # the command line's options; only for the annotations
     from .cli import Settings
 
-__all__ = ["HEADER", "figures", "format_table", "table_rows", "write_report"]
+__all__ = ["HEADER", "REPORT_FILES", "figures", "format_table", "table_rows", "write_report"]
 
 HEADER = ("config", "held-out MSE", "perplexity", "codes used", "train time (s)")
+
+# Everything write_report puts into the report folder (the command line checks, before training,
+# that it can write them).
+FIGURES = {"reconstructions": "reconstructions.png", "curves": "training_curves.png", "usage": "codebook_usage.png"}
+REPORT_FILES = ("report.md", "report.html", "results.json", *FIGURES.values())
 
 
 def table_rows(results: list[RunResult], K: int) -> list[tuple[str, ...]]:
@@ -71,7 +76,7 @@ def figures(results: list[RunResult], shown: np.ndarray, out: str) -> dict[str, 
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    files["reconstructions"] = "reconstructions.png"
+    files["reconstructions"] = FIGURES["reconstructions"]
     fig.savefig(os.path.join(out, files["reconstructions"]))
 
     fig = Figure(figsize=(12, 3.2), dpi=80)
@@ -91,7 +96,7 @@ def figures(results: list[RunResult], shown: np.ndarray, out: str) -> dict[str, 
         ax.tick_params(which="minor", labelsize=6)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=7, frameon=False)
     fig.subplots_adjust(left=0.065, right=0.885, bottom=0.15, top=0.9, wspace=0.3)
-    files["curves"] = "training_curves.png"
+    files["curves"] = FIGURES["curves"]
     fig.savefig(os.path.join(out, files["curves"]))
 
     ncol = min(4, n)
@@ -114,7 +119,7 @@ def figures(results: list[RunResult], shown: np.ndarray, out: str) -> dict[str, 
     for ax in axes[:, 0]:
         ax.set_ylabel("held-out tokens", fontsize=7)
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.12 if nrow > 1 else 0.2, top=0.92, hspace=0.45, wspace=0.2)
-    files["usage"] = "codebook_usage.png"
+    files["usage"] = FIGURES["usage"]
     fig.savefig(os.path.join(out, files["usage"]))
     return files
 
@@ -179,7 +184,7 @@ def write_report(
         f"![codebook usage]({files['usage']})",
         "",
     ]
-    with open(os.path.join(s.out, "report.md"), "w") as f:
+    with open(os.path.join(s.out, "report.md"), "w", encoding="utf-8", errors="backslashreplace") as f:
         f.write("\n".join(md))
 
     rows = table_rows(results, K)
@@ -199,10 +204,10 @@ td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:right}}td:first-child{
 <h2>Codebook usage</h2><img src="{files["usage"]}" alt="codebook usage">
 </body></html>
 """
-    with open(os.path.join(s.out, "report.html"), "w") as f:
+    with open(os.path.join(s.out, "report.html"), "w", encoding="utf-8", errors="backslashreplace") as f:
         f.write(page)
 
-    with open(os.path.join(s.out, "results.json"), "w") as f:
+    with open(os.path.join(s.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(
             {
                 "settings": asdict(s),

@@ -46,6 +46,8 @@ __all__ = [
     "TEST_IMAGES",
     "RunResult",
     "TrainSettings",
+    "TrainingDiverged",
+    "build_model",
     "code_usage",
     "evaluate",
     "load_data",
@@ -112,6 +114,7 @@ CONFIGS: dict[str, tuple[str, Callable[..., Any]]] = {
 
 DIGITS = 1797  # images in scikit-learn's digits
 TEST_IMAGES = 360  # held out: a fifth of them
+PIXELS = 64  # 8x8 per image
 
 
 def load_data(seed: int, train_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -207,10 +210,57 @@ class RunResult:
     recon: list = field(default_factory=list)  # reconstructions of the showcase held-out images
 
 
+class TrainingDiverged(RuntimeError):
+    """A run whose loss, or whose parameters after an update, stopped being finite.
+
+    Too large a learning rate is the usual cause: Adam's steps overshoot, the activations and
+    the loss grow without bound, and eventually an update would write infinities into a weight
+    (vqref's parameters refuse them).  ``epoch`` counts from 1; ``loss`` is the last loss seen.
+    """
+
+    def __init__(self, name: str, epoch: int, loss: float, reason: str = ""):
+        self.name, self.epoch, self.loss = name, epoch, loss
+        detail = f"; {reason}" if reason else ""
+        super().__init__(f"training diverged at epoch {epoch} of config {name} (loss = {loss:.4g}{detail})")
+
+
 def total_steps(s: TrainSettings, train_size: int) -> int:
     """Optimizer steps of one run: ``s.steps``, or ``s.epochs`` full batches per epoch."""
     per_epoch = train_size // s.batch_size  # the last partial batch is dropped
     return s.steps if s.steps is not None else s.epochs * per_epoch
+
+
+def build_model(name: str, s: TrainSettings, in_dim: int = PIXELS) -> VQVAE:
+    """Configuration ``name``'s VQ-VAE before training: ``in_dim -> hidden -> T*d`` and back.
+
+    The same seeds in every configuration: same initial weights, same codebook draw (and
+    :func:`train_one` draws the same batches), so the table compares techniques and not luck.
+    """
+    quantizer = CONFIGS[name][1](s.token_dim, s.codebook_size, np.random.default_rng([s.seed, 1]))
+    return VQVAE(quantizer, in_dim=in_dim, hidden=s.hidden, num_tokens=s.tokens, rng=np.random.default_rng([s.seed, 2]))
+
+
+def _train_step(model: VQVAE, opt: Adam, xb: np.ndarray, lr: float, name: str, epoch: int) -> float:
+    """One training step on the batch ``xb``: forward, backward, an Adam update with learning rate
+    ``lr``.  Returns the step's loss.
+
+    Raises :class:`TrainingDiverged` when the loss is not finite, or when vqref refuses the step:
+    the data and the options were checked before training, so what it refuses here is a number
+    that is no longer finite (an update that would make a weight infinite, a latent grown past
+    the float range).
+    """
+    loss = math.nan
+    try:
+        _, _, losses = model.forward(xb)
+        loss = float(losses.total)
+        if math.isfinite(loss):
+            model.backward(1.0)
+            opt.lr = lr
+            opt.step(model.grads)
+            return loss
+    except ValueError as e:
+        raise TrainingDiverged(name, epoch, loss, f"vqref refused the step: {e}") from e
+    raise TrainingDiverged(name, epoch, loss)
 
 
 def train_one(
@@ -226,15 +276,10 @@ def train_one(
     ``progress(step, loss)``, when given, is called after every step with the mean training loss
     of the last (at most 20) steps; the command line draws its progress bar with it.
     """
-    description, factory = CONFIGS[name]
+    description = CONFIGS[name][0]
     K = s.codebook_size
-    # The same seeds in every configuration: same initial weights, same batches, same codebook
-    # draw, so the table compares techniques and not luck.
-    quantizer = factory(s.token_dim, K, np.random.default_rng([s.seed, 1]))
-    shared = bool(getattr(quantizer, "shared_codebook", False))
-    model = VQVAE(
-        quantizer, in_dim=train.shape[1], hidden=s.hidden, num_tokens=s.tokens, rng=np.random.default_rng([s.seed, 2])
-    )
+    model = build_model(name, s, in_dim=train.shape[1])
+    shared = bool(getattr(model.quantizer, "shared_codebook", False))
     opt = Adam(model.params, lr=s.lr)
     batches = np.random.default_rng([s.seed, 3])
 
@@ -252,30 +297,30 @@ def train_one(
     }
     t0 = time.perf_counter()
     step, window = 0, []
-    while step < total:
-        order = batches.permutation(train.shape[0])
-        for b in range(per_epoch):
-            xb = train[order[b * s.batch_size : (b + 1) * s.batch_size]]  # (B, 64)
-            _, _, losses = model.forward(xb)
-            model.backward(1.0)
-            # cosine decay of the learning rate from lr to lr/10 over the run
-            opt.lr = s.lr * (0.55 + 0.45 * math.cos(math.pi * step / total))
-            opt.step(model.grads)
-            step += 1
-            window.append(float(losses.total))
-            if step in eval_at:
-                mse, ppl, used, _, _ = evaluate(model, test, K, shared)
-                curves["step"].append(step)
-                curves["test_mse"].append(mse)
-                curves["perplexity"].append(ppl)
-                curves["codes_used"].append(used)
-                curves["train_loss_step"].append(step)
-                curves["train_loss"].append(float(np.mean(window)))  # mean since the last point
-                window = []
-            if progress is not None:
-                progress(step, float(np.mean(window[-20:])) if window else curves["train_loss"][-1])
-            if step >= total:
-                break
+    # _train_step reports a diverging run itself, so numpy's overflow warnings on the way there
+    # would only say the same thing less clearly.
+    with np.errstate(over="ignore", invalid="ignore"):
+        while step < total:
+            order = batches.permutation(train.shape[0])
+            for b in range(per_epoch):
+                xb = train[order[b * s.batch_size : (b + 1) * s.batch_size]]  # (B, 64)
+                # cosine decay of the learning rate from lr to lr/10 over the run
+                lr = s.lr * (0.55 + 0.45 * math.cos(math.pi * step / total))
+                window.append(_train_step(model, opt, xb, lr, name, epoch=step // per_epoch + 1))
+                step += 1
+                if step in eval_at:
+                    mse, ppl, used, _, _ = evaluate(model, test, K, shared)
+                    curves["step"].append(step)
+                    curves["test_mse"].append(mse)
+                    curves["perplexity"].append(ppl)
+                    curves["codes_used"].append(used)
+                    curves["train_loss_step"].append(step)
+                    curves["train_loss"].append(float(np.mean(window)))  # mean since the last point
+                    window = []
+                if progress is not None:
+                    progress(step, float(np.mean(window[-20:])) if window else curves["train_loss"][-1])
+                if step >= total:
+                    break
     elapsed = time.perf_counter() - t0
     mse, ppl, used, usage, recon = evaluate(model, test, K, shared)
     return RunResult(

@@ -1,5 +1,6 @@
-"""The tiny neural-network kit of the demo and the training notebook: layers with hand-written
-backward passes (:mod:`vqref.nn.layers`) and the optimizers that update them (:mod:`vqref.nn.optim`).
+"""The tiny neural-network kit of the demo and the training notebook: forward/backward pairs
+(:mod:`vqref.nn.functional`), the layers built from them (:mod:`vqref.nn.layers`), the
+optimizers that update them (:mod:`vqref.nn.optim`) and the VQ-VAE (:mod:`vqref.nn.vqvae`).
 """
 
 from .layers import (

@@ -1,36 +1,47 @@
-"""The layers of the tiny encoder and decoder: forward/backward pairs and two stateful facades.
+"""The stateful layers of the tiny encoder and decoder: :class:`Linear` and :class:`MLP`.
 
 Symbols: N rows (a batch of vectors), Din input features, Dout output features, L layers.
 
-A VQ-VAE needs an encoder before its quantizer and a decoder after it.  For 8x8 digit images
-(64 features) a small multilayer perceptron is enough, and writing it by hand keeps the whole
-model free of autograd: every gradient in the demo is one of the formulas below.
+The forward/backward pairs they are built from (affine map, ReLU, tanh, the MSE loss) are in
+:mod:`vqref.nn.functional` and importable from here too.  :class:`Linear` and :class:`MLP` hold
+the parameters and the last forward's caches, so a training loop reads
+``out = net.forward(x)``, ``dx = net.backward(dout)``, ``opt.step(net.grads)``.  Their ``params``
+are live: writing ``net.params["0.W"] = new`` (which is what the optimizers in
+:mod:`vqref.nn.optim` do) replaces the array inside the layer that owns it, after checking it.
 
-The pairs follow the package convention, ``<op>_forward(...) -> (out, cache)`` and
-``<op>_backward(dout, cache) -> gradients``:
-
-* affine map          ``y = x W + b``                 (:func:`linear_forward`)
-* rectifier           ``y = max(x, 0)``               (:func:`relu_forward`)
-* hyperbolic tangent  ``y = tanh(x)``                 (:func:`tanh_forward`)
-* mean squared error  ``loss = mean((pred - t)^2)``   (:func:`mse_loss_forward`)
-
-:class:`Linear` and :class:`MLP` hold the parameters and the last forward's caches, so a
-training loop reads ``out = net.forward(x)``, ``dx = net.backward(dout)``, ``opt.step(net.grads)``.
-Their ``params`` are live: writing ``net.params["0.W"] = new`` (which is what the optimizers in
-:mod:`vqref.nn.optim` do) replaces the array inside the layer that owns it.
+Like the quantizer modules, they change in one step: every call validates its arguments,
+computes everything, and only then remembers the result, so a refused or failing call changes
+nothing.  ``apply`` and ``gradients`` are the two halves that change nothing at all (a model that
+composes layers, such as :class:`vqref.nn.VQVAE`, calls them and commits once at the end);
+``forward`` and ``backward`` are those plus remembering the result.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from .. import backend as B
-from ..ops.losses import MSECache, mse_backward, mse_forward
 from ..params import NamedArrays, ParamView
+from ..validation import check_dtype_name, check_fits
+from .functional import (
+    ACTIVATIONS,
+    LinearCache,
+    MSELossCache,
+    ReluCache,
+    TanhCache,
+    linear_backward,
+    linear_forward,
+    mse_loss_backward,
+    mse_loss_forward,
+    relu_backward,
+    relu_forward,
+    tanh_backward,
+    tanh_forward,
+)
 
 __all__ = [
     "LinearCache",
@@ -42,192 +53,16 @@ __all__ = [
     "TanhCache",
     "tanh_forward",
     "tanh_backward",
-    "MSECache",
+    "MSELossCache",
     "mse_loss_forward",
     "mse_loss_backward",
     "NamedArrays",
     "Linear",
+    "MLPCache",
     "MLP",
     "ACTIVATIONS",
+    "check_batch",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# Forward/backward pairs
-# --------------------------------------------------------------------------------------------
-
-
-class LinearCache(NamedTuple):
-    x: Any  # (N, Din) the layer input
-    W: Any  # (Din, Dout) the weights used by the forward
-
-
-def linear_forward(x: Any, W: Any, b: Any) -> tuple[Any, LinearCache]:
-    """Affine map ``y = x W + b``, one row per input vector.
-
-    Parameters
-    ----------
-    x : (N, Din) float
-    W : (Din, Dout) float
-        Stored input-major (as in cs231n), so the forward is a plain ``x @ W``; torch's
-        ``nn.Linear`` stores the transpose ``(Dout, Din)``.
-    b : (Dout,) float
-
-    Returns
-    -------
-    y : (N, Dout)
-    cache : LinearCache(x, W)
-    """
-    y = x @ W + b  # (N, Dout)
-    return y, LinearCache(x, W)
-
-
-def linear_backward(dy: Any, cache: LinearCache) -> tuple[Any, Any, Any]:
-    """Gradients of the affine map.
-
-    From ``y_nj = sum_i x_ni W_ij + b_j``:
-
-        dx = dy W^T            (N, Din)
-        dW = x^T dy            (Din, Dout)   a sum of one outer product per row
-        db = sum_n dy_n        (Dout,)       b is broadcast over rows, so its gradient sums them
-
-    Parameters
-    ----------
-    dy : (N, Dout) float
-    cache : LinearCache from :func:`linear_forward`
-
-    Returns
-    -------
-    dx : (N, Din), dW : (Din, Dout), db : (Dout,)
-    """
-    xp = B.get_namespace(dy)
-    x, W = cache
-    dx = dy @ W.mT  # (N, Din)
-    dW = x.mT @ dy  # (Din, Dout)
-    db = xp.sum(dy, axis=0)  # (Dout,)
-    return dx, dW, db
-
-
-class ReluCache(NamedTuple):
-    positive: Any  # (N, D) bool, where the input was > 0
-
-
-def relu_forward(x: Any) -> tuple[Any, ReluCache]:
-    """Rectified linear unit ``y = max(x, 0)``, elementwise.
-
-    Parameters
-    ----------
-    x : (N, D) float
-
-    Returns
-    -------
-    y : (N, D), cache : ReluCache(positive)
-
-    Notes
-    -----
-    Only the sign pattern is cached: the derivative is 1 where ``x > 0`` and 0 elsewhere.  At
-    ``x = 0`` exactly the function has no derivative; the subgradient 0 is used there, as torch does.
-    """
-    xp = B.get_namespace(x)
-    positive = x > 0  # (N, D) bool
-    y = xp.where(positive, x, xp.zeros_like(x))  # (N, D)
-    return y, ReluCache(positive)
-
-
-def relu_backward(dy: Any, cache: ReluCache) -> Any:
-    """``dx = dy * [x > 0]``: the gradient passes where the unit was active and stops elsewhere.
-
-    Returns
-    -------
-    dx : (N, D)
-    """
-    xp = B.get_namespace(dy)
-    return xp.where(cache.positive, dy, xp.zeros_like(dy))  # (N, D)
-
-
-class TanhCache(NamedTuple):
-    y: Any  # (N, D) the output tanh(x)
-
-
-def tanh_forward(x: Any) -> tuple[Any, TanhCache]:
-    """Hyperbolic tangent ``y = tanh(x)``, elementwise; a smooth, bounded alternative to ReLU.
-
-    Returns
-    -------
-    y : (N, D), cache : TanhCache(y)
-    """
-    xp = B.get_namespace(x)
-    y = xp.tanh(x)  # (N, D)
-    return y, TanhCache(y)
-
-
-def tanh_backward(dy: Any, cache: TanhCache) -> Any:
-    """``dx = dy * (1 - y^2)``, since ``d tanh(x)/dx = 1 - tanh(x)^2``.
-
-    The output, not the input, is cached: the derivative is a function of ``y`` alone, and
-    reusing it avoids a second ``tanh``.
-
-    Returns
-    -------
-    dx : (N, D)
-    """
-    y = cache.y
-    return dy * (1.0 - y * y)  # (N, D)
-
-
-def mse_loss_forward(pred: Any, target: Any) -> tuple[Any, MSECache]:
-    """Mean squared error over all elements, ``loss = (1/M) sum_ij (pred_ij - target_ij)^2``.
-
-    This is the reconstruction loss of the VQ-VAE (van den Oord et al. 2017, eq. 3, first term)
-    with the normaliser ``M = N * D`` of ``torch.nn.functional.mse_loss``.  It is the one MSE of
-    vqref, :func:`vqref.ops.losses.mse_forward`; this wrapper only insists on equal shapes
-    (that op also accepts arrays that broadcast).
-
-    Parameters
-    ----------
-    pred : (N, D) float
-    target : (N, D) float, a constant: no gradient flows into it
-
-    Returns
-    -------
-    loss : () float, the 0-d mean
-    cache : MSECache(pred, target, M) of :mod:`vqref.ops.losses` (references to the two arrays:
-        do not modify them in place before the backward)
-
-    Notes
-    -----
-    An empty batch gives a loss of 0, not the NaN of a mean over nothing.
-    """
-    if tuple(pred.shape) != tuple(target.shape):
-        raise ValueError(f"mse_loss_forward: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    return mse_forward(pred, target)
-
-
-def mse_loss_backward(dloss: Any, cache: MSECache) -> Any:
-    """``dpred = dloss * (2/M) (pred - target)``: :func:`vqref.ops.losses.mse_backward`'s first gradient.
-
-    Parameters
-    ----------
-    dloss : () float (a 0-d array or a Python number; 1.0 when this loss is the objective)
-
-    Returns
-    -------
-    dpred : (N, D)
-    """
-    dpred, _ = mse_backward(dloss, cache)  # the target is data: its gradient is dropped
-    return dpred  # (N, D)
-
-
-# The activations an MLP may use: name -> (forward, backward).
-ACTIVATIONS = {
-    "relu": (relu_forward, relu_backward),
-    "tanh": (tanh_forward, tanh_backward),
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Stateful facades
-# --------------------------------------------------------------------------------------------
 
 
 def _resolve(xp: Any, dtype: Any) -> tuple[Any, Any]:
@@ -236,6 +71,23 @@ def _resolve(xp: Any, dtype: Any) -> tuple[Any, Any]:
     if not ns.isdtype(dt, "real floating"):
         raise ValueError(f"parameters must have a real floating dtype, got {dtype!r}")
     return ns, dt
+
+
+def check_batch(name: str, a: Any, xp: Any, width: int, *, finite: bool = True) -> None:
+    """Refuse anything but a floating ``(N, width)`` array of the library of namespace ``xp`` (and,
+    with ``finite``, one without NaN or infinities).  ``TypeError`` for the kind, ``ValueError``
+    for the shape or the values; the message names the argument."""
+    if not B.is_array(a):
+        raise TypeError(f"{name} must be an array, got {type(a).__name__}")
+    if B.get_namespace(a) is not xp:
+        lib = B.library_name(xp.asarray(0.0))
+        raise TypeError(f"{name} is a {B.library_name(a)} array but the parameters are {lib} arrays")
+    if not xp.isdtype(a.dtype, "real floating"):
+        raise TypeError(f"{name} must be a real floating-point array, got dtype {a.dtype}")
+    if a.ndim != 2 or a.shape[1] != width:
+        raise ValueError(f"{name} must have shape (N, {width}), got {tuple(a.shape)}")
+    if finite and not B.all_finite(a):
+        raise ValueError(f"{name} contains NaN or infinite values")
 
 
 class Linear:
@@ -267,9 +119,10 @@ class Linear:
     Notes
     -----
     The weights are drawn in float64 on the host and then cast, so the same seed gives the same
-    network (up to rounding) in every dtype and on every backend.  The cache of the last forward
-    holds references to the input and to ``W``: change ``W`` in place only after the backward
-    (the optimizers replace it out of place, which is always safe).
+    network (up to rounding) in every dtype and on every backend.  :meth:`forward` is
+    :meth:`apply` (the affine map with the current parameters, nothing remembered) plus
+    remembering its cache; a model that composes layers (:class:`MLP`) calls :meth:`apply` and
+    keeps the caches itself.
     """
 
     def __init__(
@@ -308,29 +161,28 @@ class Linear:
         return ParamView(lambda: ("W", "b"), lambda name: self._params[name], self._set_param)
 
     def _set_param(self, name: str, value: Any) -> None:
-        old = self._params[name]
-        if not B.is_array(value) or B.library_name(value) != B.library_name(old):
-            raise TypeError(f"{name} must be a {B.library_name(old)} array, got {type(value).__name__}")
-        if tuple(value.shape) != tuple(old.shape):
-            raise ValueError(
-                f"{name}: cannot replace an array of shape {tuple(old.shape)} by one of shape {tuple(value.shape)}"
-            )
-        if not self.xp.isdtype(value.dtype, "real floating"):
-            raise TypeError(f"{name} must be a real floating-point array, got dtype {value.dtype}")
-        if not B.all_finite(value):
-            raise ValueError(f"{name} contains NaN or infinite values")
+        new = _checked_param(name, value, self._params[name], self.xp, self.dtype)
         # a new dict: the layer's parameters change in one assignment, and never in place
-        self._params = {**self._params, name: self.xp.astype(value, self.dtype, copy=True)}
+        self._params = {**self._params, name: new}
 
     @property
     def grads(self) -> dict:
         return self._grads
 
+    def apply(self, x: Any) -> tuple[Any, LinearCache]:
+        """``(y, cache)`` for ``x (N, Din)`` with the current parameters; remembers nothing.
+
+        Checks the kind and shape of ``x``, not its values (:meth:`forward` and the models that
+        compose layers check those once, at their door).
+        """
+        check_batch(f"the input of {self!r}", x, self.xp, self.din, finite=False)
+        return linear_forward(x, self._params["W"], self._params["b"])
+
     def forward(self, x: Any) -> Any:
-        """``(N, Din) -> (N, Dout)``; remembers what the backward needs."""
-        if x.ndim != 2 or x.shape[1] != self.din:
-            raise ValueError(f"Linear({self.din}, {self.dout}) expects input (N, {self.din}), got {tuple(x.shape)}")
-        y, self._cache = linear_forward(x, self._params["W"], self._params["b"])
+        """``(N, Din) -> (N, Dout)``; refuses a non-finite input, remembers what the backward needs."""
+        check_batch(f"the input of {self!r}", x, self.xp, self.din)
+        y, cache = linear_forward(x, self._params["W"], self._params["b"])
+        self._cache = cache  # the one change of state, after everything else succeeded
         return y
 
     __call__ = forward
@@ -339,9 +191,11 @@ class Linear:
         """Store ``grads["W"]``, ``grads["b"]`` for the last forward and return ``dx (N, Din)``."""
         if self._cache is None:
             raise RuntimeError("Linear.backward was called before forward: there is no input to differentiate at")
+        check_batch("dy", dy, self.xp, self.dout, finite=False)
+        if dy.shape[0] != self._cache.x.shape[0]:
+            raise ValueError(f"dy has {dy.shape[0]} rows but the last forward had {self._cache.x.shape[0]}")
         dx, dW, db = linear_backward(dy, self._cache)
-        self._grads["W"] = dW
-        self._grads["b"] = db
+        self._grads.update(W=dW, b=db)  # in place: views of this dict stay valid
         return dx
 
     def state_dict(self) -> dict:
@@ -349,33 +203,64 @@ class Linear:
         return {k: np.array(B.to_numpy(v), copy=True) for k, v in self._params.items()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Replace the parameters by host arrays of the same shapes (cast to this layer's dtype)."""
-        _load(self._params, state, self.xp, self.dtype)
+        """Replace the parameters by host arrays of the same shapes (cast to this layer's dtype).
+
+        All or nothing: every entry is checked before any parameter is replaced.
+        """
+        new = _checked_state(self.params, state, self.xp, self.dtype)
+        self._params = {**self._params, **new}
 
     def __repr__(self) -> str:
         return f"Linear({self.din}, {self.dout}, dtype={self.dtype})"
 
 
-def _load(params: MutableMapping, state: Mapping[str, Any], xp: Any, dtype: Any) -> None:
+def _checked_param(name: str, value: Any, old: Any, xp: Any, dtype: Any) -> Any:
+    """``value`` as the new parameter ``name`` (a copy in ``dtype``), or an error naming it."""
+    if not B.is_array(value) or B.library_name(value) != B.library_name(old):
+        raise TypeError(f"{name} must be a {B.library_name(old)} array, got {type(value).__name__}")
+    if tuple(value.shape) != tuple(old.shape):
+        raise ValueError(
+            f"{name}: cannot replace an array of shape {tuple(old.shape)} by one of shape {tuple(value.shape)}"
+        )
+    if not xp.isdtype(value.dtype, "real floating"):
+        raise TypeError(f"{name} must be a real floating-point array, got dtype {value.dtype}")
+    if not B.all_finite(value):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    check_fits(name, value, check_dtype_name("dtype", dtype), "the layer's parameter")  # float64 -> float32
+    return xp.astype(value, dtype, copy=True)
+
+
+def _checked_state(params: Mapping, state: Mapping[str, Any], xp: Any, dtype: Any) -> dict:
+    """Every entry of ``state`` checked and converted for ``params`` (host arrays of any real
+    dtype; the names must match exactly).  Raises before returning anything, so a caller that
+    commits the result only afterwards is all-or-nothing."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"load_state_dict: the state must be a mapping name -> array, got {type(state).__name__}")
     missing = set(params) - set(state)
     extra = set(state) - set(params)
     if missing or extra:
         raise KeyError(f"load_state_dict: missing {sorted(missing)}, unexpected {sorted(extra)}")
-    # every entry is checked and converted first; only then is anything replaced, so a bad entry
-    # late in the dict leaves every parameter as it was
     converted = {}
-    for k in list(params):
+    for k in params:
         old = params[k]
         new = np.asarray(B.to_numpy(state[k]) if B.is_array(state[k]) else state[k])
         if new.shape != tuple(old.shape):
             raise ValueError(f"load_state_dict: {k} has shape {new.shape}, expected {tuple(old.shape)}")
-        if not (np.issubdtype(new.dtype, np.floating) or np.issubdtype(new.dtype, np.integer)):
+        if new.dtype == np.bool_ or not (np.issubdtype(new.dtype, np.floating) or np.issubdtype(new.dtype, np.integer)):
             raise TypeError(f"load_state_dict: {k} must hold real numbers, got dtype {new.dtype}")
         if not np.all(np.isfinite(new)):
             raise ValueError(f"load_state_dict: {k} contains NaN or infinite values")
+        if np.issubdtype(new.dtype, np.floating):
+            check_fits(f"load_state_dict: {k}", new, check_dtype_name("dtype", dtype), "the layer's parameter")
         converted[k] = B.from_numpy(new, xp, device=B.get_device(old), dtype=dtype)
-    for k, v in converted.items():
-        params[k] = v
+        if not B.all_finite(converted[k]):  # any other cast that overflowed (float128, ...)
+            raise ValueError(f"load_state_dict: {k} does not fit the layer's dtype {dtype}")
+    return converted
+
+
+class MLPCache(NamedTuple):
+    linear: tuple  # L LinearCache, one per layer
+    activation: tuple  # L - 1 activation caches, one between each two layers
 
 
 class MLP:
@@ -393,9 +278,16 @@ class MLP:
 
     Attributes
     ----------
-    layers : list of :class:`Linear`
+    layers : list of :class:`Linear`, which hold the parameters
     params : NamedArrays, ``"0.W", "0.b", "1.W", ...`` (live: assigning replaces the layer's array)
     grads : NamedArrays with the same names, after :meth:`backward`
+
+    Notes
+    -----
+    The network keeps the caches and gradients of all its layers itself (as one
+    :class:`MLPCache` and one set of gradients), computed with :meth:`apply` and
+    :meth:`gradients`: a forward or backward that fails in any layer changes nothing, and a
+    layer's own ``grads`` belong to its standalone :meth:`Linear.backward`.
     """
 
     def __init__(
@@ -423,8 +315,9 @@ class MLP:
             for din, dout in zip(sizes[:-1], sizes[1:])
         ]
         self._params = NamedArrays({str(i): layer.params for i, layer in enumerate(self.layers)})
-        self._grads = NamedArrays({str(i): layer.grads for i, layer in enumerate(self.layers)})
-        self._act_caches: list | None = None
+        self._layer_grads: list[dict] = [{} for _ in self.layers]
+        self._grads = NamedArrays({str(i): g for i, g in enumerate(self._layer_grads)})
+        self._cache: MLPCache | None = None
 
     @property
     def params(self) -> NamedArrays:
@@ -434,46 +327,83 @@ class MLP:
     def grads(self) -> NamedArrays:
         return self._grads
 
-    def forward(self, x: Any) -> Any:
-        """``(N, sizes[0]) -> (N, sizes[-1])``."""
+    def apply(self, x: Any) -> tuple[Any, MLPCache]:
+        """``(out (N, sizes[-1]), cache)`` for ``x (N, sizes[0])``; remembers nothing.
+
+        Like :meth:`Linear.apply`, checks the kind and shape of ``x`` but not its values.
+        """
         act_forward, _ = ACTIVATIONS[self.activation]
-        caches = []
+        linear, activation = [], []
         h = x
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            h = layer.forward(h)  # (N, sizes[i + 1])
+            h, cache = layer.apply(h)  # (N, sizes[i + 1])
+            linear.append(cache)
             if i < last:
                 h, cache = act_forward(h)
-                caches.append(cache)
-        self._act_caches = caches
-        return h
+                activation.append(cache)
+        return h, MLPCache(tuple(linear), tuple(activation))
+
+    def forward(self, x: Any) -> Any:
+        """``(N, sizes[0]) -> (N, sizes[-1])``; refuses a non-finite input."""
+        check_batch("the MLP input", x, self.xp, self.sizes[0])
+        out, cache = self.apply(x)
+        self._cache = cache  # the one change of state, after every layer succeeded
+        return out
 
     __call__ = forward
 
-    def backward(self, dout: Any) -> Any:
-        """Fill :attr:`grads` for the last forward and return ``dx (N, sizes[0])``.
+    def gradients(self, dout: Any, cache: MLPCache) -> tuple[Any, dict]:
+        """``(dx (N, sizes[0]), grads)`` for the forward that made ``cache``; changes nothing.
 
         The chain rule, read from the output back: each layer's backward turns the gradient of
         its output into that of its input, and the activation between two layers masks (relu) or
-        scales (tanh) it.
+        scales (tanh) it.  ``grads`` maps ``"i.W"``, ``"i.b"`` to the gradients.
         """
-        if self._act_caches is None:
-            raise RuntimeError("MLP.backward was called before forward: there is no input to differentiate at")
+        check_batch("dout", dout, self.xp, self.sizes[-1], finite=False)
+        if dout.shape[0] != cache.linear[0].x.shape[0]:
+            raise ValueError(f"dout has {dout.shape[0]} rows but the forward had {cache.linear[0].x.shape[0]}")
         _, act_backward = ACTIVATIONS[self.activation]
+        grads = {}
         dh = dout  # (N, sizes[-1])
         for i in reversed(range(len(self.layers))):
             if i < len(self.layers) - 1:
-                dh = act_backward(dh, self._act_caches[i])
-            dh = self.layers[i].backward(dh)  # (N, sizes[i])
-        return dh
+                dh = act_backward(dh, cache.activation[i])
+            dh, grads[f"{i}.W"], grads[f"{i}.b"] = linear_backward(dh, cache.linear[i])  # dh: (N, sizes[i])
+        return dh, grads
+
+    def backward(self, dout: Any) -> Any:
+        """Fill :attr:`grads` for the last forward and return ``dx (N, sizes[0])``."""
+        if self._cache is None:
+            raise RuntimeError("MLP.backward was called before forward: there is no input to differentiate at")
+        dx, grads = self.gradients(dout, self._cache)
+        self.store_grads(grads)
+        return dx
+
+    def store_grads(self, grads: Mapping[str, Any]) -> None:
+        """Make ``grads`` (as returned by :meth:`gradients`) the network's :attr:`grads`."""
+        new = [{"W": grads[f"{i}.W"], "b": grads[f"{i}.b"]} for i in range(len(self.layers))]  # all, or KeyError
+        for layer_grads, g in zip(self._layer_grads, new):  # in place: views of grads stay valid
+            layer_grads.clear()
+            layer_grads.update(g)
 
     def state_dict(self) -> dict:
         """Host (numpy) copies of all parameters, under the names of :attr:`params`."""
         return {k: np.array(B.to_numpy(v), copy=True) for k, v in self._params.items()}
 
+    def check_state_dict(self, state: Mapping[str, Any]) -> dict:
+        """The parameters :meth:`load_state_dict` would set (checked and converted), or an error;
+        changes nothing."""
+        return _checked_state(self._params, state, self.xp, self.dtype)
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Replace all parameters by host arrays with the names and shapes of :attr:`params`."""
-        _load(self._params, state, self.xp, self.dtype)
+        """Replace all parameters by host arrays with the names and shapes of :attr:`params`.
+
+        All or nothing: every entry is checked and converted first; only then is any layer's
+        parameter replaced (by values that have passed the layer's own checks).
+        """
+        for k, v in self.check_state_dict(state).items():
+            self._params[k] = v
 
     def __repr__(self) -> str:
         return f"MLP({self.sizes}, activation={self.activation!r}, dtype={self.dtype})"

@@ -40,7 +40,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import backend as B
-from .layers import MLP, MSECache, NamedArrays, mse_loss_backward, mse_loss_forward
+from ..quantizers.files import check_state_entries
+from ..validation import check_dtype_name, check_real
+from .layers import MLP, MLPCache, MSELossCache, NamedArrays, check_batch, mse_loss_backward, mse_loss_forward
 
 __all__ = ["VQVAELosses", "VQVAE"]
 
@@ -53,7 +55,9 @@ class VQVAELosses(NamedTuple):
 
 
 class _Cache(NamedTuple):
-    mse: MSECache
+    encoder: MLPCache  # the encoder's layers, for this batch
+    decoder: MLPCache  # the decoder's layers
+    mse: MSELossCache  # recon - x, computed by the forward
     batch: int  # N, for reshaping the gradients
 
 
@@ -189,23 +193,29 @@ class VQVAE:
 
         Notes
         -----
-        A training forward keeps what :meth:`backward` needs.  An evaluation forward runs the
-        same layers (whose caches it overwrites), so it discards that: a backward after it raises
-        instead of differentiating the wrong batch.
+        A transaction, like the quantizer's own calls: ``x`` is checked first (a finite float
+        array of the model's library, shape ``(N, P)``); the encoder and decoder run with
+        :meth:`MLP.apply`, which changes nothing; the quantizer's step (EMA, k-means init) is
+        the one call that commits, and it commits nothing if it raises; the caches are
+        remembered only at the end.  A refused or failing forward leaves the model as it was.
+
+        A training forward keeps what :meth:`backward` needs.  An evaluation forward discards
+        it: a backward after it raises instead of differentiating an earlier batch.  The caches
+        hold arrays of their own, so changing ``x`` or ``recon`` in place before the backward
+        changes no gradient.
         """
+        check_batch("the VQVAE input x", x, self.encoder.xp, self.in_dim)
         xp = B.get_namespace(x)
-        if x.ndim != 2 or x.shape[1] != self.in_dim:
-            raise ValueError(f"VQVAE expects input (N, {self.in_dim}), got {tuple(x.shape)}")
         N, T, d = x.shape[0], self.num_tokens, self.token_dim
-        self.quantizer.train(self.training)
-        z = self.encoder.forward(x)  # (N, E)
+        z, enc_cache = self.encoder.apply(x)  # (N, E)
         tokens = xp.reshape(z, (N, T, d))  # (N, T, d)
+        self.quantizer.train(self.training)
         zq, indices, vq_loss = self.quantizer(tokens)  # (N, T, d), (N, T[, Q]), () or (Q,)
-        recon = self.decoder.forward(xp.reshape(zq, (N, T * d)))  # (N, P)
+        recon, dec_cache = self.decoder.apply(xp.reshape(zq, (N, T * d)))  # (N, P)
         rec_loss, mse_cache = mse_loss_forward(recon, x)  # ()
         vq_total = xp.sum(vq_loss) if vq_loss.ndim else vq_loss  # ()
         losses = VQVAELosses(rec_loss + vq_total, rec_loss, vq_total, vq_loss)
-        self._cache = _Cache(mse_cache, N) if self.training else None
+        self._cache = _Cache(enc_cache, dec_cache, mse_cache, N) if self.training else None  # the commit
         return recon, indices, losses
 
     __call__ = forward
@@ -223,21 +233,52 @@ class VQVAE:
         -------
         dx : (N, P), the gradient for the input images.  Parameter gradients are in
             :attr:`grads` (the encoder's get the estimator's surrogate, see the module notes).
+
+        Notes
+        -----
+        ``dloss`` and ``drecon`` are checked first (finite, of the model's library).  The
+        decoder's and encoder's gradients are computed with :meth:`MLP.gradients`, which
+        changes nothing; the quantizer's backward is the one call that commits (it consumes its
+        cache and stores its gradients), and nothing after it can fail.  A refused backward
+        leaves the pending cache and every gradient as they were.
         """
         if self._cache is None:
             raise RuntimeError("VQVAE.backward needs a training-mode forward first (one backward per forward)")
-        cache, self._cache = self._cache, None
+        cache, xp = self._cache, self.encoder.xp
         N, T, d = cache.batch, self.num_tokens, self.token_dim
+        dloss = self._check_dloss(dloss)
+        if drecon is not None:
+            check_batch("drecon", drecon, xp, self.in_dim)
+            if drecon.shape[0] != N:
+                raise ValueError(f"drecon must have shape ({N}, {self.in_dim}), got {tuple(drecon.shape)}")
         drec = mse_loss_backward(dloss, cache.mse)  # (N, P)
         if drecon is not None:
             drec = drec + drecon  # the reconstruction feeds the loss and the extra direction
-        dh = self.decoder.backward(drec)  # (N, E)
-        xp = B.get_namespace(dh)
+        dh, dec_grads = self.decoder.gradients(drec, cache.decoder)  # (N, E)
         dzq = xp.reshape(dh, (N, T, d))  # (N, T, d)
         # The quantizer's loss enters the total with weight 1 (every depth's, for residual VQ),
         # so its upstream gradient is dloss itself.
         dtokens = self.quantizer.backward(dzq, dloss)  # (N, T, d)
-        return self.encoder.backward(xp.reshape(dtokens, (N, T * d)))  # (N, P)
+        dx, enc_grads = self.encoder.gradients(xp.reshape(dtokens, (N, T * d)), cache.encoder)  # (N, P)
+        self.decoder.store_grads(dec_grads)  # the commit: nothing below can fail
+        self.encoder.store_grads(enc_grads)
+        self._cache = None
+        return dx
+
+    def _check_dloss(self, dloss: Any) -> Any:
+        """``dloss`` as a finite Python float or a finite 0-d float array of the model's library."""
+        if isinstance(dloss, (np.integer, np.floating)):
+            dloss = dloss.item()  # a numpy scalar is the number it holds, on every backend
+        if not B.is_array(dloss):
+            return check_real("dloss", dloss)
+        xp = self.encoder.xp
+        if B.get_namespace(dloss) is not xp or not xp.isdtype(dloss.dtype, "real floating"):
+            raise TypeError(f"dloss must be a number or a 0-d float array of the model's library, got {dloss!r}")
+        if tuple(dloss.shape) != ():
+            raise ValueError(f"dloss must be a number or a 0-d array, got shape {tuple(dloss.shape)}")
+        if not B.all_finite(dloss):
+            raise ValueError(f"dloss must be finite, got {dloss!r}")
+        return dloss
 
     # ------------------------------------------------------------------ conveniences
 
@@ -253,7 +294,8 @@ class VQVAE:
         """Images ``(N, P)`` from code indices ``(N, T)`` (``(N, T, Q)`` with residual VQ)."""
         xp = B.get_namespace(indices)
         zq = self.quantizer.get_output_from_indices(indices)  # (N, T, d)
-        return self.decoder.forward(xp.reshape(zq, (zq.shape[0], self.latent_dim)))
+        recon, _ = self.decoder.apply(xp.reshape(zq, (zq.shape[0], self.latent_dim)))  # changes nothing
+        return recon
 
     def state_dict(self) -> dict:
         """Host copies of the encoder and decoder weights and of the quantizer's state."""
@@ -263,14 +305,29 @@ class VQVAE:
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Load a state written by :meth:`state_dict` (names and shapes must match)."""
+        """Load a state written by :meth:`state_dict` (names and shapes must match).
+
+        All or nothing: the encoder's, the decoder's and the quantizer's entries are all checked
+        before any is loaded, so a bad entry anywhere leaves the whole model as it was.  Drops
+        the pending backward.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"load_state_dict: the state must be a mapping name -> array, got {type(state).__name__}")
         parts: dict[str, dict] = {"encoder": {}, "decoder": {}, "quantizer": {}}
         for k, v in state.items():
-            prefix, _, rest = k.partition(".")
+            prefix, _, rest = str(k).partition(".")
             if prefix not in parts:
                 raise KeyError(f"load_state_dict: unexpected key {k!r}")
             parts[prefix][rest] = v
-        self.encoder.load_state_dict(parts["encoder"])
-        self.decoder.load_state_dict(parts["decoder"])
+        # 1. check every part (this changes nothing)
+        encoder = self.encoder.check_state_dict(parts["encoder"])
+        decoder = self.decoder.check_state_dict(parts["decoder"])
+        dtype_name = check_dtype_name("the quantizer's dtype", self.quantizer.dtype)
+        check_state_entries(parts["quantizer"], self.quantizer.state_spec(), dtype_name)
+        # 2. commit: the quantizer checks its entries again and commits them in one step; the
+        #    encoder's and decoder's values have passed the layers' checks already
         self.quantizer.load_state_dict(parts["quantizer"])
+        for mlp, values in ((self.encoder, encoder), (self.decoder, decoder)):
+            for k, v in values.items():
+                mlp.params[k] = v
         self._cache = None

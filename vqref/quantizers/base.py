@@ -12,8 +12,12 @@ method that changes anything follows the same transaction:
 
 A call that raises at any point before step 3 leaves the state, the generators and the cache
 exactly as they were, by construction: there is no rollback code to get wrong.  The committed
-arrays are never written in place (numpy arrays are marked read-only; ``params`` hands out
-copies and validates what is assigned back).
+arrays are never written in place, and no caller holds a reference through which they could be:
+numpy arrays are marked read-only, other libraries' are handed out as copies (``codebook``,
+``state``, the outputs a backward cache shares); ``params`` hands out copies and validates what
+is assigned back; generators passed in are copied.  Every method that commits (forward,
+backward, ``load_state_dict``, assigning a parameter, ``to``) holds the module's lock while it
+runs: a second one in another thread meanwhile raises instead of losing an update.
 
 The base class also provides train/eval modes, ``params``/``grads``, ``state_dict`` /
 ``load_state_dict``, ``save``/``load``/``from_file`` (a file is data: see
@@ -33,7 +37,7 @@ import numpy as np
 from .. import backend as B
 from ..backend import Array
 from ..params import ParamView
-from ..validation import check_float_array
+from ..validation import check_dtype_name, check_fits, check_float_array, check_seed
 from . import files
 
 __all__ = ["Quantizer", "QuantizerState"]
@@ -68,7 +72,14 @@ class Quantizer:
         """The constructor arguments (without seed, xp, device), JSON-serialisable."""
         raise NotImplementedError
 
-    CONFIG_KEYS: tuple = ()  # the keys of config(): what a model file's configuration may hold
+    CONFIG_KEYS: tuple = ()  # the keys of config(): what a model file's configuration holds
+
+    @classmethod
+    def check_config(cls, config: dict) -> dict:
+        """A configuration's options checked as the constructor checks them (types, ranges), in
+        their canonical form, without building anything: how a model file's configuration is
+        read.  ``config`` has exactly the keys :attr:`CONFIG_KEYS`."""
+        raise NotImplementedError
 
     @classmethod
     def spec_from_config(cls, config: dict) -> dict:
@@ -93,17 +104,27 @@ class Quantizer:
     # ---------------------------------------------------------------- state plumbing
 
     def _init_state(self, arrays: dict, flags: dict, rngs: tuple, *, xp: Any, device: Any) -> None:
-        """The first commit, from host arrays (constructor only)."""
+        """The first commit, from host arrays (constructor only).  The generators are copied: a
+        Generator the caller passed as ``seed`` stays the caller's, and drawing from it later
+        does not change the module."""
         self.grads: dict = {}
         self._lock = threading.Lock()
         self._state = QuantizerState(
-            MappingProxyType({k: self._device_array(v, xp, device) for k, v in arrays.items()}),
+            MappingProxyType(self._place(arrays, xp, device)),
             MappingProxyType(dict(flags)),
-            tuple(rngs),
+            tuple(B.clone_generator(g) for g in rngs),
             None,
             xp,
             device,
         )
+
+    def _place(self, host_arrays: dict, xp: Any, device: Any) -> dict:
+        """Fresh device copies of host arrays; a device the library refuses is a ValueError."""
+        try:
+            return {k: self._device_array(v, xp, device) for k, v in host_arrays.items()}
+        except (TypeError, ValueError, RuntimeError, AttributeError) as e:
+            lib = getattr(xp, "__name__", repr(xp))
+            raise ValueError(f"device={device!r} cannot hold the state in {lib}: {e}") from None
 
     def _device_array(self, host: Array, xp: Any, device: Any) -> Array:
         # A fresh buffer every time: state arrays never alias each other nor a caller's array.
@@ -132,16 +153,19 @@ class Quantizer:
         return [B.clone_generator(g) for g in self._state.rngs]
 
     def _exclusive(self):
-        """A forward/backward holds this while it runs; a second one at the same time is refused.
+        """Every method that commits holds this while it reads the committed state, computes and
+        commits; a second one at the same time is refused.
 
         A module is not meant to be shared by threads that train it concurrently (two forwards
-        would compute from the same committed state, and one update would be lost): instead of
-        losing it silently, the second call raises.
+        would compute from the same committed state, and one update would be lost; a backward
+        could consume the cache of a forward that is not its own): instead of losing an update
+        silently, the second call raises.
         """
         if not self._lock.acquire(blocking=False):
             raise RuntimeError(
-                f"{type(self).__name__} is already running a forward or backward in another thread; "
-                "a module is not thread-safe: give each thread its own module (copy.deepcopy)"
+                f"{type(self).__name__} is already changing its state in another thread (a forward, backward, "
+                "load_state_dict, parameter assignment or to()); a module is not thread-safe: give each "
+                "thread its own module (copy.deepcopy)"
             )
         return _Release(self._lock)
 
@@ -161,10 +185,22 @@ class Quantizer:
 
     @property
     def state(self) -> QuantizerState:
-        """The committed state, read-only: arrays (numpy's marked read-only), flags, copies of the
-        generators, the pending backward's cache, the namespace and device."""
+        """The committed state, read-only: arrays (read-only views on numpy, copies elsewhere),
+        flags, copies of the generators, the pending backward's cache, the namespace and device."""
         s = self._state
-        return s._replace(rngs=tuple(B.clone_generator(g) for g in s.rngs))
+        return s._replace(
+            arrays=MappingProxyType({k: self.shield(v) for k, v in s.arrays.items()}),
+            rngs=tuple(B.clone_generator(g) for g in s.rngs),
+        )
+
+    def state_array(self, name: str) -> Array:
+        """State array ``name`` as a caller may hold it: a read-only view on numpy, a copy on the
+        libraries without read-only arrays (whose arrays could otherwise be written in place)."""
+        return self.shield(self._state.arrays[name])
+
+    def state_flag(self, name: str) -> bool:
+        """State flag ``name`` (e.g. ``"initted"``)."""
+        return self._state.flags[name]
 
     @property
     def xp(self):
@@ -195,27 +231,21 @@ class Quantizer:
     def check_fits_state(self, name: str, a: Array) -> None:
         """Refuse values that would overflow the state dtype (a float64 array into float32 state).
 
-        Every path where data enters the state calls this first, so that no batch can turn the
-        codebook into infinities for every later call.
+        The paths where data enters the state call this first (the training input, an assigned
+        parameter); a training forward also checks the state it computed before committing it
+        (sums of in-range values can overflow), so that no batch can turn the codebook into
+        infinities for every later call.
         """
-        if self._dtype_name == "float64" or a.dtype == self.dtype:
-            return
-        big = float(np.finfo(np.float32).max)
-        xp = B.get_namespace(a)
-        if B.to_float(xp.max(xp.abs(a))) > big:
-            raise ValueError(
-                f"{name} holds values beyond the float32 range (|x| > {big:.3g}) and this module's state is "
-                "float32; scale the data or build the module with dtype='float64'"
-            )
+        check_fits(name, a, self._dtype_name, "this module's state")
 
     def set_array(self, name: str, value: Array) -> None:
         """Validate ``value`` for state array ``name`` and commit a copy of it (a transaction)."""
         shape = self.state_spec()[name]
         self.check_input(name, value, shape=shape)
         self.check_fits_state(name, value)
-        xp = self.xp
-        new = xp.astype(value, self.dtype, copy=True)
-        self._commit(self._updated(arrays={name: new}))
+        with self._exclusive():
+            new = self.xp.astype(value, self.dtype, copy=True)
+            self._commit(self._updated(arrays={name: new}))
 
     def shield(self, a: Array) -> Array:
         """``a`` as the caller may have it when the backward cache refers to it: a read-only view
@@ -244,19 +274,24 @@ class Quantizer:
         booleans.  Nothing is changed unless everything is right.  Drops the backward cache.
         """
         arrays, flags = files.check_state_entries(state, self.state_spec(), self._dtype_name)
-        xp, device = self.xp, self.device
-        new_arrays = {k: self._device_array(v, xp, device) for k, v in arrays.items()}
-        self._commit(self._updated(arrays=new_arrays, flags=flags, cache=None))
+        with self._exclusive():
+            new_arrays = self._place(arrays, self.xp, self.device)
+            self._commit(self._updated(arrays=new_arrays, flags=flags, cache=None))
 
     def save(self, path: str) -> None:
         """Save configuration and state to an ``.npz`` file (plain arrays and JSON, no pickle)."""
+        files.check_path(path)
         arrays = {k: np.asarray(B.to_numpy(v)) for k, v in self.state_dict().items()}
         files.write(path, type(self).__name__, self.config(), arrays)
 
     def load(self, path: str) -> None:
-        """Load the state saved by :meth:`save`; the file's configuration must match this module's."""
+        """Load the state saved by :meth:`save`; the file's configuration must match this module's
+        (every option but ``chunk_size`` and ``dtype``).  Drops the backward cache."""
         _, state = files.read(path, type(self), expected_config=self.config())
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except ValueError as e:  # a value the entry's dtype allows but the state does not (NaN, ...)
+            raise ValueError(f"{path}: {e}") from None
 
     @classmethod
     def from_file(cls, path: str, *, seed: Any = None, xp: Any = None, device: Any = None, dtype: Any = None):
@@ -266,12 +301,20 @@ class Quantizer:
         device and seed come from the caller; the dtype is the caller's, or (by default) the dtype
         of the stored arrays.  See :mod:`vqref.quantizers.files` for what is checked.
         """
+        # the caller's arguments first: their errors are theirs, not the file's
+        files.check_path(path)
+        check_seed("seed", seed)
+        namespace = B.namespace_from_module(xp)
+        dtype = None if dtype is None else check_dtype_name("dtype", dtype)
         config, state = files.read(path, cls)
-        config.pop("dtype", None)  # informational: the state's dtype is the caller's choice
+        config.pop("dtype")  # informational: the state's dtype is the caller's choice
         if dtype is None:
             dtype = files.stored_dtype(state)
-        module = files.build(cls, config, seed=seed, xp=xp, device=device, dtype=dtype)
-        module.load_state_dict(state)
+        module = cls(**config, seed=seed, xp=namespace, device=device, dtype=dtype)
+        try:
+            module.load_state_dict(state)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         return module
 
     def to(self, xp: Any, device: Any = None):
@@ -282,9 +325,10 @@ class Quantizer:
         the gradients.
         """
         new_xp = B.namespace_from_module(xp)
-        moved = {k: self._device_array(B.to_numpy(v), new_xp, device) for k, v in self._state.arrays.items()}
-        self._commit(self._updated(arrays=moved, cache=None, xp=new_xp, device=device))
-        self.grads.clear()  # in place: views of this dict stay valid
+        with self._exclusive():
+            moved = self._place({k: B.to_numpy(v) for k, v in self._state.arrays.items()}, new_xp, device)
+            self._commit(self._updated(arrays=moved, cache=None, xp=new_xp, device=device))
+            self.grads.clear()  # in place: views of this dict stay valid
         return self
 
     # ---------------------------------------------------------------- copying and pickling

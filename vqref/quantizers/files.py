@@ -7,18 +7,29 @@ state array (float32/float64 arrays, 0-d booleans for flags).
 Reading never runs anything from the file:
 
 * no pickle (object arrays are refused), no import, no lookup of anything by a name the file
-  gives: the array library, device and seed always come from the caller;
-* the archive's directory is checked before anything is decompressed: exactly the expected
-  entries, each ``.npy`` header parsed and its dtype and shape compared with what the
-  configuration implies, and each entry's declared size equal to what that header needs -- so a
-  file cannot make vqref allocate more than the model it describes;
+  gives: the array library, device and seed always come from the caller, the dtype from the
+  caller or the stored arrays;
+* the archive's directory first: at most a few thousand ``.npy`` entries, no duplicates,
+  stored or deflated only, each declaring no more bytes than its compressed bytes in the file
+  can hold (stored: as many; deflated: at most 1032 times as many);
+* then every entry's ``.npy`` header, from a bounded read (at most :data:`MAX_HEADER_BYTES`):
+  no object dtype, and a declared size equal to what the header's shape and dtype need;
+* then the configuration (at most :data:`MAX_CONFIG_BYTES` of JSON), checked as the
+  constructor checks its arguments: exactly the class's option names, each of the right type
+  and within its range (sizes included, so it cannot ask for an absurd state);
+* then the entries against the configuration: exactly the ones it implies, each with the
+  dtype and shape it implies -- all before any array is decompressed, so a file cannot make
+  vqref allocate more than the model its (bounded) configuration describes;
 * every refusal is a ``ValueError`` that names the file and the entry.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
+import struct
 import zipfile
 import zlib
 from typing import Any
@@ -26,36 +37,69 @@ from typing import Any
 import numpy as np
 
 from .. import backend as B
+from .options import MAX_NUM_QUANTIZERS
 
-__all__ = ["write", "read", "check_state_entries", "build", "stored_dtype", "MAX_CONFIG_BYTES"]
+__all__ = ["write", "read", "check_path", "check_state_entries", "stored_dtype", "MAX_CONFIG_BYTES", "MAX_HEADER_BYTES"]
 
 MAX_CONFIG_BYTES = 1 << 16  # a configuration is a few hundred bytes of JSON
+MAX_HEADER_BYTES = 10_000  # numpy's own bound on a .npy header
+_MAX_DEFLATE_RATIO = 1032  # the most DEFLATE can expand: 258 bytes from one 2-bit code, at best
 
 _FLOAT_DTYPES = ("float32", "float64")
+_MAX_ENTRIES = 1 + 4 * MAX_NUM_QUANTIZERS  # the config and four entries per codebook, at most
+
+
+def check_path(path: Any) -> Any:
+    """``path`` if it is a file name (``str`` or ``os.PathLike``).  An integer would be taken as
+    an open file descriptor by ``open`` -- ``save(1)`` would write to, and close, stdout."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file name (str or os.PathLike), got {path!r} ({type(path).__name__})")
+    return path
 
 
 def write(path: str, class_name: str, config: dict, arrays: dict) -> None:
     """Write ``config`` (JSON) and the host ``arrays`` to ``path``."""
     entries = dict(arrays)
     entries["config"] = np.asarray(json.dumps({"class": class_name, **config}))
-    with open(path, "wb") as f:
+    with open(check_path(path), "wb") as f:
         np.savez(f, **entries)
 
 
 def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple, np.dtype, int]:
-    """Shape, dtype and header length of one ``.npy`` entry, reading only its first bytes."""
+    """Shape, dtype and header length of one ``.npy`` entry, reading at most its first
+    ``MAX_HEADER_BYTES``; its declared size must be what the header needs."""
+    name = info.filename
     with zf.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        else:  # pragma: no cover - read_magic refuses other versions already
-            raise ValueError(f"unsupported .npy version {version}")
-        header_len = f.tell()
+        magic = f.read(8)  # b"\x93NUMPY", major, minor
+        if len(magic) < 8 or magic[:6] != b"\x93NUMPY":
+            raise ValueError(f"entry {name!r} is not a .npy array")
+        version = (magic[6], magic[7])
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise ValueError(f"entry {name!r} has an unsupported .npy version {version}")
+        length_format = "<H" if version == (1, 0) else "<I"
+        length_bytes = f.read(struct.calcsize(length_format))
+        if len(length_bytes) != struct.calcsize(length_format):
+            raise ValueError(f"entry {name!r} ends inside its header")
+        (header_bytes,) = struct.unpack(length_format, length_bytes)
+        if header_bytes > MAX_HEADER_BYTES:
+            raise ValueError(f"entry {name!r} declares a {header_bytes}-byte header (at most {MAX_HEADER_BYTES})")
+        text = f.read(header_bytes)
+        if len(text) != header_bytes:
+            raise ValueError(f"entry {name!r} ends inside its header")
+    # numpy parses the header (a Python literal, read with ast.literal_eval) from the bounded copy
+    buf = io.BytesIO(magic + length_bytes + text)
+    np.lib.format.read_magic(buf)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(buf)
+    else:
+        shape, _, dtype = np.lib.format.read_array_header_2_0(buf)
     if dtype.hasobject:
-        raise ValueError("Object arrays cannot be loaded (the entry would need pickle)")
-    return tuple(int(n) for n in shape), dtype, header_len
+        raise ValueError(f"Object arrays cannot be loaded (entry {name!r} would need pickle)")
+    shape = tuple(int(n) for n in shape)
+    header_len = len(magic) + len(length_bytes) + header_bytes
+    if info.file_size != header_len + math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"entry {name!r} holds {info.file_size} bytes, not the size its header declares")
+    return shape, dtype, header_len
 
 
 def read(path: str, cls: type, *, expected_config: dict | None = None) -> tuple[dict, dict]:
@@ -64,23 +108,25 @@ def read(path: str, cls: type, *, expected_config: dict | None = None) -> tuple[
     Parameters
     ----------
     path : the ``.npz`` file
-    cls : the quantizer class; its ``CONFIG_KEYS`` and ``spec_from_config`` say what the
-        configuration may hold and which entries, shapes and dtypes it implies
+    cls : the quantizer class; its ``check_config`` says which configurations are valid and its
+        ``spec_from_config`` which entries, shapes and dtypes a configuration implies
     expected_config : for :meth:`Quantizer.load`, the configuration of the module being loaded
         into; any difference (besides ``chunk_size`` and ``dtype``) is refused
 
     Returns
     -------
-    config : the constructor arguments (without the class name)
+    config : the checked constructor arguments (without the class name)
     state : name -> host numpy array, checked against the configuration
     """
+    check_path(path)
     try:
         zf = zipfile.ZipFile(path)
+        size = os.path.getsize(path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError, zlib.error) as e:
         raise ValueError(f"{path} is not a readable vqref .npz file: {_why_not_a_zip(path, e)}") from None
     with zf:
         try:
-            return _read_archive(zf, path, cls, expected_config)
+            return _read_archive(zf, size, cls, expected_config)
         except _Mismatch as e:
             raise ValueError(f"{path}: {e}") from None
         except (
@@ -91,7 +137,7 @@ def read(path: str, cls: type, *, expected_config: dict | None = None) -> tuple[
             NotImplementedError,
             KeyError,
             zlib.error,
-            RuntimeError,
+            RuntimeError,  # RecursionError (deeply nested JSON) and encrypted entries among them
         ) as e:
             raise ValueError(f"{path} is not a readable vqref .npz file: {e}") from None
 
@@ -113,46 +159,75 @@ def _why_not_a_zip(path: str, error: Exception) -> str:
     return str(error)
 
 
-def _read_archive(zf: zipfile.ZipFile, path: str, cls: type, expected_config: dict | None) -> tuple[dict, dict]:
+def _check_directory(zf: zipfile.ZipFile, archive_size: int) -> dict:
+    """name -> ZipInfo of the archive's ``.npy`` entries, from its directory alone."""
+    if len(zf.infolist()) > _MAX_ENTRIES:
+        raise ValueError(f"it has {len(zf.infolist())} entries; a vqref file has at most {_MAX_ENTRIES}")
     infos = {}
     for info in zf.infolist():
-        if not info.filename.endswith(".npy"):
-            raise ValueError(f"unexpected entry {info.filename!r} (entries are .npy arrays)")
-        infos[info.filename[:-4]] = info
-    # every entry's header first (a few bytes each): object arrays are refused before anything else
+        name = info.filename
+        if not name.endswith(".npy"):
+            raise ValueError(f"unexpected entry {name!r} (entries are .npy arrays)")
+        if name[:-4] in infos:
+            raise ValueError(f"entry {name!r} appears twice")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise ValueError(f"entry {name!r} uses compression method {info.compress_type} (stored or deflated only)")
+        # what the entry claims to decompress to must fit in the bytes the file holds for it
+        ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO
+        if info.compress_size > archive_size or info.file_size > ratio * info.compress_size + 1024:
+            raise ValueError(
+                f"entry {name!r} claims {info.file_size} bytes from {info.compress_size} compressed bytes "
+                f"in a {archive_size}-byte file"
+            )
+        infos[name[:-4]] = info
+    return infos
+
+
+def _read_archive(zf: zipfile.ZipFile, archive_size: int, cls: type, expected_config: dict | None) -> tuple[dict, dict]:
+    infos = _check_directory(zf, archive_size)
+    # every entry's header first (a bounded read each): object arrays and entries whose declared
+    # size is not what their header needs are refused before anything else is read
     headers = {key: _header(zf, info) for key, info in infos.items()}
     if "config" not in infos:
         raise _Mismatch("not a vqref file: it has no 'config' entry")
     config = _read_config(zf, infos.pop("config"), headers.pop("config"))
     name = config.pop("class", None)
+    if name != cls.__name__:
+        if expected_config is not None:
+            raise _Mismatch(
+                f"the file was saved from a different configuration: class: file {name!r} vs module {cls.__name__!r}"
+            )
+        raise _Mismatch(f"it does not hold a {cls.__name__} (its class entry is {name!r})")
+    unknown = sorted(set(config) - set(cls.CONFIG_KEYS))
+    missing = sorted(set(cls.CONFIG_KEYS) - set(config))
+    if unknown or missing:
+        problems = ([f"unknown options {unknown}"] if unknown else []) + ([f"no {missing}"] if missing else [])
+        raise _Mismatch(
+            f"config entry has {' and '.join(problems)}; a {cls.__name__} has exactly {sorted(cls.CONFIG_KEYS)}"
+        )
+    try:
+        config = cls.check_config(config)  # types and ranges, as the constructor checks them
+        spec = cls.spec_from_config(config)
+    except (TypeError, ValueError) as e:
+        raise _Mismatch(f"config entry: {e}") from None
     if expected_config is not None:
-        mine = {"class": cls.__name__, **expected_config}
-        theirs = {"class": name, **config}
         diff = {
-            k: (theirs.get(k), v) for k, v in mine.items() if k not in ("chunk_size", "dtype") and theirs.get(k) != v
+            k: (config[k], v)
+            for k, v in expected_config.items()
+            if k not in ("chunk_size", "dtype") and (type(config[k]), config[k]) != (type(v), v)
         }
-        diff.update({k: (v, None) for k, v in theirs.items() if k not in mine})
         if diff:
             raise _Mismatch(
                 "the file was saved from a different configuration: "
                 + ", ".join(f"{k}: file {a!r} vs module {b!r}" for k, (a, b) in diff.items())
             )
-    elif name != cls.__name__:
-        raise _Mismatch(f"it does not hold a {cls.__name__} (its class entry is {name!r})")
-    unknown = sorted(set(config) - set(cls.CONFIG_KEYS))
-    if unknown:
-        raise _Mismatch(f"config entry has unknown options {unknown}; a {cls.__name__} takes {sorted(cls.CONFIG_KEYS)}")
-    try:
-        spec = cls.spec_from_config(config)
-    except (TypeError, ValueError) as e:
-        raise _Mismatch(f"config entry: {e}") from None
     missing = sorted(set(spec) - set(infos))
     extra = sorted(set(infos) - set(spec))
     if missing or extra:
         raise _Mismatch(f"state entries mismatch: missing {missing}, unexpected {extra}")
-    # every header and declared size first, before any array is decompressed
+    # every entry's shape and dtype against the configuration, before any array is decompressed
     for key, shape in spec.items():
-        got_shape, dtype, header_len = headers[key]
+        got_shape, dtype, _ = headers[key]
         want = () if shape is None else tuple(shape)
         if got_shape != want:
             raise _Mismatch(f"state_dict[{key!r}] must have shape {want}, got {got_shape}")
@@ -160,8 +235,6 @@ def _read_archive(zf: zipfile.ZipFile, path: str, cls: type, expected_config: di
             raise _Mismatch(f"state_dict[{key!r}] must be a boolean, got dtype {dtype}")
         if shape is not None and dtype.name not in _FLOAT_DTYPES:
             raise _Mismatch(f"state_dict[{key!r}] must be float32 or float64, got dtype {dtype}")
-        if infos[key].file_size != header_len + math.prod(want) * dtype.itemsize:
-            raise ValueError(f"entry {key!r} holds {infos[key].file_size} bytes, not the size its header declares")
     state = {}
     for key in spec:
         with zf.open(infos[key]) as f:
@@ -179,8 +252,9 @@ def _read_config(zf: zipfile.ZipFile, info: zipfile.ZipInfo, header: tuple) -> d
         text = str(np.lib.format.read_array(f, allow_pickle=False))
     try:
         config = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _Mismatch(f"its configuration is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:
+        # ValueError: an integer of more digits than Python converts; RecursionError: deep nesting
+        raise _Mismatch(f"its configuration is not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(config, dict):
         raise _Mismatch(f"its config entry must be a JSON object, got {type(config).__name__}")
     return config
@@ -234,11 +308,3 @@ def stored_dtype(state: dict) -> str:
     """``"float64"`` if any stored float array is float64, else ``"float32"``."""
     names = {a.dtype.name for a in state.values() if a.dtype.name in _FLOAT_DTYPES}
     return "float64" if "float64" in names else "float32"
-
-
-def build(cls: type, config: dict, *, seed: Any, xp: Any, device: Any, dtype: Any):
-    """``cls(**config)`` with the caller's seed/xp/device/dtype; a bad option is a ValueError."""
-    try:
-        return cls(**config, seed=seed, xp=xp, device=device, dtype=dtype)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"the file's configuration is refused: {e}") from None

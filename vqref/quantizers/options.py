@@ -15,7 +15,15 @@ from typing import Any
 from ..core.residual import GRADIENT_ROUTINGS
 from ..validation import check_alias, check_bool, check_choice, check_int, check_real
 
-__all__ = ["CONFIG_KEYS", "check_options", "state_prefixes", "state_spec"]
+__all__ = ["CONFIG_KEYS", "MAX_STATE_ELEMENTS", "MAX_NUM_QUANTIZERS", "MAX_KMEANS_ITERS", "check_options",
+           "state_prefixes", "state_spec"]  # fmt: skip
+
+# Upper bounds of the sizes an option may ask for.  They are far beyond any real quantizer
+# (2**32 elements is a 16 GiB float32 codebook), and they exist so that a configuration --
+# above all one read from a file -- cannot ask for an absurd allocation or a loop that never ends.
+MAX_STATE_ELEMENTS = 1 << 32  # Q * K * D, the elements of all codebooks together
+MAX_NUM_QUANTIZERS = 1 << 12  # Q
+MAX_KMEANS_ITERS = 10_000
 
 # What config() returns and a model file's configuration may hold.
 CONFIG_KEYS = (
@@ -42,20 +50,25 @@ def check_options(name: str, **kw: Any) -> dict:
     Takes every constructor option except seed, dtype, xp and device; returns them without the
     aliases (``n_embed`` -> ``codebook_size``, ``commitment`` -> ``commitment_weight``).
     """
-    codebook_size = check_alias("codebook_size", kw["codebook_size"], "n_embed", kw["n_embed"], None)
+    # each of an option and its alias is checked before they are compared (an array would not compare)
+    sizes = {k: None if kw[k] is None else check_int(k, kw[k], 1) for k in ("codebook_size", "n_embed")}
+    codebook_size = check_alias("codebook_size", sizes["codebook_size"], "n_embed", sizes["n_embed"], None)
     if codebook_size is None:
         raise TypeError(f"{name} needs codebook_size (or its alias n_embed)")
-    commitment = check_alias("commitment_weight", kw["commitment_weight"], "commitment", kw["commitment"], 1.0)
+    weights = {k: None if kw[k] is None else check_real(k, kw[k], 0.0) for k in ("commitment_weight", "commitment")}
+    commitment = check_alias(
+        "commitment_weight", weights["commitment_weight"], "commitment", weights["commitment"], 1.0
+    )
     max_codes, codebook_weight, chunk_size = kw["orthogonal_reg_max_codes"], kw["codebook_weight"], kw["chunk_size"]
     out = {
         "dim": check_int("dim", kw["dim"], 1),
-        "codebook_size": check_int("codebook_size", codebook_size, 1),
-        "num_quantizers": check_int("num_quantizers", kw["num_quantizers"], 1),
+        "codebook_size": codebook_size,
+        "num_quantizers": check_int("num_quantizers", kw["num_quantizers"], 1, MAX_NUM_QUANTIZERS),
         "decay": check_real("decay", kw["decay"], 0.0, 1.0),
         "eps": check_real("eps", kw["eps"], 0.0),
         "commitment_weight": check_real("commitment_weight", commitment, 0.0),
         "codebook_weight": None if codebook_weight is None else check_real("codebook_weight", codebook_weight, 0.0),
-        "kmeans_iters": check_int("kmeans_iters", kw["kmeans_iters"], 1),
+        "kmeans_iters": check_int("kmeans_iters", kw["kmeans_iters"], 1, MAX_KMEANS_ITERS),
         "orthogonal_reg_weight": check_real("orthogonal_reg_weight", kw["orthogonal_reg_weight"], 0.0),
         "orthogonal_reg_max_codes": None if max_codes is None else check_int("orthogonal_reg_max_codes", max_codes, 1),
         "threshold_ema_dead_code": check_real("threshold_ema_dead_code", kw["threshold_ema_dead_code"], 0.0),
@@ -63,6 +76,7 @@ def check_options(name: str, **kw: Any) -> dict:
         "chunk_size": None if chunk_size is None else check_int("chunk_size", chunk_size, 1),
     }
     out.update({flag: check_bool(flag, kw[flag]) for flag in _FLAGS})
+    _check_size(out["num_quantizers"], out["codebook_size"], out["dim"])
     if out["ema_update"] and out["learnable_codebook"]:
         raise ValueError("learnable_codebook=True needs ema_update=False: the EMA would overwrite every gradient step")
     if out["use_cosine_sim"] and out["learnable_codebook"]:
@@ -86,9 +100,18 @@ def state_spec(config: dict, *, stacked: bool = False) -> dict:
     """``name -> shape`` of every state entry of a configuration (flags: ``None``)."""
     K = check_int("codebook_size", config.get("codebook_size"), 1)
     D = check_int("dim", config.get("dim"), 1)
-    Q = check_int("num_quantizers", config.get("num_quantizers", 1), 1)
+    Q = check_int("num_quantizers", config.get("num_quantizers", 1), 1, MAX_NUM_QUANTIZERS)
     shared = check_bool("shared_codebook", config.get("shared_codebook", False))
+    _check_size(Q, K, D)
     spec = {}
     for p in state_prefixes(Q, shared=shared, stacked=stacked):
         spec.update({p + "codebook": (K, D), p + "cluster_size": (K,), p + "embed_avg": (K, D), p + "initted": None})
     return spec
+
+
+def _check_size(Q: int, K: int, D: int) -> None:
+    if Q * K * D > MAX_STATE_ELEMENTS:
+        raise ValueError(
+            f"num_quantizers * codebook_size * dim = {Q} * {K} * {D} exceeds {MAX_STATE_ELEMENTS} elements "
+            "(a 16 GiB float32 state); this is refused as a size no quantizer needs"
+        )

@@ -36,12 +36,16 @@ from ..core.residual import (
     residual_forward,
 )
 from ..core.state import initial_codebook, residual_kmeans_init, residual_training_update
-from ..validation import check_dtype_name, check_index_array, check_real, check_seed
+from ..validation import check_dtype_name, check_fits, check_index_array, check_real, check_seed, fits
+from . import files
 from .base import Quantizer
 from .options import CONFIG_KEYS, check_options, state_prefixes, state_spec
 from .views import CodebookView
 
 __all__ = ["VectorQuantize"]
+
+# a backward computes in its forward input's dtype
+_FIT_FIX = "scale the upstream gradient or run the forward on float64 input"
 
 
 class VectorQuantize(Quantizer):
@@ -169,6 +173,14 @@ class VectorQuantize(Quantizer):
         return cfg
 
     @classmethod
+    def check_config(cls, config: dict) -> dict:
+        options = check_options(
+            cls.__name__, n_embed=None, commitment=None, **{k: config[k] for k in CONFIG_KEYS if k != "dtype"}
+        )
+        options["dtype"] = check_dtype_name("dtype", config["dtype"])
+        return options
+
+    @classmethod
     def spec_from_config(cls, config: dict) -> dict:
         return state_spec(config, stacked=cls._stacked)
 
@@ -198,7 +210,7 @@ class VectorQuantize(Quantizer):
             raise AttributeError(
                 f"a stack of {self.num_codebooks} codebooks has no single {key}; use .layers[level].{key}"
             )
-        return self._state.flags[key] if key == "initted" else self._state.arrays[key]
+        return self.state_flag(key) if key == "initted" else self.state_array(key)
 
     codebook = property(lambda self: self._single("codebook"), doc="(K, D) the codebook (read-only)")
     cluster_size = property(lambda self: self._single("cluster_size"), doc="(K,) EMA counts N_k (read-only)")
@@ -228,12 +240,29 @@ class VectorQuantize(Quantizer):
         as initialised (no k-means on the next batch).  Single-codebook modules; any array
         library; checked like :meth:`load_state_dict`.
         """
-        self._single("codebook")
-        if not B.is_array(codebook):
-            raise TypeError(f"codebook must be an array, got {type(codebook).__name__}")
-        cb = np.asarray(B.to_numpy(codebook))
-        cs = np.ones(self.codebook_size) if cluster_size is None else np.asarray(B.to_numpy(cluster_size))
-        embed_avg = cb * cs[:, None] if cb.ndim == 2 and cs.ndim == 1 and cs.shape[0] == cb.shape[0] else cb
+        if self._prefixes() != [""]:
+            raise TypeError(
+                f"init_codebook sets one codebook, and this stack has {self.num_codebooks}; use load_state_dict"
+            )
+        K, D = self.codebook_size, self.dim
+        for name, a in (("codebook", codebook), ("cluster_size", cluster_size)):
+            if a is not None and not B.is_array(a):
+                raise TypeError(f"{name} must be an array, got {type(a).__name__}")
+        cs = np.ones(K) if cluster_size is None else np.asarray(B.to_numpy(cluster_size))
+        # the two arguments checked as what they are, before their product is formed
+        given, _ = files.check_state_entries(
+            {"codebook": np.asarray(B.to_numpy(codebook)), "cluster_size": cs},
+            {"codebook": (K, D), "cluster_size": (K,)},
+            self._dtype_name,
+        )
+        cb, cs = given["codebook"], given["cluster_size"]
+        with np.errstate(over="ignore"):
+            embed_avg = cb.astype(np.float64) * cs.astype(np.float64)[:, None]  # (K, D)
+        if not np.all(np.abs(embed_avg) <= np.finfo(self._dtype_name).max):
+            raise ValueError(
+                f"codebook * cluster_size (the EMA sums embed_avg) exceeds the {self._dtype_name} range of this "
+                "module's state; use smaller counts or dtype='float64'"
+            )
         self.load_state_dict({"codebook": cb, "cluster_size": cs, "embed_avg": embed_avg, "initted": True})
 
     # ---------------------------------------------------------------- forward / backward
@@ -263,16 +292,17 @@ class VectorQuantize(Quantizer):
         loss : 0-d ``commitment_weight * mse(x, sg[q])`` plus the enabled terms; (Q,) for a stack
         """
         self.check_input("x", x, last_dim=self.dim)
-        if self.training:
+        training = self.training  # read once: train()/eval() from another thread cannot split a step
+        if training:
             self.check_fits_state("x", x)
         with self._exclusive():
-            return self._forward(x)
+            return self._forward(x, training)
 
-    def _forward(self, x: Array):
+    def _forward(self, x: Array, training: bool):
         xp, Q, prefixes = self.xp, self.num_quantizers, self._prefixes()
         s = self._state
         xf = xp.reshape(x, (-1, self.dim))  # (N, D)
-        if self.training:
+        if training:
             # The backward cache refers to the input; a private copy, so that changing x in place
             # between forward and backward cannot change a gradient.
             xf = xp.asarray(xf, copy=True)
@@ -282,16 +312,17 @@ class VectorQuantize(Quantizer):
         opts = self._options()
 
         # 1. k-means on the first training batch, depth by depth
-        if self.training and not all(initted):
+        if training and not all(initted):
             states, initted = residual_kmeans_init(
                 xf, states, initted, num_depths=Q, shared=len(prefixes) == 1, iters=self.kmeans_iters, rngs=rngs,
                 eps=self.eps, use_cosine_sim=self.use_cosine_sim, dtype=self.dtype, quantize_options=opts,
             )  # fmt: skip
+            self._check_finite(prefixes, states, "k-means initialisation")
         # 2. quantize with the codebooks as they are now (Q = 1: plain VQ)
         codebooks = [xp.astype(states[0 if len(states) == 1 else level].codebook, x.dtype) for level in range(Q)]
         out, cache = residual_forward(xf, codebooks, routing=self.gradient_routing, **opts)
         # 3. EMA step and dead-code restarts on what each depth quantized
-        if self.training:
+        if training:
             data = [
                 xp.astype(out.residuals[level] if c.x_norm is None else c.x_norm.y, self.dtype)
                 for level, c in enumerate(cache.depths)
@@ -301,6 +332,7 @@ class VectorQuantize(Quantizer):
                 rngs=rngs, decay=self.decay, eps=self.eps, ema=self.ema_update,
                 dead_code_threshold=self.threshold_ema_dead_code, normalize=self.use_cosine_sim,
             )  # fmt: skip
+            self._check_finite(prefixes, states, "EMA update and dead-code restarts")
         # 4. the orthogonal regulariser, on the codebook parameter as this forward leaves it
         if self.orthogonal_reg_weight > 0:
             code_ids = orthogonal_code_subsets(
@@ -312,7 +344,7 @@ class VectorQuantize(Quantizer):
                 weight=self.orthogonal_reg_weight, code_ids=code_ids,
             )  # fmt: skip
         # 5. commit (training only): one assignment
-        if self.training:
+        if training:
             arrays = {}
             for p, st in zip(prefixes, states):
                 arrays.update(
@@ -330,13 +362,28 @@ class VectorQuantize(Quantizer):
             self.last_losses = {"commitment": out.commitments[0], "orthogonal": None if orth is None else orth[0]}
         # The outputs share memory with the backward cache (the codes, the indices): they are handed
         # out read-only (numpy) or as copies (other libraries), see Quantizer.shield.
-        shield = self.shield if self.training else (lambda a: a)
+        shield = self.shield if training else (lambda a: a)
         self.last_residuals = tuple(shield(r) for r in out.residuals)
         lead = tuple(x.shape[:-1])
         quantized = shield(xp.reshape(out.quantized, tuple(x.shape)))
         if self.is_stack:
             return quantized, shield(xp.reshape(out.indices, lead + (Q,))), out.losses
         return quantized, shield(xp.reshape(out.indices[:, 0], lead)), out.losses[0, ...]
+
+    def _check_finite(self, prefixes: list, states: list, step: str) -> None:
+        """Refuse a training step whose new state is not finite.
+
+        Values within the state dtype's range can still overflow in the state's arithmetic (the
+        EMA sums, k-means means of rows near float32's 3.4e38); the step is refused before
+        anything is committed, rather than leaving infinities in the codebook for every later call.
+        """
+        for p, st in zip(prefixes, states):
+            for key in ("codebook", "cluster_size", "embed_avg"):
+                if not B.all_finite(getattr(st, key)):
+                    raise ValueError(
+                        f"x would make {p + key} non-finite in the {step}: its values are too large for this "
+                        f"module's {self._dtype_name} state; scale the data or build the module with dtype='float64'"
+                    )
 
     def _orthogonal_points(self, states: list, codebooks: list, dtype: Any) -> list:
         """The codebook value each depth's regulariser is evaluated on.
@@ -367,11 +414,20 @@ class VectorQuantize(Quantizer):
         return self._backward(dquantized, dloss, "dloss")
 
     def _backward(self, dquantized: Array, dloss: Array, dloss_name: str) -> Array:
+        with self._exclusive():  # the cache is read under the lock: it is this forward's, and consumed once
+            return self._backward_locked(dquantized, dloss, dloss_name)
+
+    def _backward_locked(self, dquantized: Array, dloss: Array, dloss_name: str) -> Array:
         if self._state.cache is None:
             raise RuntimeError("backward() needs a training-mode forward first (and each forward allows one backward)")
         cache, shape, dtype = self._state.cache
-        self.check_input("dquantized", dquantized, shape=shape)
         xp, Q = self.xp, self.num_quantizers
+        # the backward computes in the forward input's dtype: the upstream gradients must fit it
+        dtype_name = "float32" if dtype == xp.float32 else "float64"
+        self.check_input("dquantized", dquantized, shape=shape)
+        check_fits("dquantized", dquantized, dtype_name, "the forward's input", _FIT_FIX)
+        if isinstance(dloss, np.generic):
+            dloss = dloss.item()  # a numpy scalar is the Python value it holds, on every backend
         if B.is_array(dloss):
             allowed = ((Q,), ()) if self.is_stack else ((),)
             if tuple(dloss.shape) not in allowed:
@@ -379,24 +435,27 @@ class VectorQuantize(Quantizer):
                     f"{dloss_name} must have shape {' or '.join(map(str, allowed))}, got {tuple(dloss.shape)}"
                 )
             self.check_input(dloss_name, dloss, shape=tuple(dloss.shape))
+            check_fits(dloss_name, dloss, dtype_name, "the forward's input", _FIT_FIX)
             dloss = xp.astype(dloss, dtype)
         else:
             dloss = check_real(dloss_name, dloss)
-        with self._exclusive():
-            dq = xp.astype(xp.reshape(dquantized, (-1, self.dim)), dtype)
-            dx, dcodebooks = residual_backward(dq, dloss, cache)
-            grads = {}
-            if self.codebook_is_learnable:
-                per_codebook = codebook_gradients(dcodebooks, shared=len(self._prefixes()) == 1)
-                for name, g in zip(self.learnable_names(), per_codebook):
-                    if g is None:  # no term reached this codebook
-                        g = xp.zeros((self.codebook_size, self.dim), dtype=self.dtype, device=B.get_device(dx))
-                    grads[name] = xp.astype(g, self.dtype)
-                    if not B.all_finite(grads[name]):
-                        raise ValueError(
-                            f"the gradient of {name} overflows the module's {self._dtype_name} state; scale dquantized"
-                        )
-            self._commit(self._updated(cache=None))
+            check_fits(dloss_name, dloss, dtype_name, "the forward's input", _FIT_FIX)
+        dq = xp.astype(xp.reshape(dquantized, (-1, self.dim)), dtype)
+        dx, dcodebooks = residual_backward(dq, dloss, cache)
+        grads = {}
+        if self.codebook_is_learnable:
+            per_codebook = codebook_gradients(dcodebooks, shared=len(self._prefixes()) == 1)
+            for name, g in zip(self.learnable_names(), per_codebook):
+                if g is None:  # no term reached this codebook
+                    g = xp.zeros((self.codebook_size, self.dim), dtype=self.dtype, device=B.get_device(dx))
+                # checked before the cast to the state dtype, which would turn a large float64 value into inf
+                if not (B.all_finite(g) and fits(g, self._dtype_name)):
+                    raise ValueError(
+                        f"the gradient of {name} overflows the module's {self._dtype_name} state; "
+                        "scale the upstream gradients"
+                    )
+                grads[name] = xp.astype(g, self.dtype)
+        self._commit(self._updated(cache=None))
         self.grads.clear()  # in place: views of this dict stay valid
         self.grads.update(grads)
         return xp.reshape(dx, shape)
@@ -409,7 +468,8 @@ class VectorQuantize(Quantizer):
         if not self.is_stack:
             return self.layers[0].get_codes(indices)
         if not B.is_array(indices) or indices.ndim < 1 or indices.shape[-1] != self.num_quantizers:
-            raise ValueError(f"indices must be an integer array of shape (..., {self.num_quantizers})")
+            got = tuple(indices.shape) if B.is_array(indices) else type(indices).__name__
+            raise ValueError(f"indices must be an integer array of shape (..., {self.num_quantizers}), got {got}")
         return self.xp.stack([layer.get_codes(indices[..., layer.level]) for layer in self.layers], axis=0)
 
     def get_output_from_indices(self, indices: Array) -> Array:

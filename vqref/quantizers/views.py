@@ -4,9 +4,10 @@ Symbols: K codes, D = dim.
 
 A residual stack keeps all its codebooks in one state (so that a training step commits them
 together); ``layers`` presents each depth the way vector-quantize-pytorch's ``rvq.layers[l]``
-does -- its codebook, EMA statistics and options -- without a second copy of anything.  A view
-reads the module's committed state at the moment it is used, and cannot change it: to change a
-codebook, use the module (``load_state_dict``, ``params``).
+does -- its codebook, EMA statistics and options -- without a second copy of the state.  A
+view reads the module's committed state at the moment it is used, and cannot change it (its
+arrays are read-only views on numpy, copies on other libraries): to change a codebook, use the
+module (``load_state_dict``, ``params``).
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ class CodebookView:
         raise AttributeError(f"a codebook view is read-only (tried to set {name!r}); change the module instead")
 
     def _entry(self, key: str) -> Array:
-        state = self._module.state
-        return state.flags[self._prefix + key] if key == "initted" else state.arrays[self._prefix + key]
+        # read-only views (numpy) or copies (other libraries): a view never exposes the live state
+        module, name = self._module, self._prefix + key
+        return module.state_flag(name) if key == "initted" else module.state_array(name)
 
     @property
     def codebook(self) -> Array:
