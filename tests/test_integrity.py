@@ -559,7 +559,9 @@ CONSTRUCTORS = {
 }
 
 
-@pytest.mark.parametrize("seed, err", BAD_SEEDS, ids=[type(s[0]).__name__ + ":" + str(i) for i, s in enumerate(BAD_SEEDS)])
+@pytest.mark.parametrize(
+    "seed, err", BAD_SEEDS, ids=[type(s[0]).__name__ + ":" + str(i) for i, s in enumerate(BAD_SEEDS)]
+)
 @pytest.mark.parametrize("ctor", sorted(CONSTRUCTORS))
 def test_every_constructor_names_a_bad_seed(ctor, seed, err, tmp_path):
     if ctor == "from_file":
