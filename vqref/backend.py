@@ -58,13 +58,13 @@ __all__ = [
 ]
 
 
-def is_array(x: Any) -> bool:
+def is_array(x: Array) -> bool:
     """True for an array of an Array API library (numpy, cupy, array_api_strict, ...), False for
     Python scalars, lists and anything else."""
     return array_api_compat.is_array_api_obj(x) and not isinstance(x, (int, float, complex, bool))
 
 
-def library_name(x: Any) -> str:
+def library_name(x: Array) -> str:
     """A short name of the library that owns array ``x`` ("numpy", "cupy", "array_api_strict", ...)."""
     if array_api_compat.is_numpy_array(x):
         return "numpy"
@@ -131,7 +131,7 @@ def namespace_from_module(module: Any) -> ModuleType:
         raise ValueError(f"xp={module.__name__!r} is not an array library vqref can use") from None
 
 
-def get_device(x: Any) -> Any:
+def get_device(x: Array) -> Array:
     """The device of array ``x`` (``"cpu"`` for numpy)."""
     return array_api_compat.device(x)
 
@@ -144,7 +144,7 @@ def is_cupy(xp: ModuleType) -> bool:
     return array_api_compat.is_cupy_namespace(xp)
 
 
-def to_numpy(x: Any) -> np.ndarray:
+def to_numpy(x: Array) -> np.ndarray:
     """Copy (or view) an array of any supported library as a numpy array on the host."""
     if isinstance(x, np.ndarray) or np.isscalar(x):
         return np.asarray(x)
@@ -158,7 +158,7 @@ def to_numpy(x: Any) -> np.ndarray:
         return np.asarray(x)
 
 
-def from_numpy(a: Any, xp: ModuleType, *, device: Any = None, dtype: Any = None) -> Any:
+def from_numpy(a: Array, xp: ModuleType, *, device: Any = None, dtype: Any = None) -> Array:
     """Move host data ``a`` into namespace ``xp`` (on ``device``), optionally casting to ``dtype``."""
     a = np.asarray(a)
     out = xp.asarray(a, device=device) if device is not None else xp.asarray(a)
@@ -181,12 +181,12 @@ def clone_generator(gen: np.random.Generator) -> np.random.Generator:
     return np.random.Generator(bit_generator)
 
 
-def is_float_array(x: Any) -> bool:
+def is_float_array(x: Array) -> bool:
     xp = get_namespace(x)
     return xp.isdtype(x.dtype, "real floating")
 
 
-def all_finite(x: Any) -> bool:
+def all_finite(x: Array) -> bool:
     """True when every element is finite.  Synchronises with the device: call from drivers only.
 
     numpy fast path: one sum over the data instead of a boolean array of x's size.  A NaN or an
@@ -201,7 +201,7 @@ def all_finite(x: Any) -> bool:
     return bool(xp.all(xp.isfinite(x)))
 
 
-def to_float(x: Any) -> float:
+def to_float(x: Array) -> float:
     """A Python float from a 0-d array (a host-device sync: drivers only, never inside ops)."""
     return float(to_numpy(x))
 
@@ -214,7 +214,7 @@ def to_float(x: Any) -> float:
 _ONEHOT_BLOCK_ELEMENTS = 1 << 22
 
 
-def segment_sum(values: Any, ids: Any, num_segments: int, *, offsets: Any = None) -> Any:
+def segment_sum(values: Array, ids: Array, num_segments: int, *, offsets: Any = None) -> Array:
     """Sum the rows of ``values`` that share an id: ``out[k] = sum_{i : ids[i] = k} values[i]``.
 
     This is the adjoint of the gather ``values = table[ids]`` and the statistic of a k-means or
@@ -316,7 +316,7 @@ def _segment_sum_numpy(values: np.ndarray, ids: np.ndarray, K: int, offsets: Any
     return out
 
 
-def bincount(ids: Any, num_segments: int, dtype: Any = None) -> Any:
+def bincount(ids: Array, num_segments: int, dtype: Any = None) -> Array:
     """How many times each id in ``[0, num_segments)`` occurs: ``(K,)`` in ``dtype`` (default int64)."""
     xp = get_namespace(ids)
     K = int(num_segments)
@@ -336,7 +336,7 @@ def bincount(ids: Any, num_segments: int, dtype: Any = None) -> Any:
     return xp.astype(out, dtype) if dtype != xp.int64 else out
 
 
-def where_rows(mask: Any, fn: Any, arrays: tuple, default: Any) -> Any:
+def where_rows(mask: Array, fn: Any, arrays: tuple, default: Any) -> Array:
     """``where(mask, fn(*arrays), default)`` for a row-wise ``fn``, evaluated only where needed.
 
     ``fn`` must compute each output row from the same rows of its inputs (row i of the result
@@ -378,7 +378,7 @@ def where_rows(mask: Any, fn: Any, arrays: tuple, default: Any) -> Any:
     return xp.where(m, fn(*arrays), default)
 
 
-def rows_per_block(x: Any, elements: int) -> int:
+def rows_per_block(x: Array, elements: int) -> int:
     """Rows of the 2-D array ``x`` to process at once in a chain of elementwise operations.
 
     On the CPU a chain like ``s * g + a * e + b * q`` allocates and streams one (N, D) array

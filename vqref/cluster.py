@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from . import backend as B
+from .backend import Array
 from .core.ema import laplace_smoothing
 from .core.kmeans import assign, kmeans, kmeans_plusplus, sample_initial_means
 from .ops.l2norm import l2norm
@@ -61,7 +62,7 @@ _INITS = ("k-means++", "random")
 # --------------------------------------------------------------------------------------------
 
 
-def _as_array(a: Any, name: str, what: str) -> Any:
+def _as_array(a: Array, name: str, what: str) -> Array:
     """``a`` as an array (lists and numpy subclasses such as np.matrix as plain numpy); no masks."""
     if isinstance(a, np.ma.MaskedArray):
         raise TypeError(f"{name} is a numpy masked array, whose mask would be ignored; drop or fill the masked rows")
@@ -71,7 +72,7 @@ def _as_array(a: Any, name: str, what: str) -> Any:
         raise ValueError(f"{name} must be {what} ({e})") from None
 
 
-def _check_data(X: Any, name: str = "X", rows: str = "N") -> Any:
+def _check_data(X: Array, name: str = "X", rows: str = "N") -> Array:
     """``X`` as a finite 2-D float32/float64 array of its own library (lists and integer arrays
     become float64); TypeError for the wrong kind of data, ValueError for wrong shapes or values."""
     X = _as_array(X, name, f"a 2-D array ({rows}, D) or a list of equal-length rows of numbers")
@@ -108,7 +109,7 @@ def _require_fit(est: Any) -> None:
         raise RuntimeError(f"this {type(est).__name__} is not fitted yet; call fit(X) first")
 
 
-def _fitted_input(est: Any, X: Any) -> Any:
+def _fitted_input(est: Any, X: Array) -> Array:
     """``X`` checked for use with fitted ``est``: the data checks, the fit's features and library."""
     _require_fit(est)
     X = _check_data(X)
@@ -118,12 +119,12 @@ def _fitted_input(est: Any, X: Any) -> Any:
     return X
 
 
-def _centers_as(est: Any, X: Any) -> Any:  # the fitted centroids in X's dtype
+def _centers_as(est: Any, X: Array) -> Array:  # the fitted centroids in X's dtype
     c = est.cluster_centers_
     return c if c.dtype == X.dtype else B.get_namespace(X).astype(c, X.dtype)
 
 
-def collision_rate(codes: Any) -> float:
+def collision_rate(codes: Array) -> float:
     """The fraction of rows whose whole code tuple is shared with at least one other row.
 
     ``codes`` are semantic IDs, one tuple per row; two rows collide when every level agrees.
@@ -202,7 +203,7 @@ class VQClustering:
         n_clusters: int,
         *,
         iters: int = 20,
-        init: Any = "k-means++",
+        init: Array = "k-means++",
         use_cosine_sim: bool = False,
         seed: Any = None,
         chunk_size: int | None = None,
@@ -228,7 +229,7 @@ class VQClustering:
 
     # ------------------------------------------------------------------ fitting
 
-    def _initial_means(self, X: Any, rng: np.random.Generator) -> Any:
+    def _initial_means(self, X: Array, rng: np.random.Generator) -> Array:
         xp = B.get_namespace(X)
         K, D = self.n_clusters, X.shape[1]
         if B.is_array(self.init):
@@ -243,7 +244,7 @@ class VQClustering:
             return kmeans_plusplus(data, K, rng)
         return sample_initial_means(data, K, rng)
 
-    def fit(self, X: Any) -> "VQClustering":
+    def fit(self, X: Array) -> "VQClustering":
         """Fit the centroids to ``X (N, D)``; returns ``self``."""
         X = _check_data(X)
         rng = B.as_generator(self.seed)
@@ -263,27 +264,27 @@ class VQClustering:
         self.inertia_history_ = res.inertia
         return self
 
-    def fit_predict(self, X: Any) -> Any:
+    def fit_predict(self, X: Array) -> Array:
         """``fit(X)`` and return ``labels_ (N,)``."""
         return self.fit(X).labels_
 
     # ------------------------------------------------------------------ using the fit
 
-    def _assign(self, X: Any) -> Any:
+    def _assign(self, X: Array) -> Array:
         return assign(X, _centers_as(self, X), self.use_cosine_sim, chunk_size=self.chunk_size)
 
-    def _energy(self, X: Any, labels: Any) -> Any:
+    def _energy(self, X: Array, labels: Array) -> Array:
         """``sum_i ||x_i - mu_{a_i}||^2`` by direct differences (unit rows for cosine), 0-d."""
         xp = B.get_namespace(X)
         data = l2norm(X) if self.use_cosine_sim else X
         diff = data - xp.take(_centers_as(self, X), labels, axis=0)  # (N, D)
         return xp.sum(diff * diff)
 
-    def predict(self, X: Any) -> Any:
+    def predict(self, X: Array) -> Array:
         """The nearest centroid of every row: ``(N,)`` int64."""
         return self._assign(_fitted_input(self, X))
 
-    def transform(self, X: Any) -> Any:
+    def transform(self, X: Array) -> Array:
         """Distances from every row to every centroid, ``(N, K)`` (scikit-learn's ``transform``).
 
         Euclidean distances ``||x_i - mu_k||`` (cosine: between the l2-normalised row and the unit
@@ -302,13 +303,13 @@ class VQClustering:
             blocks.append(xp.sqrt(xp.sum(diff * diff, axis=2)))  # (n, K)
         return xp.concat(blocks, axis=0)
 
-    def quantize(self, X: Any) -> Any:
+    def quantize(self, X: Array) -> Array:
         """Every row replaced by its centroid, ``(N, D)`` (a unit centroid for cosine)."""
         X = _fitted_input(self, X)
         xp = B.get_namespace(X)
         return xp.take(_centers_as(self, X), self._assign(X), axis=0)
 
-    def score(self, X: Any) -> float:
+    def score(self, X: Array) -> float:
         """Minus the inertia of ``X`` with the fitted centroids (higher is better, as scikit-learn)."""
         X = _fitted_input(self, X)
         return -B.to_float(self._energy(X, self._assign(X)))
@@ -339,7 +340,7 @@ class VQClustering:
         return vq.eval()
 
 
-def _ema_state(centers: Any, counts: Any, eps: float) -> dict:
+def _ema_state(centers: Array, counts: Array, eps: float) -> dict:
     """An EMA state whose codebook is exactly ``centers``: ``N_k = n_k``, ``m_k = c_k N~_k``."""
     xp = B.get_namespace(centers)
     cluster_size = xp.astype(counts, centers.dtype)  # (K,)
@@ -416,11 +417,11 @@ class ResidualClustering:
             f"iters={self.iters}, init={self.init!r}, use_cosine_sim={self.use_cosine_sim})"
         )
 
-    def _level_codes(self, centers: Any) -> Any:
+    def _level_codes(self, centers: Array) -> Array:
         """The vectors a level subtracts: the centroids, l2-normalised for cosine codebooks."""
         return l2norm(centers) if self.use_cosine_sim else centers
 
-    def fit(self, X: Any) -> "ResidualClustering":
+    def fit(self, X: Array) -> "ResidualClustering":
         """Fit the L codebooks level by level on ``X (N, D)``; returns ``self``."""
         X = _check_data(X)
         xp = B.get_namespace(X)
@@ -442,11 +443,11 @@ class ResidualClustering:
         self.n_features_in_ = X.shape[1]
         return self
 
-    def fit_predict(self, X: Any) -> Any:
+    def fit_predict(self, X: Array) -> Array:
         """``fit(X)`` and return ``labels_ (N, L)``."""
         return self.fit(X).labels_
 
-    def predict(self, X: Any) -> Any:
+    def predict(self, X: Array) -> Array:
         """Semantic IDs ``(N, L)`` int64: the greedy residual code of every row."""
         X = _fitted_input(self, X)
         xp = B.get_namespace(X)
@@ -460,7 +461,7 @@ class ResidualClustering:
             codes.append(k)
         return xp.stack(codes, axis=1)
 
-    def decode(self, codes: Any) -> Any:
+    def decode(self, codes: Array) -> Array:
         """The reconstruction ``sum_l mu^(l)_{k_l}`` of semantic IDs ``codes (N, L)``: ``(N, D)``.
 
         A prefix ``codes[:, :l]`` (l < L) decodes the coarser reconstruction of the first l levels.
@@ -480,7 +481,7 @@ class ResidualClustering:
             out = q if out is None else out + q
         return out
 
-    def collision_rate(self, codes: Any) -> float:
+    def collision_rate(self, codes: Array) -> float:
         """The fraction of rows whose whole ID is shared with another row (see :func:`collision_rate`)."""
         return collision_rate(codes)
 

@@ -16,7 +16,6 @@ Two mappings, one rule: **an array is only ever changed by assigning to a name.*
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
-from typing import Any
 
 from . import backend as B
 from .backend import Array
@@ -93,11 +92,11 @@ class NamedArrays(MutableMapping):
             raise KeyError(name)
         return owner, rest
 
-    def __getitem__(self, name: str) -> Any:
+    def __getitem__(self, name: str) -> Array:
         owner, rest = self._locate(name)
         return owner[rest]
 
-    def __setitem__(self, name: str, value: Any) -> None:
+    def __setitem__(self, name: str, value: Array) -> None:
         owner, rest = self._locate(name)
         old = owner[rest]
         if tuple(value.shape) != tuple(old.shape):

@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .. import backend as B
+from ..backend import Array
 from ..ops.l2norm import l2norm
 
 __all__ = [
@@ -42,12 +43,12 @@ __all__ = [
 
 
 class EMAState(NamedTuple):
-    codebook: Any  # (K, D)
-    cluster_size: Any  # (K,) N_k
-    embed_avg: Any  # (K, D) m_k
+    codebook: Array  # (K, D)
+    cluster_size: Array  # (K,) N_k
+    embed_avg: Array  # (K, D) m_k
 
 
-def batch_statistics(x: Any, indices: Any, num_codes: int) -> tuple[Any, Any]:
+def batch_statistics(x: Array, indices: Array, num_codes: int) -> tuple[Any, Any]:
     """This batch's counts ``n_k`` and sums ``s_k``.
 
     Parameters
@@ -67,7 +68,7 @@ def batch_statistics(x: Any, indices: Any, num_codes: int) -> tuple[Any, Any]:
     return counts, sums
 
 
-def laplace_smoothing(cluster_size: Any, eps: float) -> Any:
+def laplace_smoothing(cluster_size: Array, eps: float) -> Array:
     """``N~_k = (N_k + eps) / (sum N + K eps) * sum N``: positive, same total (K,)."""
     xp = B.get_namespace(cluster_size)
     K = cluster_size.shape[0]
@@ -77,8 +78,8 @@ def laplace_smoothing(cluster_size: Any, eps: float) -> Any:
 
 
 def codebook_from_state(
-    cluster_size: Any, embed_avg: Any, *, eps: float, normalize: bool = False, fallback: Any = None
-) -> Any:
+    cluster_size: Array, embed_avg: Array, *, eps: float, normalize: bool = False, fallback: Any = None
+) -> Array:
     """``c_k = m_k / N~_k``; with ``normalize`` (cosine codebooks) each code is then l2-normalised.
 
     With ``eps > 0`` and a positive total count every ``N~_k`` is positive.  A code whose count is
@@ -105,7 +106,7 @@ def codebook_from_state(
     return codebook
 
 
-def accumulate_statistics(state: EMAState, counts: Any, sums: Any, *, decay: float) -> EMAState:
+def accumulate_statistics(state: EMAState, counts: Array, sums: Array, *, decay: float) -> EMAState:
     """The EMA of the statistics alone: ``N <- gamma N + (1 - gamma) n``, ``m <- gamma m + (1 - gamma) s``.
 
     The codebook is returned unchanged.  Written as the interpolation ``a + (1 - gamma)(b - a)``,
@@ -126,8 +127,8 @@ def recompute_codebook(state: EMAState, *, eps: float, normalize: bool = False) 
 
 def ema_update(
     state: EMAState,
-    counts: Any,
-    sums: Any,
+    counts: Array,
+    sums: Array,
     *,
     decay: float,
     eps: float,
@@ -154,7 +155,7 @@ def ema_update(
 
 def expire_dead_codes(
     state: EMAState,
-    x: Any,
+    x: Array,
     *,
     threshold: float,
     rng: Any,

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import backend as B
+from ..backend import Array
 from ..ops.distance import nearest_code
 from ..ops.l2norm import l2norm
 from ..validation import check_bool, check_float_array, check_int, check_seed
@@ -45,12 +46,12 @@ __all__ = ["KMeansResult", "kmeans", "assign", "kmeans_inertia", "sample_initial
 
 
 class KMeansResult(NamedTuple):
-    means: Any  # (K, D) final centroids, x's namespace, device and dtype
-    counts: Any  # (K,) int64, cluster sizes of the last assignment (made with the previous means)
+    means: Array  # (K, D) final centroids, x's namespace, device and dtype
+    counts: Array  # (K,) int64, cluster sizes of the last assignment (made with the previous means)
     inertia: tuple  # (T,) Python floats, the objective of each iteration's assignment
 
 
-def sample_initial_means(x: Any, num_clusters: int, rng: Any = None) -> Any:
+def sample_initial_means(x: Array, num_clusters: int, rng: Any = None) -> Array:
     """K rows of ``x`` drawn at random, as vector-quantize-pytorch's ``sample_vectors``.
 
     The row numbers are drawn on the host from the numpy Generator ``rng`` -- without replacement
@@ -81,7 +82,7 @@ def sample_initial_means(x: Any, num_clusters: int, rng: Any = None) -> Any:
     return xp.take(x, rows, axis=0)  # (K, D)
 
 
-def assign(x: Any, means: Any, use_cosine_sim: bool = False, *, chunk_size: int | None = None) -> Any:
+def assign(x: Array, means: Array, use_cosine_sim: bool = False, *, chunk_size: int | None = None) -> Array:
     """The assignment step (1): the index of the nearest mean for every row.
 
     Parameters
@@ -101,7 +102,7 @@ def assign(x: Any, means: Any, use_cosine_sim: bool = False, *, chunk_size: int 
     return nearest_code(x, means, metric="euclidean", chunk_size=chunk_size)
 
 
-def kmeans_inertia(x: Any, means: Any, use_cosine_sim: bool = False, *, chunk_size: int | None = None) -> Any:
+def kmeans_inertia(x: Array, means: Array, use_cosine_sim: bool = False, *, chunk_size: int | None = None) -> Array:
     """The k-means objective of ``means`` with the best assignment, as a 0-d array (no sync).
 
         Euclidean:  J(mu) = sum_i min_k ||x_i - mu_k||^2
@@ -126,13 +127,13 @@ def kmeans_inertia(x: Any, means: Any, use_cosine_sim: bool = False, *, chunk_si
 
 
 def kmeans(
-    x: Any,
+    x: Array,
     num_clusters: int,
     iters: int = 10,
     *,
     rng: Any = None,
     use_cosine_sim: bool = False,
-    init_means: Any = None,
+    init_means: Array = None,
     chunk_size: int | None = None,
 ) -> KMeansResult:
     """Lloyd's k-means, equations (1)-(3), for ``iters`` iterations (no early stop).
@@ -260,7 +261,7 @@ def kmeans(
     return KMeansResult(means, counts, history)
 
 
-def _check_array(name: str, a: Any) -> None:
+def _check_array(name: str, a: Array) -> None:
     """``a`` must be an array of an Array API library, and not a numpy masked array."""
     if isinstance(a, np.ma.MaskedArray):
         raise TypeError(
@@ -271,7 +272,7 @@ def _check_array(name: str, a: Any) -> None:
         raise TypeError(f"{name} must be an array of an Array API library (numpy, cupy, ...), got {type(a).__name__}")
 
 
-def kmeans_plusplus(x: Any, num_clusters: int, rng: Any = None) -> Any:
+def kmeans_plusplus(x: Array, num_clusters: int, rng: Any = None) -> Array:
     """k-means++ seeding (Arthur and Vassilvitskii, SODA 2007): spread-out initial centroids.
 
     The first centroid is a uniformly random row; each next one is a row drawn with probability

@@ -73,7 +73,7 @@ class QuantizeCache(NamedTuple):
     orthogonal_weight: float
 
 
-def estimator_forward(x: Array, q: Array, *, rotation_trick: bool = False) -> tuple[Any, EstimatorCache]:
+def estimator_forward(x: Array, q: Array, *, rotation_trick: bool = False) -> tuple[Array, EstimatorCache]:
     """The gradient estimator: value ``q``, surrogate gradient to ``x``.
 
     Parameters
@@ -103,7 +103,7 @@ def estimator_backward(dout: Array, cache: EstimatorCache) -> Array:
 
 def add_orthogonal_term(
     cache: QuantizeCache, codebook: Array, *, weight: float, code_ids: Any = None
-) -> tuple[Any, QuantizeCache]:
+) -> tuple[Array, QuantizeCache]:
     """The orthogonal regulariser ``orth(codebook)``, with its gradient joined to a quantization's backward.
 
     The orthogonal regulariser (arXiv 2112.00384) is a loss on the codebook parameter, not on the

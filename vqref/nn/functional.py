@@ -25,6 +25,7 @@ import math
 from typing import Any, NamedTuple
 
 from .. import backend as B
+from ..backend import Array
 from ..ops.losses import mse_forward
 
 __all__ = [
@@ -50,11 +51,11 @@ __all__ = [
 
 
 class LinearCache(NamedTuple):
-    x: Any  # (N, Din) a copy of the layer input
-    W: Any  # (Din, Dout) a copy of the weights used by the forward
+    x: Array  # (N, Din) a copy of the layer input
+    W: Array  # (Din, Dout) a copy of the weights used by the forward
 
 
-def linear_forward(x: Any, W: Any, b: Any) -> tuple[Any, LinearCache]:
+def linear_forward(x: Array, W: Array, b: Array) -> tuple[Array, LinearCache]:
     """Affine map ``y = x W + b``, one row per input vector.
 
     Parameters
@@ -77,7 +78,7 @@ def linear_forward(x: Any, W: Any, b: Any) -> tuple[Any, LinearCache]:
     return y, LinearCache(xp.asarray(x, copy=True), xp.asarray(W, copy=True))
 
 
-def linear_backward(dy: Any, cache: LinearCache) -> tuple[Any, Any, Any]:
+def linear_backward(dy: Array, cache: LinearCache) -> tuple[Any, Any, Any]:
     """Gradients of the affine map.
 
     From ``y_nj = sum_i x_ni W_ij + b_j``:
@@ -108,7 +109,7 @@ class ReluCache(NamedTuple):
     nan: Any  # (N, D) bool, where the input was NaN
 
 
-def relu_forward(x: Any) -> tuple[Any, ReluCache]:
+def relu_forward(x: Array) -> tuple[Array, ReluCache]:
     """Rectified linear unit ``y = max(x, 0)``, elementwise; ``max(NaN, 0)`` is NaN.
 
     Parameters
@@ -133,7 +134,7 @@ def relu_forward(x: Any) -> tuple[Any, ReluCache]:
     return y, ReluCache(positive, nan)
 
 
-def relu_backward(dy: Any, cache: ReluCache) -> Any:
+def relu_backward(dy: Array, cache: ReluCache) -> Array:
     """``dx = dy * [x > 0]``: the gradient passes where the unit was active and stops elsewhere.
 
     Where the input was NaN the derivative is undefined, and ``dx`` is NaN there.
@@ -151,7 +152,7 @@ class TanhCache(NamedTuple):
     dydx: Any  # (N, D) the local derivative 1 - tanh(x)^2, computed by the forward
 
 
-def tanh_forward(x: Any) -> tuple[Any, TanhCache]:
+def tanh_forward(x: Array) -> tuple[Array, TanhCache]:
     """Hyperbolic tangent ``y = tanh(x)``, elementwise; a smooth, bounded alternative to ReLU.
 
     Returns
@@ -170,7 +171,7 @@ def tanh_forward(x: Any) -> tuple[Any, TanhCache]:
     return y, TanhCache(1.0 - y * y)
 
 
-def tanh_backward(dy: Any, cache: TanhCache) -> Any:
+def tanh_backward(dy: Array, cache: TanhCache) -> Array:
     """``dx = dy * (1 - y^2)``, the cached local derivative times the upstream gradient.
 
     Returns
@@ -185,7 +186,7 @@ class MSELossCache(NamedTuple):
     count: int  # M = N * D, the number of elements averaged over
 
 
-def mse_loss_forward(pred: Any, target: Any) -> tuple[Any, MSELossCache]:
+def mse_loss_forward(pred: Array, target: Array) -> tuple[Array, MSELossCache]:
     """Mean squared error over all elements, ``loss = (1/M) sum_ij (pred_ij - target_ij)^2``.
 
     This is the reconstruction loss of the VQ-VAE (van den Oord et al. 2017, eq. 3, first term)
@@ -215,7 +216,7 @@ def mse_loss_forward(pred: Any, target: Any) -> tuple[Any, MSELossCache]:
     return loss, MSELossCache(diff, B.numel(tuple(diff.shape)))
 
 
-def mse_loss_backward(dloss: Any, cache: MSELossCache) -> Any:
+def mse_loss_backward(dloss: Array, cache: MSELossCache) -> Array:
     """``dpred = dloss * (2/M) (pred - target)``, the first gradient of :func:`vqref.ops.losses.mse_backward`.
 
     The same two operations per element as that op (bit for bit); the target is data, and its

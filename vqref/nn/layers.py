@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import backend as B
+from ..backend import Array
 from ..params import NamedArrays, ParamView
 from ..validation import check_dtype_name, check_fits
 from .functional import (
@@ -73,7 +74,7 @@ def _resolve(xp: Any, dtype: Any) -> tuple[Any, Any]:
     return ns, dt
 
 
-def check_batch(name: str, a: Any, xp: Any, width: int, *, finite: bool = True) -> None:
+def check_batch(name: str, a: Array, xp: Any, width: int, *, finite: bool = True) -> None:
     """Refuse anything but a floating ``(N, width)`` array of the library of namespace ``xp`` (and,
     with ``finite``, one without NaN or infinities).  ``TypeError`` for the kind, ``ValueError``
     for the shape or the values; the message names the argument."""
@@ -160,7 +161,7 @@ class Linear:
     def params(self) -> ParamView:
         return ParamView(lambda: ("W", "b"), lambda name: self._params[name], self._set_param)
 
-    def _set_param(self, name: str, value: Any) -> None:
+    def _set_param(self, name: str, value: Array) -> None:
         new = _checked_param(name, value, self._params[name], self.xp, self.dtype)
         # a new dict: the layer's parameters change in one assignment, and never in place
         self._params = {**self._params, name: new}
@@ -169,7 +170,7 @@ class Linear:
     def grads(self) -> dict:
         return self._grads
 
-    def apply(self, x: Any) -> tuple[Any, LinearCache]:
+    def apply(self, x: Array) -> tuple[Array, LinearCache]:
         """``(y, cache)`` for ``x (N, Din)`` with the current parameters; remembers nothing.
 
         Checks the kind and shape of ``x``, not its values (:meth:`forward` and the models that
@@ -178,7 +179,7 @@ class Linear:
         check_batch(f"the input of {self!r}", x, self.xp, self.din, finite=False)
         return linear_forward(x, self._params["W"], self._params["b"])
 
-    def forward(self, x: Any) -> Any:
+    def forward(self, x: Array) -> Array:
         """``(N, Din) -> (N, Dout)``; refuses a non-finite input, remembers what the backward needs."""
         check_batch(f"the input of {self!r}", x, self.xp, self.din)
         y, cache = linear_forward(x, self._params["W"], self._params["b"])
@@ -187,7 +188,7 @@ class Linear:
 
     __call__ = forward
 
-    def backward(self, dy: Any) -> Any:
+    def backward(self, dy: Array) -> Array:
         """Store ``grads["W"]``, ``grads["b"]`` for the last forward and return ``dx (N, Din)``."""
         if self._cache is None:
             raise RuntimeError("Linear.backward was called before forward: there is no input to differentiate at")
@@ -214,7 +215,7 @@ class Linear:
         return f"Linear({self.din}, {self.dout}, dtype={self.dtype})"
 
 
-def _checked_param(name: str, value: Any, old: Any, xp: Any, dtype: Any) -> Any:
+def _checked_param(name: str, value: Array, old: Any, xp: Any, dtype: Any) -> Array:
     """``value`` as the new parameter ``name`` (a copy in ``dtype``), or an error naming it."""
     if not B.is_array(value) or B.library_name(value) != B.library_name(old):
         raise TypeError(f"{name} must be a {B.library_name(old)} array, got {type(value).__name__}")
@@ -327,7 +328,7 @@ class MLP:
     def grads(self) -> NamedArrays:
         return self._grads
 
-    def apply(self, x: Any) -> tuple[Any, MLPCache]:
+    def apply(self, x: Array) -> tuple[Array, MLPCache]:
         """``(out (N, sizes[-1]), cache)`` for ``x (N, sizes[0])``; remembers nothing.
 
         Like :meth:`Linear.apply`, checks the kind and shape of ``x`` but not its values.
@@ -344,7 +345,7 @@ class MLP:
                 activation.append(cache)
         return h, MLPCache(tuple(linear), tuple(activation))
 
-    def forward(self, x: Any) -> Any:
+    def forward(self, x: Array) -> Array:
         """``(N, sizes[0]) -> (N, sizes[-1])``; refuses a non-finite input."""
         check_batch("the MLP input", x, self.xp, self.sizes[0])
         out, cache = self.apply(x)
@@ -353,7 +354,7 @@ class MLP:
 
     __call__ = forward
 
-    def gradients(self, dout: Any, cache: MLPCache) -> tuple[Any, dict]:
+    def gradients(self, dout: Array, cache: MLPCache) -> tuple[Array, dict]:
         """``(dx (N, sizes[0]), grads)`` for the forward that made ``cache``; changes nothing.
 
         The chain rule, read from the output back: each layer's backward turns the gradient of
@@ -372,7 +373,7 @@ class MLP:
             dh, grads[f"{i}.W"], grads[f"{i}.b"] = linear_backward(dh, cache.linear[i])  # dh: (N, sizes[i])
         return dh, grads
 
-    def backward(self, dout: Any) -> Any:
+    def backward(self, dout: Array) -> Array:
         """Fill :attr:`grads` for the last forward and return ``dx (N, sizes[0])``."""
         if self._cache is None:
             raise RuntimeError("MLP.backward was called before forward: there is no input to differentiate at")

@@ -27,6 +27,7 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 from .. import backend as B
+from ..backend import Array
 from ..validation import check_dtype_name, check_fits, check_real
 
 __all__ = ["Optimizer", "SGD", "Adam"]
@@ -129,13 +130,13 @@ class Optimizer:
             group[name] = new
         self.state = state
 
-    def _update(self, p: Any, g: Any, state: dict | None) -> tuple[Any, dict]:  # pragma: no cover - abstract
+    def _update(self, p: Array, g: Array, state: dict | None) -> tuple[Array, dict]:  # pragma: no cover - abstract
         """``(new value, new state)`` from the value ``p``, the gradient ``g`` and the state
         (``None`` before the first step); a pure function: nothing is changed in place."""
         raise NotImplementedError
 
 
-def _checked_gradient(name: str, g: Any, p: Any) -> Any:
+def _checked_gradient(name: str, g: Array, p: Any) -> Array:
     """``g`` if it fits parameter ``p`` (cast to ``p``'s dtype), or an error naming ``name``."""
     if not B.is_array(g):
         raise TypeError(f"{name}: the gradient must be an array, got {type(g).__name__}")
@@ -156,7 +157,7 @@ def _checked_gradient(name: str, g: Any, p: Any) -> Any:
     return g
 
 
-def _check_fraction(name: str, value: Any) -> float:
+def _check_fraction(name: str, value: Array) -> float:
     """A finite number in [0, 1), the range of a momentum or of an exponential decay rate."""
     v = check_real(name, value, 0.0)
     if v >= 1.0:
@@ -190,7 +191,7 @@ class SGD(Optimizer):
         self.momentum = _check_fraction("momentum", momentum)
         self.weight_decay = check_real("weight_decay", weight_decay, 0.0)
 
-    def _update(self, p: Any, g: Any, state: dict | None) -> tuple[Any, dict]:
+    def _update(self, p: Array, g: Array, state: dict | None) -> tuple[Array, dict]:
         if self.weight_decay:
             g = g + self.weight_decay * p
         if not self.momentum:
@@ -252,7 +253,7 @@ class Adam(Optimizer):
             raise ValueError(f"eps must be > 0, got {self.eps}")
         self.weight_decay = check_real("weight_decay", weight_decay, 0.0)
 
-    def _update(self, p: Any, g: Any, state: dict | None) -> tuple[Any, dict]:
+    def _update(self, p: Array, g: Array, state: dict | None) -> tuple[Array, dict]:
         xp = B.get_namespace(p, g)
         b1, b2 = self.betas
         if self.weight_decay:

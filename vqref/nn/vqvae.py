@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import backend as B
+from ..backend import Array
 from ..quantizers.files import check_state_entries
 from ..validation import check_dtype_name, check_real
 from .layers import MLP, MLPCache, MSELossCache, NamedArrays, check_batch, mse_loss_backward, mse_loss_forward
@@ -177,7 +178,7 @@ class VQVAE:
 
     # ------------------------------------------------------------------ forward / backward
 
-    def forward(self, x: Any) -> tuple[Any, Any, VQVAELosses]:
+    def forward(self, x: Array) -> tuple[Array, Array, VQVAELosses]:
         """Encode, quantize, decode.
 
         Parameters
@@ -220,7 +221,7 @@ class VQVAE:
 
     __call__ = forward
 
-    def backward(self, dloss: Any = 1.0, drecon: Any = None) -> Any:
+    def backward(self, dloss: Array = 1.0, drecon: Any = None) -> Array:
         """Gradients of ``dloss * losses.total [+ <drecon, recon>]`` for the last training forward.
 
         Parameters
@@ -265,7 +266,7 @@ class VQVAE:
         self._cache = None
         return dx
 
-    def _check_dloss(self, dloss: Any) -> Any:
+    def _check_dloss(self, dloss: Array) -> Array:
         """``dloss`` as a finite Python float or a finite 0-d float array of the model's library."""
         if isinstance(dloss, (np.integer, np.floating)):
             dloss = dloss.item()  # a numpy scalar is the number it holds, on every backend
@@ -282,7 +283,7 @@ class VQVAE:
 
     # ------------------------------------------------------------------ conveniences
 
-    def reconstruct(self, x: Any) -> tuple[Any, Any, VQVAELosses]:
+    def reconstruct(self, x: Array) -> tuple[Array, Array, VQVAELosses]:
         """An evaluation-mode forward that leaves the model in the mode it was in."""
         mode = self.training
         try:
@@ -290,7 +291,7 @@ class VQVAE:
         finally:
             self.train(mode)
 
-    def decode_indices(self, indices: Any) -> Any:
+    def decode_indices(self, indices: Array) -> Array:
         """Images ``(N, P)`` from code indices ``(N, T)`` (``(N, T, Q)`` with residual VQ)."""
         xp = B.get_namespace(indices)
         zq = self.quantizer.get_output_from_indices(indices)  # (N, T, d)

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import backend as B
+from ..backend import Array
 
 __all__ = [
     "DistanceCache",
@@ -67,7 +68,7 @@ class DistanceCache(NamedTuple):
     cc: Any  # (K, D) centred codes
 
 
-def squared_distance_forward(x: Any, codebook: Any) -> tuple[Any, DistanceCache]:
+def squared_distance_forward(x: Array, codebook: Array) -> tuple[Array, DistanceCache]:
     """All squared distances, centred expanded form (1).  Materialises (N, K): small inputs only.
 
     Parameters
@@ -97,7 +98,7 @@ def squared_distance_forward(x: Any, codebook: Any) -> tuple[Any, DistanceCache]
     return xp.maximum(dist, xp.zeros_like(dist)), DistanceCache(xc, cc)
 
 
-def squared_distance_backward(ddist: Any, cache: DistanceCache) -> tuple[Any, Any]:
+def squared_distance_backward(ddist: Array, cache: DistanceCache) -> tuple[Array, Array]:
     """Gradients of the squared distances for inputs and codes.
 
     With ``d_ik = ||x_i - c_k||^2``:  ``dx_i = 2 sum_k ddist_ik (x_i - c_k)`` and
@@ -117,8 +118,8 @@ def squared_distance_backward(ddist: Any, cache: DistanceCache) -> tuple[Any, An
 
 
 def nearest_code(
-    x: Any,
-    codebook: Any,
+    x: Array,
+    codebook: Array,
     *,
     metric: str = "euclidean",
     chunk_size: int | None = None,
@@ -162,8 +163,8 @@ def nearest_code(
 
 
 def nearest_code_portable(
-    x: Any,
-    codebook: Any,
+    x: Array,
+    codebook: Array,
     *,
     metric: str = "euclidean",
     chunk_size: int | None = None,
@@ -209,8 +210,8 @@ def nearest_code_portable(
 
 
 def nearest_code_inplace(
-    x: Any,
-    codebook: Any,
+    x: Array,
+    codebook: Array,
     *,
     metric: str = "euclidean",
     chunk_size: int | None = None,

@@ -30,17 +30,18 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .. import backend as B
+from ..backend import Array
 
 __all__ = ["L2NormCache", "l2norm_forward", "l2norm_backward", "l2norm"]
 
 
 class L2NormCache(NamedTuple):
-    y: Any  # (N, D) the normalised rows
+    y: Array  # (N, D) the normalised rows
     scale: Any  # (N, 1) max(||x||, eps), the divisor actually used
     above: Any  # (N, 1) bool, ||x|| >= eps: the projection branch of the backward applies
 
 
-def l2norm_forward(x: Any, *, eps: float = 1e-6) -> tuple[Any, L2NormCache]:
+def l2norm_forward(x: Array, *, eps: float = 1e-6) -> tuple[Array, L2NormCache]:
     """Divide every row by its Euclidean norm, clamped below at ``eps``.
 
     ``y_i = x_i / max(||x_i||, eps)`` (ViT-VQGAN, arXiv 2110.04627, sec. 3.2; the clamp is the
@@ -76,7 +77,7 @@ def l2norm_forward(x: Any, *, eps: float = 1e-6) -> tuple[Any, L2NormCache]:
     return y, L2NormCache(y, scale, norm >= eps)
 
 
-def l2norm_backward(dy: Any, cache: L2NormCache) -> Any:
+def l2norm_backward(dy: Array, cache: L2NormCache) -> Array:
     """Vector-Jacobian product of :func:`l2norm_forward`, equation (2).
 
     ``dx = (dy - y (y . dy)) / ||x||`` for rows with ``||x|| >= eps``, and ``dx = dy / eps`` for
@@ -99,7 +100,7 @@ def l2norm_backward(dy: Any, cache: L2NormCache) -> Any:
     return projected / scale  # (N, D)
 
 
-def l2norm(x: Any, *, eps: float = 1e-6) -> Any:
+def l2norm(x: Array, *, eps: float = 1e-6) -> Array:
     """``x / max(||x||, eps)`` row by row, without a cache: :func:`l2norm_forward`'s ``y``.
 
     The one l2 normalisation of vqref, for every place that needs unit rows and no gradient

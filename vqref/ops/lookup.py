@@ -11,19 +11,20 @@ only one of the repeated indices; cupy leaves it undefined).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from .. import backend as B
+from ..backend import Array
 
 __all__ = ["LookupCache", "lookup_forward", "lookup_backward"]
 
 
 class LookupCache(NamedTuple):
-    indices: Any  # (N,) int, the selected codes
+    indices: Array  # (N,) int, the selected codes
     num_codes: int  # K, so the gradient has the codebook's shape
 
 
-def lookup_forward(codebook: Any, indices: Any) -> tuple[Any, LookupCache]:
+def lookup_forward(codebook: Array, indices: Array) -> tuple[Array, LookupCache]:
     """Gather the selected codes.
 
     Parameters
@@ -41,7 +42,7 @@ def lookup_forward(codebook: Any, indices: Any) -> tuple[Any, LookupCache]:
     return q, LookupCache(indices, codebook.shape[0])
 
 
-def lookup_backward(dq: Any, cache: LookupCache) -> Any:
+def lookup_backward(dq: Array, cache: LookupCache) -> Array:
     """``dcodebook = E^T dq``: sum the rows of ``dq`` per selected code.
 
     Parameters

@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .. import backend as B
+from ..backend import Array
 
 __all__ = [
     "MSECache",
@@ -44,8 +45,8 @@ __all__ = [
 class MSECache(NamedTuple):
     """The two arguments themselves (not copies; the backward forms ``a - b``) and M."""
 
-    a: Any  # (N, D)
-    b: Any  # (N, D)
+    a: Array  # (N, D)
+    b: Array  # (N, D)
     count: int  # M, the number of elements
 
 
@@ -53,7 +54,7 @@ class MSECache(NamedTuple):
 _BLOCK_ELEMENTS = 1 << 20
 
 
-def mse_forward(a: Any, b: Any, *, fast: bool = True) -> tuple[Any, MSECache]:
+def mse_forward(a: Array, b: Array, *, fast: bool = True) -> tuple[Array, MSECache]:
     """``mse(a, b) = mean((a - b)^2)`` over all elements.
 
     Parameters
@@ -83,7 +84,7 @@ def mse_forward(a: Any, b: Any, *, fast: bool = True) -> tuple[Any, MSECache]:
     return xp.asarray(xp.sum(sq) / max(count, 1)), MSECache(a, b, count)
 
 
-def mse_forward_blocked(a: Any, b: Any) -> tuple[Any, MSECache]:
+def mse_forward_blocked(a: Array, b: Array) -> tuple[Array, MSECache]:
     """Fast path of :func:`mse_forward` for two (N, D) arrays of one shape.
 
     The row sums of squares are taken block of rows by block of rows and added up, so the forward
@@ -103,7 +104,7 @@ def mse_forward_blocked(a: Any, b: Any) -> tuple[Any, MSECache]:
     return xp.asarray(total / max(count, 1)), MSECache(a, b, count)
 
 
-def mse_backward(dloss: Any, cache: MSECache, *, fast: bool = True) -> tuple[Any, Any]:
+def mse_backward(dloss: Array, cache: MSECache, *, fast: bool = True) -> tuple[Array, Array]:
     """Gradients of ``dloss * mse(a, b)``: ``da = (2/M) dloss (a - b)``, ``db = -da``.
 
     ``fast`` forms ``da`` with :func:`scaled_difference_blocked` (the same numbers, bit for bit).
@@ -113,7 +114,7 @@ def mse_backward(dloss: Any, cache: MSECache, *, fast: bool = True) -> tuple[Any
     return da, -da
 
 
-def scaled_difference_blocked(factor: Any, a: Any, b: Any) -> Any:
+def scaled_difference_blocked(factor: Any, a: Array, b: Array) -> Array:
     """Fast path of ``factor * (a - b)`` for (N, D) arrays, written one block of rows at a time.
 
     The same numbers as the one-line expression, bit for bit (the same two operations on every
@@ -136,7 +137,7 @@ def scaled_difference_blocked(factor: Any, a: Any, b: Any) -> Any:
     return out
 
 
-def commitment_loss_forward(x: Any, q: Any) -> tuple[Any, MSECache]:
+def commitment_loss_forward(x: Array, q: Array) -> tuple[Array, MSECache]:
     """Commitment loss ``mse(x, sg[q])``: only the encoder output ``x`` receives a gradient.
 
     Parameters
@@ -147,7 +148,7 @@ def commitment_loss_forward(x: Any, q: Any) -> tuple[Any, MSECache]:
     return mse_forward(x, q)
 
 
-def commitment_loss_backward(dloss: Any, cache: MSECache, *, fast: bool = True) -> Any:
+def commitment_loss_backward(dloss: Array, cache: MSECache, *, fast: bool = True) -> Array:
     """``dx = (2/M) dloss (x - q)``; ``q`` is behind a stop-gradient and gets nothing.
 
     ``fast``: :func:`scaled_difference_blocked`, the same numbers.
@@ -156,7 +157,7 @@ def commitment_loss_backward(dloss: Any, cache: MSECache, *, fast: bool = True) 
     return scaled_difference_blocked(factor, cache.a, cache.b) if fast else factor * (cache.a - cache.b)  # (N, D)
 
 
-def codebook_loss_forward(x: Any, q: Any) -> tuple[Any, MSECache]:
+def codebook_loss_forward(x: Array, q: Array) -> tuple[Array, MSECache]:
     """Codebook loss ``mse(sg[x], q)``: only the selected codes ``q`` receive a gradient.
 
     Parameters
@@ -167,7 +168,7 @@ def codebook_loss_forward(x: Any, q: Any) -> tuple[Any, MSECache]:
     return mse_forward(x, q)
 
 
-def codebook_loss_backward(dloss: Any, cache: MSECache, *, fast: bool = True) -> Any:
+def codebook_loss_backward(dloss: Array, cache: MSECache, *, fast: bool = True) -> Array:
     """``dq = (2/M) dloss (q - x)``; ``x`` is behind a stop-gradient and gets nothing.
 
     ``fast``: :func:`scaled_difference_blocked`, the same numbers.

@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import backend as B
+from ..backend import Array
 from .l2norm import L2NormCache, l2norm_backward, l2norm_forward
 
 __all__ = [
@@ -104,8 +105,8 @@ def select_codes(
 
 
 def orthogonal_loss_forward(
-    codebook: Any, *, code_ids: Any = None, eps: float = 1e-6
-) -> tuple[Any, OrthogonalLossCache]:
+    codebook: Array, *, code_ids: Any = None, eps: float = 1e-6
+) -> tuple[Array, OrthogonalLossCache]:
     """Orthogonal regulariser (1), vector-quantize-pytorch's ``orthogonal_loss_fn``.
 
     ``L = sum_{h,i,j} (c^_hi . c^_hj)^2 / (H n^2) - 1/n`` with ``c^ = c / max(||c||, eps)``
@@ -149,7 +150,7 @@ def orthogonal_loss_forward(
     return loss, OrthogonalLossCache(norm_cache, G, code_ids, K, squeeze)
 
 
-def orthogonal_loss_backward(dloss: Any, cache: OrthogonalLossCache) -> Any:
+def orthogonal_loss_backward(dloss: Array, cache: OrthogonalLossCache) -> Array:
     """Gradient of ``dloss * L`` with respect to the codebook, equation (2).
 
     Parameters

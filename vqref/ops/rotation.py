@@ -75,6 +75,7 @@ import math
 from typing import Any, NamedTuple
 
 from .. import backend as B
+from ..backend import Array
 
 __all__ = [
     "RotationBasis",
@@ -109,12 +110,12 @@ class RotationTrickCache(NamedTuple):
     backward.
     """
 
-    e: Any  # (N, D) encoder outputs
-    q: Any  # (N, D) selected codes
+    e: Array  # (N, D) encoder outputs
+    q: Array  # (N, D) selected codes
     eps: float  # rows with lambda <= eps or lambda >= 1/eps use the straight-through estimator
 
     @property
-    def scale(self) -> Any:
+    def scale(self) -> Array:
         """``lambda = ||q|| / ||e||`` per row, ``(N, 1)``; 1 on straight-through rows."""
         return _plain_rotation(self.e, self.q, self.eps)[1]
 
@@ -124,7 +125,7 @@ class RotationTrickCache(NamedTuple):
         return _plain_rotation(self.e, self.q, self.eps)[0]
 
 
-def _unit(x: Any, xp: Any) -> tuple[Any, Any]:
+def _unit(x: Array, xp: Any) -> tuple[Any, Any]:
     """Rows of ``x`` scaled to unit length, and their lengths: ``(N, D)``, ``(N, 1)``.
 
     A zero row gives a zero direction and length 0 (no NaN).  Why the division by the largest
@@ -176,7 +177,7 @@ def _plane_basis(ehat: Any, qhat: Any, live: Any, xp: Any) -> RotationBasis:
     return RotationBasis(ehat, p, cos, sin)
 
 
-def _check_pair(e: Any, q: Any, name: str) -> None:
+def _check_pair(e: Array, q: Array, name: str) -> None:
     if tuple(e.shape) != tuple(q.shape) or e.ndim != 2:
         raise ValueError(f"{name}: e and q must both be (N, D), got {tuple(e.shape)} and {tuple(q.shape)}")
     if e.shape[1] < 2:
@@ -186,7 +187,7 @@ def _check_pair(e: Any, q: Any, name: str) -> None:
         )
 
 
-def rotation_basis(e: Any, q: Any) -> RotationBasis:
+def rotation_basis(e: Array, q: Array) -> RotationBasis:
     """The rotation ``R`` with ``R e^ = q^`` for every row, in plane form (O(N D)).
 
     Parameters
@@ -211,7 +212,7 @@ def rotation_basis(e: Any, q: Any) -> RotationBasis:
     return _plane_basis(ehat, qhat, (e_norm > 0) & (q_norm > 0), xp)
 
 
-def _apply(v: Any, basis: RotationBasis, sign: float) -> Any:
+def _apply(v: Any, basis: RotationBasis, sign: float) -> Array:
     xp = B.get_namespace(v, basis.ehat)
     ehat, p, c, s = basis
     ev = xp.sum(ehat * v, axis=1, keepdims=True)  # (N, 1) e^ . v
@@ -221,7 +222,7 @@ def _apply(v: Any, basis: RotationBasis, sign: float) -> Any:
     return v + (c - 1) * in_plane + (sign * s) * turn  # (N, D)
 
 
-def rotate(v: Any, basis: RotationBasis) -> Any:
+def rotate(v: Any, basis: RotationBasis) -> Array:
     """``R v`` for every row, in O(N D).
 
     ``R v = v + (c - 1)(e^ (e^.v) + p (p.v)) + s (p (e^.v) - e^ (p.v))``
@@ -238,12 +239,12 @@ def rotate(v: Any, basis: RotationBasis) -> Any:
     return _apply(v, basis, 1.0)
 
 
-def rotate_transpose(v: Any, basis: RotationBasis) -> Any:
+def rotate_transpose(v: Any, basis: RotationBasis) -> Array:
     """``R^T v = R^{-1} v`` for every row, in O(N D): :func:`rotate` with the sine negated."""
     return _apply(v, basis, -1.0)
 
 
-def householder_rotate(v: Any, e: Any, q: Any, *, transpose: bool = False) -> Any:
+def householder_rotate(v: Any, e: Array, q: Array, *, transpose: bool = False) -> Array:
     """The paper's O(D) form ``R v = v - 2 r (r.v) + 2 q^ (e^.v)``, for teaching and tests.
 
     ``R^T v = v - 2 r (r.v) + 2 e^ (q^.v)``, with ``r = (e^ + q^)/||e^ + q^||``.  This is the
@@ -272,7 +273,7 @@ def householder_rotate(v: Any, e: Any, q: Any, *, transpose: bool = False) -> An
     return v - 2 * r * rv + 2 * dst * sv  # (N, D)
 
 
-def rotation_matrix(e_row: Any, q_row: Any) -> Any:
+def rotation_matrix(e_row: Any, q_row: Any) -> Array:
     """The dense ``(D, D)`` matrix ``R = I - 2 r r^T + 2 q^ e^T`` of one pair, for tests only.
 
     Building it costs O(D^2) memory; the op never does.  Unguarded, like :func:`householder_rotate`.
@@ -301,7 +302,7 @@ _WIDE_ANGLE = 0.5
 _BLOCK_ELEMENTS = 1 << 18
 
 
-def _plain_rotation(e: Any, q: Any, eps: float) -> tuple[RotationBasis, Any]:
+def _plain_rotation(e: Array, q: Array, eps: float) -> tuple[RotationBasis, Any]:
     """``R`` in plane form and ``lambda``, row by row, the careful way (the definition).
 
     Norms after scaling by the largest entry (no under- or overflow); rows with ``lambda`` outside
@@ -317,7 +318,7 @@ def _plain_rotation(e: Any, q: Any, eps: float) -> tuple[RotationBasis, Any]:
     return _plane_basis(ehat, qhat, live, xp), scale
 
 
-def rotation_trick_forward(e: Any, q: Any, *, eps: float | None = None) -> tuple[Any, RotationTrickCache]:
+def rotation_trick_forward(e: Array, q: Array, *, eps: float | None = None) -> tuple[Array, RotationTrickCache]:
     """The rotation-trick quantizer output: value ``q``, gradient routed to ``e`` by a rotation.
 
     ``q~ = sg[lambda R] e`` with ``R e^ = q^`` and ``lambda = ||q|| / ||e||`` (arXiv 2410.06424,
@@ -353,7 +354,7 @@ def rotation_trick_forward(e: Any, q: Any, *, eps: float | None = None) -> tuple
     return q, RotationTrickCache(e, q, eps)
 
 
-def rotation_trick_backward(dq_tilde: Any, cache: RotationTrickCache, *, fast: bool = True) -> Any:
+def rotation_trick_backward(dq_tilde: Array, cache: RotationTrickCache, *, fast: bool = True) -> Array:
     """``de = lambda R^T dq_tilde``: the rotation trick's surrogate gradient for ``e``.
 
     ``lambda`` and ``R`` are functions of the cached ``(e, q)`` and are constants
@@ -383,7 +384,7 @@ def rotation_trick_backward(dq_tilde: Any, cache: RotationTrickCache, *, fast: b
     return scale * rotate_transpose(dq_tilde, basis)  # (N, D) lambda R^T g
 
 
-def rotation_trick_backward_fused(dq_tilde: Any, cache: RotationTrickCache) -> Any:
+def rotation_trick_backward_fused(dq_tilde: Array, cache: RotationTrickCache) -> Array:
     """Fast path of :func:`rotation_trick_backward`: ``lambda R^T g`` from five row dot products.
 
     With ``g = dq_tilde``, ``a = e^.g``, ``b = q^.g`` and ``c = cos theta`` (module notes), the
@@ -440,7 +441,7 @@ def rotation_trick_backward_fused(dq_tilde: Any, cache: RotationTrickCache) -> A
         return de
     hard = hard_parts[0] if len(hard_parts) == 1 else xp.concat(hard_parts, axis=0)  # (N, 1)
 
-    def definition(g_: Any, e_: Any, q_: Any) -> Any:  # lambda R^T g on the hard rows alone
+    def definition(g_: Any, e_: Any, q_: Any) -> Array:  # lambda R^T g on the hard rows alone
         return rotation_trick_backward(g_, RotationTrickCache(e_, q_, eps), fast=False)
 
     return B.where_rows(hard, definition, (g, e, q), de)

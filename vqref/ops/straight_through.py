@@ -18,7 +18,9 @@ bit-exactly q in floating point, and vqref promises that quantized rows *are* co
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
+
+from ..backend import Array
 
 __all__ = ["STECache", "straight_through_forward", "straight_through_backward"]
 
@@ -27,7 +29,7 @@ class STECache(NamedTuple):
     pass  # the gradient is the identity: nothing to remember
 
 
-def straight_through_forward(z: Any, q: Any) -> tuple[Any, STECache]:
+def straight_through_forward(z: Array, q: Array) -> tuple[Array, STECache]:
     """Value ``q``, gradient routed to ``z``.
 
     Parameters
@@ -45,6 +47,6 @@ def straight_through_forward(z: Any, q: Any) -> tuple[Any, STECache]:
     return q, STECache()
 
 
-def straight_through_backward(dz_q: Any, cache: STECache) -> Any:
+def straight_through_backward(dz_q: Array, cache: STECache) -> Array:
     """``dz = dz_q`` (identity Jacobian); a surrogate gradient."""
     return dz_q

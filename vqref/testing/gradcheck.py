@@ -25,11 +25,12 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from .. import backend as B
+from ..backend import Array
 
 __all__ = ["rel_error", "numerical_vjp", "check_vjp", "GradCheckResult"]
 
 
-def rel_error(a: Any, b: Any, *, floor: float = 1e-30) -> float:
+def rel_error(a: Array, b: Array, *, floor: float = 1e-30) -> float:
     """Norm-wise relative error ``||a - b|| / max(||a||, ||b||)`` (0 when both are zero).
 
     Norm-wise rather than element-wise, so that tiny entries of a large gradient do not dominate.
@@ -47,7 +48,7 @@ def rel_error(a: Any, b: Any, *, floor: float = 1e-30) -> float:
 def numerical_vjp(
     f: Callable[..., Any],
     inputs: Sequence[Any],
-    dout: Any,
+    dout: Array,
     *,
     h: float = 1e-6,
     wrt: Sequence[int] | None = None,
@@ -120,7 +121,7 @@ def check_vjp(
     inputs: Sequence[Any],
     *,
     seed: int | np.random.Generator = 0,
-    dout: Any = None,
+    dout: Array = None,
     h: float = 1e-6,
     rtol: float = 1e-6,
     atol: float = 0.0,

@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 
 from ... import backend as B
+from ...backend import Array
 
 __all__ = ["mlp_mse_grads", "mlp_vjp", "adam_steps", "sgd_steps"]
 
 
-def _tensor(a: Any, requires_grad: bool = False):
+def _tensor(a: Array, requires_grad: bool = False):
     import torch
 
     t = torch.tensor(np.asarray(B.to_numpy(a), dtype=np.float64), dtype=torch.float64)
@@ -46,7 +47,7 @@ def _mlp(xt, pt: dict, L: int, activation: str):
     return h
 
 
-def mlp_vjp(x: Any, params: Mapping[str, Any], dout: Any, *, activation: str = "relu"):
+def mlp_vjp(x: Array, params: Mapping[str, Any], dout: Array, *, activation: str = "relu"):
     """The MLP with autograd, differentiated against an upstream gradient ``dout``.
 
     Returns
@@ -61,7 +62,7 @@ def mlp_vjp(x: Any, params: Mapping[str, Any], dout: Any, *, activation: str = "
     return out.detach().numpy(), xt.grad.numpy(), {k: t.grad.numpy() for k, t in pt.items()}
 
 
-def mlp_mse_grads(x: Any, target: Any, params: Mapping[str, Any], *, activation: str = "relu"):
+def mlp_mse_grads(x: Array, target: Array, params: Mapping[str, Any], *, activation: str = "relu"):
     """``loss = F.mse_loss(MLP(x), target)`` and its gradients by autograd.
 
     Returns

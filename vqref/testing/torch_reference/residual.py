@@ -13,17 +13,18 @@ from typing import Any, Sequence
 import numpy as np
 
 from ... import backend as B
+from ...backend import Array
 from .vq import _np, rotation_trick_torch, torch_tensor, vq_layer_torch
 
 __all__ = ["residual_vq_grads"]
 
 
 def residual_vq_grads(
-    x: Any,
+    x: Array,
     codebooks: Sequence[Any],
-    indices: Any,
-    dquantized: Any,
-    dlosses: Any = 1.0,
+    indices: Array,
+    dquantized: Array,
+    dlosses: Array = 1.0,
     *,
     routing: str = "per_depth",
     shared: bool = False,

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from ... import backend as B
+from ...backend import Array
 
 __all__ = [
     "torch_tensor",
@@ -19,7 +18,7 @@ __all__ = [
 ]
 
 
-def torch_tensor(a: Any, requires_grad: bool = False):
+def torch_tensor(a: Array, requires_grad: bool = False):
     """A float64 CPU torch tensor from any array (via the host)."""
     import torch
 
@@ -31,7 +30,7 @@ def _np(t) -> np.ndarray:
     return np.zeros(()) if t is None else t.detach().numpy()
 
 
-def squared_distance_grads(x: Any, codebook: Any, ddist: Any):
+def squared_distance_grads(x: Array, codebook: Array, ddist: Array):
     """``d_ik = ||x_i - c_k||^2`` by direct differences; returns (dist, dx, dcodebook)."""
     xt, ct = torch_tensor(x, True), torch_tensor(codebook, True)
     dist = ((xt[:, None, :] - ct[None, :, :]) ** 2).sum(-1)
@@ -39,7 +38,7 @@ def squared_distance_grads(x: Any, codebook: Any, ddist: Any):
     return _np(dist), _np(xt.grad), _np(ct.grad)
 
 
-def lookup_grads(codebook: Any, indices: Any, dq: Any):
+def lookup_grads(codebook: Array, indices: Array, dq: Array):
     """``q = C[k]``; returns (q, dcodebook)."""
     import torch
 
@@ -50,7 +49,7 @@ def lookup_grads(codebook: Any, indices: Any, dq: Any):
     return _np(q), _np(ct.grad)
 
 
-def mse_grads(a: Any, b: Any, dloss: float = 1.0, *, detach_a: bool = False, detach_b: bool = False):
+def mse_grads(a: Array, b: Array, dloss: float = 1.0, *, detach_a: bool = False, detach_b: bool = False):
     """``mse(a, b)`` (mean over all elements) with optional stop-gradients; returns (loss, da, db)."""
     import torch.nn.functional as F
 
@@ -117,7 +116,7 @@ def vq_layer_torch(
     return out, loss, q
 
 
-def vector_quantize_grads(x: Any, codebook: Any, indices: Any, dquantized: Any, dloss: float = 1.0, **options):
+def vector_quantize_grads(x: Array, codebook: Array, indices: Array, dquantized: Array, dloss: float = 1.0, **options):
     """The whole VQ layer with autograd, codes held fixed at ``indices`` (see :func:`vq_layer_torch`).
 
     The objective is ``sum(quantized * dquantized) + dloss * loss``.
