@@ -11,11 +11,12 @@ __version__ = "0.1.0"
 
 from .cluster import ResidualClustering, VQClustering
 from .core.kmeans import KMeansResult, kmeans
-from .quantizers import ResidualVQ, VectorQuantize
+from .quantizers import FSQ, ResidualVQ, VectorQuantize
 
 __all__ = [
     "VectorQuantize",
     "ResidualVQ",
+    "FSQ",
     "VQClustering",
     "ResidualClustering",
     "kmeans",

@@ -2,8 +2,9 @@
 
 from ..params import ParamView
 from .base import Quantizer, QuantizerState
+from .fsq import FSQ
 from .residual_vq import ResidualVQ
 from .vector_quantize import VectorQuantize
 from .views import CodebookView
 
-__all__ = ["Quantizer", "QuantizerState", "ParamView", "CodebookView", "VectorQuantize", "ResidualVQ"]
+__all__ = ["Quantizer", "QuantizerState", "ParamView", "CodebookView", "VectorQuantize", "ResidualVQ", "FSQ"]
