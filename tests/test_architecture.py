@@ -64,11 +64,15 @@ def _text_files():
 
 
 def test_no_reference_to_files_outside_the_repository():
-    outside = re.compile(r"MATH\.md|\.\./shared|/work/shared|shared/reference|shared/seed")
+    # the developers' folder beside the checkout and the math notes kept there: spelled in
+    # pieces, so that this test is not itself a reference to them
+    folder, notes = "sha" + "red", "MA" + "TH.md"
+    outside = re.compile(
+        "|".join(re.escape(s) for s in (notes, "../" + folder, f"{folder}/reference", f"{folder}/seed"))
+    )
     hits = [
         f"{p.relative_to(ROOT)}:{i}"
         for p in _text_files()
-        if p.name != "test_architecture.py"
         for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
         if outside.search(line)
     ]

@@ -49,8 +49,9 @@ from . import backend as B
 from .backend import Array
 from .core.ema import laplace_smoothing
 from .core.kmeans import assign, kmeans, kmeans_plusplus, sample_initial_means
+from .metrics import collision_rate
 from .ops.l2norm import l2norm
-from .validation import check_bool, check_int, check_seed
+from .validation import as_array, check_bool, check_dtype_name, check_int, check_seed
 
 __all__ = ["VQClustering", "ResidualClustering", "kmeans_plusplus", "collision_rate"]
 
@@ -62,20 +63,10 @@ _INITS = ("k-means++", "random")
 # --------------------------------------------------------------------------------------------
 
 
-def _as_array(a: Array, name: str, what: str) -> Array:
-    """``a`` as an array (lists and numpy subclasses such as np.matrix as plain numpy); no masks."""
-    if isinstance(a, np.ma.MaskedArray):
-        raise TypeError(f"{name} is a numpy masked array, whose mask would be ignored; drop or fill the masked rows")
-    try:
-        return np.asarray(a) if isinstance(a, np.ndarray) or not B.is_array(a) else a
-    except (ValueError, TypeError) as e:  # ragged lists
-        raise ValueError(f"{name} must be {what} ({e})") from None
-
-
 def _check_data(X: Array, name: str = "X", rows: str = "N") -> Array:
     """``X`` as a finite 2-D float32/float64 array of its own library (lists and integer arrays
     become float64); TypeError for the wrong kind of data, ValueError for wrong shapes or values."""
-    X = _as_array(X, name, f"a 2-D array ({rows}, D) or a list of equal-length rows of numbers")
+    X = as_array(X, name, f"a 2-D array ({rows}, D) or a list of equal-length rows of numbers")
     xp = B.get_namespace(X)
     if X.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array ({rows}, D), got shape {tuple(X.shape)}")
@@ -95,13 +86,9 @@ def _check_data(X: Array, name: str = "X", rows: str = "N") -> Array:
     if X.shape[1] * (2 * top) * (2 * top) > float(xp.finfo(X.dtype).max):  # a squared distance's bound
         fix = "scale it" + (" or convert it to float64" if X.dtype == xp.float32 else "")
         raise ValueError(
-            f"{name} holds values up to {top:.3g}, whose squared distances overflow {_dtype_name(xp, X.dtype)}; {fix}"
+            f"{name} holds values up to {top:.3g}, whose squared distances overflow {check_dtype_name('dtype', X.dtype)}; {fix}"
         )
     return X
-
-
-def _dtype_name(xp: Any, dtype: Any) -> str:
-    return "float32" if dtype == xp.float32 else "float64"
 
 
 def _require_fit(est: Any) -> None:
@@ -122,41 +109,6 @@ def _fitted_input(est: Any, X: Array) -> Array:
 def _centers_as(est: Any, X: Array) -> Array:  # the fitted centroids in X's dtype
     c = est.cluster_centers_
     return c if c.dtype == X.dtype else B.get_namespace(X).astype(c, X.dtype)
-
-
-def collision_rate(codes: Array) -> float:
-    """The fraction of rows whose whole code tuple is shared with at least one other row.
-
-    ``codes`` are semantic IDs, one tuple per row; two rows collide when every level agrees.
-    0 means every row has an ID of its own; 1 means no row does.  A prefix ``codes[:, :l]``
-    gives the collision rate of the first l levels.
-
-    Parameters
-    ----------
-    codes : (N, L) or (N,) integer array of any backend (or array-like)
-
-    Returns
-    -------
-    rate : float in [0, 1]
-
-    Notes
-    -----
-    A reporting function: the codes are moved to the host and grouped there with
-    ``numpy.unique(axis=0)`` (the Array API's ``unique_counts`` is one-dimensional, and packing a
-    tuple into one integer overflows int64 once ``K^L > 2^63``).
-    """
-    host = B.to_numpy(_as_array(codes, "codes", "an (N, L) array or a list of equal-length tuples of integers"))
-    if host.ndim == 1:
-        host = host[:, None]
-    if host.ndim != 2:
-        raise ValueError(f"codes must be (N, L) or (N,), got shape {host.shape}")
-    if host.shape[0] == 0:
-        return 0.0
-    if not np.issubdtype(host.dtype, np.integer):
-        raise TypeError(f"codes must be integers, got dtype {host.dtype}")
-    _, inverse, counts = np.unique(host, axis=0, return_inverse=True, return_counts=True)
-    shared = counts[np.reshape(inverse, (-1,))] > 1  # (N,) this row's tuple occurs elsewhere too
-    return float(np.mean(shared))
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +282,7 @@ class VQClustering:
             self.n_features_in_,
             self.n_clusters,
             use_cosine_sim=self.use_cosine_sim,
-            dtype=_dtype_name(xp, c.dtype),
+            dtype=check_dtype_name("dtype", c.dtype),
             xp=xp,
             device=B.get_device(c),
             chunk_size=self.chunk_size,
@@ -468,7 +420,7 @@ class ResidualClustering:
         """
         _require_fit(self)
         if not B.is_array(codes) or isinstance(codes, np.ma.MaskedArray):  # lists of IDs: to the codebooks
-            ids, c = _as_array(codes, "codes", "an (N, l) integer array"), self.cluster_centers_
+            ids, c = as_array(codes, "codes", "an (N, l) integer array"), self.cluster_centers_
             codes = B.from_numpy(ids, B.get_namespace(c), device=B.get_device(c))
         xp = B.get_namespace(codes, self.cluster_centers_)
         if codes.ndim != 2 or not 1 <= codes.shape[1] <= self.num_levels or not xp.isdtype(codes.dtype, "integral"):
@@ -503,7 +455,7 @@ class ResidualClustering:
             num_quantizers=self.num_levels,
             codebook_size=self.codebook_size,
             use_cosine_sim=self.use_cosine_sim,
-            dtype=_dtype_name(xp, c.dtype),
+            dtype=check_dtype_name("dtype", c.dtype),
             xp=xp,
             device=B.get_device(c),
             chunk_size=self.chunk_size,

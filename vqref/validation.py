@@ -25,6 +25,8 @@ __all__ = [
     "check_alias",
     "check_seed",
     "check_dtype_name",
+    "refuse_masked",
+    "as_array",
     "check_float_array",
     "fits",
     "check_fits",
@@ -110,6 +112,24 @@ def check_dtype_name(name: str, dtype: Any) -> str:
     if label not in ("float32", "float64"):
         raise ValueError(f"{name} must be float32 or float64 (a name or a dtype), got {dtype!r}")
     return label
+
+
+def refuse_masked(name: str, a: Any) -> None:
+    """Refuse a numpy masked array: the computations would read its hidden values as data."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a numpy masked array, whose mask would be ignored; drop the masked rows or fill "
+            f"them ({name}.filled(value)) first"
+        )
+
+
+def as_array(a: Array, name: str, what: str) -> Array:
+    """``a`` as an array (lists and numpy subclasses such as np.matrix as plain numpy); no masks."""
+    refuse_masked(name, a)
+    try:
+        return np.asarray(a) if isinstance(a, np.ndarray) or not B.is_array(a) else a
+    except (ValueError, TypeError) as e:  # ragged lists
+        raise ValueError(f"{name} must be {what} ({e})") from None
 
 
 def check_float_array(

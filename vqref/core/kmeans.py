@@ -40,7 +40,7 @@ from .. import backend as B
 from ..backend import Array
 from ..ops.distance import nearest_code
 from ..ops.l2norm import l2norm
-from ..validation import check_bool, check_float_array, check_int, check_seed
+from ..validation import check_bool, check_float_array, check_int, check_seed, refuse_masked
 
 __all__ = ["KMeansResult", "kmeans", "assign", "kmeans_inertia", "sample_initial_means", "kmeans_plusplus"]
 
@@ -263,11 +263,7 @@ def kmeans(
 
 def _check_array(name: str, a: Array) -> None:
     """``a`` must be an array of an Array API library, and not a numpy masked array."""
-    if isinstance(a, np.ma.MaskedArray):
-        raise TypeError(
-            f"{name} is a numpy masked array, and k-means would ignore its mask; drop the masked rows or "
-            f"fill them ({name}.filled(value)) first"
-        )
+    refuse_masked(name, a)
     if not B.is_array(a):
         raise TypeError(f"{name} must be an array of an Array API library (numpy, cupy, ...), got {type(a).__name__}")
 

@@ -3,11 +3,9 @@
 optimizers that update them (:mod:`vqref.nn.optim`) and the VQ-VAE (:mod:`vqref.nn.vqvae`).
 """
 
-from .layers import (
+from ..params import NamedArrays
+from .functional import (
     ACTIVATIONS,
-    MLP,
-    Linear,
-    NamedArrays,
     linear_backward,
     linear_forward,
     mse_loss_backward,
@@ -17,6 +15,7 @@ from .layers import (
     tanh_backward,
     tanh_forward,
 )
+from .layers import MLP, Linear
 from .optim import SGD, Adam, Optimizer
 from .vqvae import VQVAE, VQVAELosses
 

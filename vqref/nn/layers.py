@@ -31,39 +31,11 @@ from ..validation import check_dtype_name, check_fits
 from .functional import (
     ACTIVATIONS,
     LinearCache,
-    MSELossCache,
-    ReluCache,
-    TanhCache,
     linear_backward,
     linear_forward,
-    mse_loss_backward,
-    mse_loss_forward,
-    relu_backward,
-    relu_forward,
-    tanh_backward,
-    tanh_forward,
 )
 
-__all__ = [
-    "LinearCache",
-    "linear_forward",
-    "linear_backward",
-    "ReluCache",
-    "relu_forward",
-    "relu_backward",
-    "TanhCache",
-    "tanh_forward",
-    "tanh_backward",
-    "MSELossCache",
-    "mse_loss_forward",
-    "mse_loss_backward",
-    "NamedArrays",
-    "Linear",
-    "MLPCache",
-    "MLP",
-    "ACTIVATIONS",
-    "check_batch",
-]
+__all__ = ["Linear", "MLPCache", "MLP", "check_batch"]
 
 
 def _resolve(xp: Any, dtype: Any) -> tuple[Any, Any]:

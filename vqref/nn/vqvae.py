@@ -41,9 +41,11 @@ import numpy as np
 
 from .. import backend as B
 from ..backend import Array
+from ..params import NamedArrays
 from ..quantizers.files import check_state_entries
 from ..validation import check_dtype_name, check_real
-from .layers import MLP, MLPCache, MSELossCache, NamedArrays, check_batch, mse_loss_backward, mse_loss_forward
+from .functional import MSELossCache, mse_loss_backward, mse_loss_forward
+from .layers import MLP, MLPCache, check_batch
 
 __all__ = ["VQVAELosses", "VQVAE"]
 

@@ -225,8 +225,12 @@ class Quantizer:
 
     def check_input(self, name: str, a: Array, *, shape: tuple | None = None, last_dim: int | None = None) -> Array:
         """Refuse anything but a finite float32/float64 array of the module's library (and shape)."""
-        like = next(iter(self._state.arrays.values()))
-        return check_float_array(name, a, like, shape=shape, last_dim=last_dim)
+        return check_float_array(name, a, self._like(), shape=shape, last_dim=last_dim)
+
+    def _like(self) -> Array:
+        """An empty array of the state's library, device and dtype: what arguments are checked
+        against (a module's state may hold no array at all, as FSQ's)."""
+        return self.xp.zeros((0,), dtype=self.dtype, device=self.device)
 
     def check_fits_state(self, name: str, a: Array) -> None:
         """Refuse values that would overflow the state dtype (a float64 array into float32 state).

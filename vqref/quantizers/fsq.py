@@ -22,7 +22,7 @@ from .. import backend as B
 from ..backend import Array
 from ..core.fsq import fsq_backward, fsq_forward
 from ..ops import fsq as ops
-from ..validation import check_dtype_name, check_fits, check_float_array, check_index_array, check_int, check_seed
+from ..validation import check_dtype_name, check_fits, check_index_array, check_int, check_seed
 from .base import Quantizer
 
 __all__ = ["FSQ"]
@@ -135,14 +135,6 @@ class FSQ(Quantizer):
         return f"FSQ(levels={list(self.levels)}, dim={self.dim}, num_codebooks={self.num_codebooks})"
 
     # ---------------------------------------------------------------- validation
-
-    def _like(self) -> Array:
-        """An empty array of the module's library, device and dtype (the state has no arrays)."""
-        return self.xp.zeros((0,), dtype=self.dtype, device=self.device)
-
-    def check_input(self, name: str, a: Array, *, shape: tuple | None = None, last_dim: int | None = None) -> Array:
-        """The base's check, against the module's library (FSQ's state holds no array to compare with)."""
-        return check_float_array(name, a, self._like(), shape=shape, last_dim=last_dim)
 
     # ---------------------------------------------------------------- forward / backward
 

@@ -486,4 +486,4 @@ class VectorQuantize(Quantizer):
 
     def check_indices(self, name: str, indices: Array) -> Array:
         """Refuse anything but integer indices of the module's library in [0, K)."""
-        return check_index_array(name, indices, next(iter(self._state.arrays.values())), self.codebook_size)
+        return check_index_array(name, indices, self._like(), self.codebook_size)
