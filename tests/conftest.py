@@ -10,11 +10,13 @@ Inputs are always generated on the host from a seeded numpy Generator and moved 
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
 from vqref import backend as B
 
@@ -106,3 +108,22 @@ def separated_problem(rng: np.random.Generator, N: int, K: int, D: int, margin: 
     srt = np.sort(d, axis=1)
     assert np.all(np.argmin(d, axis=1) == indices) and np.all(srt[:, 1] - srt[:, 0] > margin)
     return x, codebook, indices
+
+
+# Hypothesis profiles: ``HYPOTHESIS_PROFILE=ci`` (default) runs few examples, derandomized, so CI is
+# reproducible; ``nightly`` runs many with fresh random draws and the example database.
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+if PROFILE not in ("ci", "nightly"):
+    raise ValueError(f"HYPOTHESIS_PROFILE must be 'ci' or 'nightly', got {PROFILE!r}")
+
+
+def fuzz_settings(ci: int, nightly: int) -> settings:
+    """Hypothesis settings with ``ci`` or ``nightly`` examples, by the profile."""
+    return settings(
+        max_examples=nightly if PROFILE == "nightly" else ci,
+        deadline=None,
+        derandomize=PROFILE == "ci",
+        database=None if PROFILE == "ci" else settings.default.database,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+        print_blob=True,
+    )

@@ -29,12 +29,12 @@ file changes nothing for the rest of the session.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, note, settings
+from conftest import fuzz_settings
+from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
 
 from vqref import ResidualVQ, VectorQuantize
@@ -42,9 +42,6 @@ from vqref import backend as B
 
 # ------------------------------------------------------------------ profiles
 
-PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
-if PROFILE not in ("ci", "nightly"):
-    raise ValueError(f"HYPOTHESIS_PROFILE must be 'ci' or 'nightly', got {PROFILE!r}")
 
 # examples per test: (ci, nightly).  The ci profile draws a few hundred examples in all.
 _EXAMPLES = {
@@ -55,15 +52,7 @@ _EXAMPLES = {
 
 
 def _settings(kind: str) -> settings:
-    ci, nightly = _EXAMPLES[kind]
-    return settings(
-        max_examples=nightly if PROFILE == "nightly" else ci,
-        deadline=None,
-        derandomize=PROFILE == "ci",
-        database=None if PROFILE == "ci" else settings.default.database,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-        print_blob=True,
-    )
+    return fuzz_settings(*_EXAMPLES[kind])
 
 
 # ------------------------------------------------------------------ strategies

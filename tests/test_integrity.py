@@ -33,7 +33,8 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, note, settings
+from conftest import fuzz_settings
+from hypothesis import event, given, note
 from hypothesis import strategies as st
 
 from vqref import ResidualVQ, VectorQuantize
@@ -800,20 +801,8 @@ def test_deepcopy_keeps_a_pending_backward_and_is_independent(kind, lib):
 
 # ================================================================== the property, over every entry point
 
-PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
-if PROFILE not in ("ci", "nightly"):
-    raise ValueError(f"HYPOTHESIS_PROFILE must be 'ci' or 'nightly', got {PROFILE!r}")
 
-
-def _settings(ci: int, nightly: int) -> settings:
-    return settings(
-        max_examples=nightly if PROFILE == "nightly" else ci,
-        deadline=None,
-        derandomize=PROFILE == "ci",
-        database=None if PROFILE == "ci" else settings.default.database,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-        print_blob=True,
-    )
+_settings = fuzz_settings
 
 
 HOSTILE_KINDS = (

@@ -20,12 +20,12 @@ The hypothesis properties at the end throw hostile arguments at the same entry p
 from __future__ import annotations
 
 import math
-import os
 
 import array_api_strict
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, note, settings
+from conftest import fuzz_settings
+from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
 
 from vqref import ResidualVQ, VectorQuantize
@@ -62,20 +62,11 @@ QUANTIZERS = {
 
 # ------------------------------------------------------------------ profiles (as in test_fuzz.py)
 
-PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 _EXAMPLES = {"step": (150, 2000), "load": (120, 1500), "forward": (120, 1500), "mutation": (120, 1500)}
 
 
 def _settings(kind: str) -> settings:
-    ci, nightly = _EXAMPLES[kind]
-    return settings(
-        max_examples=nightly if PROFILE == "nightly" else ci,
-        deadline=None,
-        derandomize=PROFILE == "ci",
-        database=None if PROFILE == "ci" else settings.default.database,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-        print_blob=True,
-    )
+    return fuzz_settings(*_EXAMPLES[kind])
 
 
 # ------------------------------------------------------------------ helpers
