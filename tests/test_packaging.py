@@ -6,7 +6,7 @@
 * The installed package ``vqref/`` imports no heavy optional library at module top level
   (torch, vector-quantize-pytorch, scikit-learn, FAISS): ``import vqref`` needs numpy and
   array-api-compat only.  Imports inside functions are fine; the torch references in
-  ``vqref/testing/torch_reference/`` and the converters in ``vqref/interop.py`` are exempt.
+  ``vqref/testing/torch_reference/`` and the converters in ``vqref/interop/`` are exempt.
 * Every ``.PHONY`` target of the Makefile has a recipe, and ``make help`` lists each of them.
 """
 
@@ -37,7 +37,7 @@ PACKAGE = ROOT / "vqref"
 TORCH_LIKE = {"torch", "vector-quantize-pytorch"}
 HEAVY = {"torch", "vector_quantize_pytorch", "sklearn", "faiss"}  # top-level module names
 # file or folder (relative to vqref/) -> the heavy modules it may import at top level
-EXEMPT = {"testing/torch_reference": {"torch"}, "interop.py": {"torch", "vector_quantize_pytorch"}}
+EXEMPT = {"testing/torch_reference": {"torch"}, "interop": {"torch", "vector_quantize_pytorch"}}
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ class QuantizerState(NamedTuple):
     cache: Any  # what the next backward needs, or None
     xp: Any  # the array namespace of the arrays
     device: Any  # their device (None: the library's default)
+    stats: Any = MappingProxyType({})  # read-only mapping name -> number: usage metrics of the last forward
 
 
 def _frozen(a: Array) -> Array:
@@ -146,6 +147,8 @@ class Quantizer:
             merged_flags = dict(s.flags)
             merged_flags.update(flags)
             fields["flags"] = MappingProxyType(merged_flags)
+        if "stats" in fields:
+            fields["stats"] = MappingProxyType(dict(fields["stats"]))
         return s._replace(**fields)
 
     def _rngs(self) -> list:
@@ -201,6 +204,19 @@ class Quantizer:
     def state_flag(self, name: str) -> bool:
         """State flag ``name`` (e.g. ``"initted"``)."""
         return self._state.flags[name]
+
+    @property
+    def stats(self) -> dict:
+        """Usage metrics of the last forward, as plain Python numbers (a copy).
+
+        Every quantizer fills it on every forward (training and eval) with at least
+        ``perplexity`` (``exp`` of the entropy of the batch's code histogram: the number of
+        equally used codes that would give the same entropy) and ``usage`` (the fraction of the
+        codebook that at least one input chose); see :func:`vqref.metrics.code_usage`.  A module
+        with several codebooks (depths, heads) gives a tuple per key, one number per codebook.
+        Empty before the first forward.
+        """
+        return dict(self._state.stats)
 
     @property
     def xp(self):
@@ -349,6 +365,7 @@ class Quantizer:
             "rngs": s.rngs,
             "library": _library_of(s.xp),
             "device": None if B.is_numpy(s.xp) else s.device,
+            "stats": dict(s.stats),
         }
         d["grads"] = {}
         return d
@@ -358,8 +375,7 @@ class Quantizer:
         self.__dict__.update(d)
         xp = B.namespace_from_module(p["library"])
         self._init_state(p["arrays"], p["flags"], p["rngs"], xp=xp, device=p["device"])
-        if p.get("cache") is not None:
-            self._commit(self._updated(cache=p["cache"]))
+        self._commit(self._updated(cache=p.get("cache"), stats=p.get("stats", {})))
         self.grads = p.get("grads", {})
 
     def __deepcopy__(self, memo: dict):

@@ -1,17 +1,7 @@
-"""Conversion between vqref modules and vector-quantize-pytorch (``vector_quantize_pytorch``).
+"""Conversion of ``VectorQuantize`` and ``ResidualVQ`` to and from vector-quantize-pytorch.
 
 Symbols: D = dim, K = codebook_size, Q = num_quantizers, H = vector-quantize-pytorch's leading
 codebook (head) axis, always 1 for the modules converted here.
-
-vector-quantize-pytorch is the library most VQ-VAE code uses; vqref is its manually
-differentiated reference.  These functions move a model between the two without changing a
-number, so the same input gives the same outputs, losses, gradients and EMA trajectory in both
-(tests/conformance proves it, docs/deviations.md lists every deliberate difference):
-
-    from_vector_quantize_pytorch(module)  torch module  -> vqref module (configuration + state)
-    to_vector_quantize_pytorch(module)    vqref module  -> torch module (configuration + state)
-    export_state_dict(module)             vqref module  -> numpy arrays keyed and shaped as the
-                                                           torch module's ``state_dict()``
 
 What is converted.  The configuration (dim, codebook_size, decay, eps, commitment_weight,
 ema_update, learnable_codebook, k-means settings, use_cosine_sim, the orthogonal regulariser
@@ -29,14 +19,10 @@ until the first forward has run k-means.  A converted module gets ``kmeans_init 
 initted``; an already initialised codebook behaves identically whether or not it came from
 k-means.
 
-Unsupported options.  Everything vqref does not implement (multi-head codebooks, projections,
-stochastic or Gumbel sampling, DiVeQ, affine parameters, the diversity loss, quantize dropout,
-beam search, implicit neural codebooks, channel-first or image inputs, ...) raises a
-``ValueError`` that names every offending option at once, rather than converting to a module
-that would compute something else.
-
-torch and vector_quantize_pytorch are imported inside the functions only: importing vqref
-never imports torch.
+Unsupported options (multi-head codebooks, projections, stochastic or Gumbel sampling, DiVeQ,
+affine parameters, the diversity loss, quantize dropout, beam search, implicit neural codebooks,
+channel-first or image inputs, ...) raise a ``ValueError`` that names every offending option at
+once, rather than converting to a module that would compute something else.
 """
 
 from __future__ import annotations
@@ -45,17 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from . import backend as B
+from .. import backend as B
+from .common import raise_unsupported, torch_to_host
 
-__all__ = [
-    "VQP_VERSION",
-    "from_vector_quantize_pytorch",
-    "to_vector_quantize_pytorch",
-    "export_state_dict",
-]
-
-#: The vector-quantize-pytorch release the conversion and the conformance suite are checked against.
-VQP_VERSION = "1.32.0"
+__all__ = ["from_vqp", "to_vqp", "export_state_dict"]
 
 # The options every quantizer (or every depth of a residual stack) carries, in vqref's names.
 _VQ_OPTIONS = (
@@ -79,11 +58,6 @@ def _vqp_classes():
     import vector_quantize_pytorch as vqp
 
     return vqp.VectorQuantize, vqp.ResidualVQ
-
-
-def _torch_to_host(t: Any) -> np.ndarray:
-    # A copy: ``.numpy()`` shares memory with the tensor, and torch updates its buffers in place.
-    return t.detach().cpu().numpy().copy()
 
 
 # ---------------------------------------------------------------------------- torch -> vqref
@@ -153,31 +127,14 @@ def _read_state(vq: Any) -> dict:
     """vqref's state of one torch ``VectorQuantize`` (host arrays, head axis dropped)."""
     cb = vq._codebook
     return {
-        "codebook": _torch_to_host(cb.embed)[0],  # (K, D)
-        "cluster_size": _torch_to_host(cb.cluster_size)[0],  # (K,)
-        "embed_avg": _torch_to_host(cb.embed_avg)[0],  # (K, D)
+        "codebook": torch_to_host(cb.embed)[0],  # (K, D)
+        "cluster_size": torch_to_host(cb.cluster_size)[0],  # (K,)
+        "embed_avg": torch_to_host(cb.embed_avg)[0],  # (K, D)
         "initted": np.asarray(bool(cb.initted)),
     }
 
 
-def _raise_unsupported(kind: str, problems: list[str]) -> None:
-    if problems:
-        unique = list(dict.fromkeys(problems))
-        raise ValueError(
-            f"cannot convert this {kind}: vqref does not support "
-            + "; ".join(unique)
-            + " (see docs/deviations.md for what vqref implements)"
-        )
-
-
-def from_vector_quantize_pytorch(
-    module: Any,
-    *,
-    dtype: Any = "float32",
-    xp: Any = None,
-    device: Any = None,
-    seed: Any = None,
-):
+def from_vqp(module: Any, *, dtype: Any, xp: Any, device: Any, seed: Any):
     """The vqref module equivalent to a vector-quantize-pytorch ``VectorQuantize`` or ``ResidualVQ``.
 
     Parameters
@@ -201,26 +158,23 @@ def from_vector_quantize_pytorch(
     TypeError : ``module`` is not one of the two supported classes
     ValueError : the module uses options vqref does not implement; the message names each one
     """
-    from .quantizers import VectorQuantize
+    from ..quantizers import VectorQuantize
 
     TorchVQ, TorchRVQ = _vqp_classes()
     backend = dict(dtype=dtype, xp=xp, device=device)
     if isinstance(module, TorchVQ):
         config, problems = _read_vq_layer(module)
-        _raise_unsupported("VectorQuantize", problems)
+        raise_unsupported("VectorQuantize", problems)
         out = VectorQuantize(**config, seed=seed, **backend)
         out.load_state_dict(_read_state(module))
         return out.train(module.training)
     if isinstance(module, TorchRVQ):
         return _from_residual(module, seed=seed, backend=backend)
-    raise TypeError(
-        "from_vector_quantize_pytorch takes a vector_quantize_pytorch.VectorQuantize or ResidualVQ, "
-        f"got {type(module).__module__}.{type(module).__name__}"
-    )
+    raise TypeError(f"expected a vector_quantize_pytorch VectorQuantize or ResidualVQ, got {type(module).__name__}")
 
 
 def _from_residual(rvq: Any, *, seed: Any, backend: dict):
-    from .quantizers import ResidualVQ
+    from ..quantizers import ResidualVQ
 
     problems = []
 
@@ -248,7 +202,7 @@ def _from_residual(rvq: Any, *, seed: Any, backend: dict):
         for level, config in enumerate(configs[1:], start=1):
             diff = sorted(k for k in config if k != "kmeans_init" and config[k] != configs[0][k])
             need(bool(diff), f"depth {level} configured differently from depth 0 ({', '.join(diff)})")
-    _raise_unsupported("ResidualVQ", problems)
+    raise_unsupported("ResidualVQ", problems)
 
     options = {k: configs[0][k] for k in _VQ_OPTIONS}
     # Depths whose codebook is not yet initialised run k-means; the flag only matters there.
@@ -276,7 +230,7 @@ def _from_residual(rvq: Any, *, seed: Any, backend: dict):
 
 
 def _check_exportable(module: Any) -> None:
-    from .quantizers import ResidualVQ, VectorQuantize
+    from ..quantizers import ResidualVQ, VectorQuantize
 
     if not isinstance(module, (VectorQuantize, ResidualVQ)):
         raise TypeError(f"expected a vqref VectorQuantize or ResidualVQ, got {type(module).__name__}")
@@ -320,7 +274,7 @@ def export_state_dict(module: Any, *, dtype: Any = "float32") -> dict:
     -------
     dict of str -> numpy.ndarray (host copies)
     """
-    from .quantizers import ResidualVQ
+    from ..quantizers import ResidualVQ
 
     _check_exportable(module)
     dtype = np.dtype(dtype)
@@ -333,7 +287,7 @@ def export_state_dict(module: Any, *, dtype: Any = "float32") -> dict:
     return out
 
 
-def to_vector_quantize_pytorch(module: Any):
+def to_vqp(module: Any):
     """The vector-quantize-pytorch module equivalent to a vqref ``VectorQuantize`` or ``ResidualVQ``.
 
     The torch module is built with the same options (``rotation_trick`` and ``ema_update``
@@ -352,7 +306,7 @@ def to_vector_quantize_pytorch(module: Any):
     """
     import torch
 
-    from .quantizers import ResidualVQ
+    from ..quantizers import ResidualVQ
 
     TorchVQ, TorchRVQ = _vqp_classes()
     _check_exportable(module)
