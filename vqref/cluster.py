@@ -20,8 +20,11 @@ with a scikit-learn-like interface, for users who want cluster ids rather than a
     Level l is a k-means of the residuals ``r_l``.  This is the hierarchical clustering view of
     residual VQ (RQ-VAE, arXiv 2203.01941; SoundStream, arXiv 2107.03312): level 0 finds
     coarse clusters, level 1 clusters the offsets of the rows from their level-0 centroids, and
-    so on.  A row's code tuple ``(k_0, ..., k_{L-1})`` is its "semantic ID" (as in generative
-    retrieval, Rajput et al., arXiv 2305.05065): rows with a common prefix are close.  Two rows
+    so on.  With ``beam_size = b > 1`` rows are encoded by beam search over the fitted
+    codebooks (:func:`vqref.core.beam.residual_encode_beam`): b partial codes per row, never a
+    worse reconstruction than greedy.  A row's code tuple ``(k_0, ..., k_{L-1})`` is its
+    "semantic ID" (as in generative retrieval, Rajput et al., arXiv 2305.05065): rows with a
+    common prefix are close.  Two rows
     *collide* when their whole tuples are equal; :func:`collision_rate` measures how often.
 
 Cosine variant (``use_cosine_sim=True``): assignments by cosine similarity and spherical
@@ -47,6 +50,7 @@ import numpy as np
 
 from . import backend as B
 from .backend import Array
+from .core.beam import reconstruction_errors, residual_encode_beam
 from .core.ema import laplace_smoothing
 from .core.kmeans import assign, kmeans, kmeans_plusplus, sample_initial_means
 from .metrics import collision_rate
@@ -314,8 +318,13 @@ class ResidualClustering:
     """Residual VQ fitted as a hierarchical clusterer: one k-means per level, on the residuals.
 
     ``fit(X)`` runs, for l = 0..L-1, a :class:`VQClustering` with K clusters on ``r_l`` and then
-    ``r_{l+1} = r_l - mu^(l)_{k_l}``.  ``predict(X)`` encodes new rows greedily with the fitted
-    codebooks (what :class:`vqref.ResidualVQ` does in eval mode) and returns the semantic IDs.
+    ``r_{l+1} = r_l - mu^(l)_{k_l}``.  ``predict(X)`` encodes rows with the fitted codebooks and
+    returns the semantic IDs: greedily with ``beam_size=1`` (what :class:`vqref.ResidualVQ` does in
+    eval mode), else by beam search (:func:`vqref.core.beam.residual_encode_beam`, score
+    ``"error"``): b partial codes per row, and per row the greedy code wherever the search does
+    not reconstruct strictly better.  The codebooks are fitted greedily in either case; the
+    training rows' ``labels_``, ``counts_`` and ``inertia_`` describe their encoding with
+    ``beam_size``.
 
     Parameters
     ----------
@@ -325,7 +334,8 @@ class ResidualClustering:
     init : ``"k-means++"`` (default) or ``"random"``, the initialisation of every level
     use_cosine_sim : cosine assignment and unit centroids at every level (see the module notes)
     seed : seed or numpy Generator; level l uses the l-th of L generators spawned from it
-    chunk_size : rows per chunk of the nearest-centroid search
+    chunk_size : rows per chunk of the nearest-centroid search (and of the beam search)
+    beam_size : b >= 1, partial codes kept per row when encoding (1: greedy, the default)
 
     Attributes
     ----------
@@ -334,10 +344,10 @@ class ResidualClustering:
     cluster_centers_ : (L, K, D), X's library and dtype: the codebooks
     labels_ : (N, L) int64, the training rows' semantic IDs (equal to ``predict(X)``)
     counts_ : (L, K) int64, how many training rows chose each code at each level
-    inertia_ : tuple of L floats, the residual energy ``sum_i ||r_{l+1, i}||^2`` after each level.
-        Euclidean: non-increasing, because each level's centroids are means of the rows
-        assigned to them; cosine: not guaranteed (a unit centroid is subtracted whatever the
-        residual's length)
+    inertia_ : tuple of L floats, the residual energy ``sum_i ||r_{l+1, i}||^2`` of ``labels_``
+        after each level.  Euclidean with ``beam_size=1``: non-increasing, because each level's
+        centroids are means of the rows assigned to them; cosine, or a beam (which may trade a
+        larger early residual for a smaller final one): not guaranteed
     n_features_in_ : D
     """
 
@@ -351,6 +361,7 @@ class ResidualClustering:
         use_cosine_sim: bool = False,
         seed: Any = None,
         chunk_size: int | None = None,
+        beam_size: int = 1,
     ):
         self.num_levels = check_int("num_levels", num_levels, 1)
         self.codebook_size = check_int("codebook_size", codebook_size, 1)
@@ -362,11 +373,12 @@ class ResidualClustering:
         check_seed("seed", seed)
         self.seed = seed
         self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, 1)
+        self.beam_size = check_int("beam_size", beam_size, 1)
 
     def __repr__(self) -> str:
         return (
             f"ResidualClustering(num_levels={self.num_levels}, codebook_size={self.codebook_size}, "
-            f"iters={self.iters}, init={self.init!r}, use_cosine_sim={self.use_cosine_sim})"
+            f"iters={self.iters}, init={self.init!r}, use_cosine_sim={self.use_cosine_sim}, beam_size={self.beam_size})"
         )
 
     def _level_codes(self, centers: Array) -> Array:
@@ -379,39 +391,36 @@ class ResidualClustering:
         xp = B.get_namespace(X)
         gens = B.as_generator(self.seed).spawn(self.num_levels)
         residual = X  # r_0
-        centers, labels, counts, energy = [], [], [], []
+        centers = []
         options = dict(iters=self.iters, init=self.init, use_cosine_sim=self.use_cosine_sim, chunk_size=self.chunk_size)
         for level in range(self.num_levels):
             vq = VQClustering(self.codebook_size, seed=gens[level], **options).fit(residual)
             centers.append(vq.cluster_centers_)
-            labels.append(vq.labels_)
-            counts.append(vq.counts_)
             residual = residual - xp.take(self._level_codes(vq.cluster_centers_), vq.labels_, axis=0)  # r_{l+1}
-            energy.append(xp.sum(residual * residual))
+        # The training rows encoded as predict() encodes them (greedy: the fit's own labels).
+        labels = self._encode(X, centers)  # (N, L)
+        L, K, cosine = self.num_levels, self.codebook_size, self.use_cosine_sim
+        counts = xp.stack([B.bincount(labels[:, level], K) for level in range(L)])  # (L, K)
+        prefixes = [labels[:, : level + 1] for level in range(L)]  # the codes of levels 0..l
+        energy = [xp.sum(reconstruction_errors(X, centers, p, use_cosine_sim=cosine)) for p in prefixes]
+        inertia = tuple(float(v) for v in B.to_numpy(xp.stack(energy)))  # one host sync
         self.cluster_centers_ = xp.stack(centers, axis=0)  # (L, K, D)
-        self.labels_ = xp.stack(labels, axis=1)  # (N, L)
-        self.counts_ = xp.stack(counts, axis=0)  # (L, K)
-        self.inertia_ = tuple(float(v) for v in B.to_numpy(xp.stack(energy)))  # one host sync
-        self.n_features_in_ = X.shape[1]
+        self.labels_, self.counts_, self.inertia_, self.n_features_in_ = labels, counts, inertia, X.shape[1]
         return self
 
     def fit_predict(self, X: Array) -> Array:
         """``fit(X)`` and return ``labels_ (N, L)``."""
         return self.fit(X).labels_
 
+    def _encode(self, X: Array, codebooks: list) -> Array:  # (N, L) codes of X with L codebooks (K, D)
+        options = dict(use_cosine_sim=self.use_cosine_sim, chunk_size=self.chunk_size)
+        return residual_encode_beam(X, codebooks, self.beam_size, **options).codes
+
     def predict(self, X: Array) -> Array:
-        """Semantic IDs ``(N, L)`` int64: the greedy residual code of every row."""
+        """Semantic IDs ``(N, L)`` int64: the residual code of every row (greedy, or the beam's)."""
         X = _fitted_input(self, X)
-        xp = B.get_namespace(X)
-        codebooks = _centers_as(self, X)  # (L, K, D)
-        residual = X
-        codes = []
-        for level in range(self.num_levels):
-            centers = codebooks[level, ...]  # (K, D)
-            k = assign(residual, centers, self.use_cosine_sim, chunk_size=self.chunk_size)  # (N,)
-            residual = residual - xp.take(self._level_codes(centers), k, axis=0)  # (N, D)
-            codes.append(k)
-        return xp.stack(codes, axis=1)
+        c = _centers_as(self, X)  # (L, K, D)
+        return self._encode(X, [c[level, ...] for level in range(self.num_levels)])
 
     def decode(self, codes: Array) -> Array:
         """The reconstruction ``sum_l mu^(l)_{k_l}`` of semantic IDs ``codes (N, L)``: ``(N, D)``.
@@ -440,10 +449,11 @@ class ResidualClustering:
     def to_residual_vq(self, **vq_kwargs: Any):
         """A :class:`vqref.ResidualVQ` in eval mode holding the fitted codebooks.
 
-        Its indices equal :meth:`predict` and its output equals :meth:`decode` of them, so the fit
-        can be used as a quantizer (or trained further: the EMA statistics are seeded with the
-        cluster sizes, ``m_k = mu_k N~_k``).  ``vq_kwargs`` pass to the constructor (decay,
-        commitment_weight, gradient_routing, ...).
+        Its indices equal :meth:`predict` with ``beam_size=1`` (the module encodes greedily) and
+        its output equals :meth:`decode` of them, so the fit can be used as a quantizer (or
+        trained further: the EMA statistics are seeded with the cluster sizes of ``labels_``,
+        ``m_k = mu_k N~_k``).  ``vq_kwargs`` pass to the constructor (decay, commitment_weight,
+        gradient_routing, ...).
         """
         from .quantizers import ResidualVQ
 
