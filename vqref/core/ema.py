@@ -19,6 +19,12 @@ vqref starts from the state vector-quantize-pytorch uses: ``N_k = 1`` and ``m_k 
 pseudo-count of the initial code), with no debiasing.  Every re-initialisation (k-means,
 dead-code restarts) keeps the invariant ``c_k = m_k / N~_k`` by setting ``m_k = c_k N_k``.
 
+Data-parallel training keeps this form: the EMA step is linear in ``n_k`` and ``s_k``, which are
+sums over the batch's rows, so the ranks add their ``n_k`` and ``s_k`` (an allreduce) and every
+rank takes the step with the global batch's statistics (:func:`vqref.core.state.training_update`).
+The batch means ``s_k / n_k`` are never averaged over ranks: that would weigh a rank's rows by
+the inverse of its row count.
+
 All functions are pure: they return new arrays and never modify their inputs.
 """
 
@@ -28,6 +34,7 @@ from typing import Any, NamedTuple
 
 from .. import backend as B
 from ..backend import Array
+from ..distributed import as_comm, check_same, gather_rows, row_layout
 from ..ops.l2norm import l2norm
 
 __all__ = [
@@ -155,11 +162,12 @@ def ema_update(
 
 def expire_dead_codes(
     state: EMAState,
-    x: Array,
+    x: Any,
     *,
     threshold: float,
     rng: Any,
     normalize: bool = False,
+    comm: Any = None,
 ) -> tuple[EMAState, Any]:
     """Replace codes whose EMA count fell below ``threshold`` by random vectors of the batch.
 
@@ -168,27 +176,43 @@ def expire_dead_codes(
     current batch, and its EMA state is reset consistently with ``N_k = threshold`` and
     ``m_k = threshold * c_k`` -- so ``c_k = m_k / N~_k`` keeps holding (up to smoothing).
 
+    With a communicator of R ranks the candidates come from the global batch: every rank draws
+    the same global row numbers (its generator must be in the same state as the others':
+    checked) and :func:`vqref.distributed.gather_rows` fetches each from the rank that holds
+    it.  The counts ``N_k`` are the same on every rank (they follow the reduced batch counts),
+    so every rank replaces the same codes by the same vectors -- those one process drawing from
+    the whole batch would take, bit for bit.
+
     Parameters
     ----------
     state : EMAState
-    x : (N, D) float, this batch's (normalised, for cosine) vectors
+    x : (N, D) float, this batch's (normalised, for cosine) vectors; or a sequence of such
+        arrays, whose concatenation is the batch (the depths of a shared codebook)
     threshold : float > 0
     rng : numpy Generator; one row per code is drawn on the host (distinct rows when N >= K,
-        with replacement otherwise), and dead codes take theirs
+        with replacement otherwise), and dead codes take theirs.  No number is drawn when the
+        batch (of every rank together) is empty: then nothing is replaced.
     normalize : l2-normalise the replacements (cosine codebooks)
+    comm : communicator (``None``: one process), see :mod:`vqref.distributed`; x is then this
+        rank's part of the batch and may be empty
 
     Returns
     -------
     new_state : EMAState
     dead : (K,) bool, which codes were replaced
     """
-    xp = B.get_namespace(state.codebook, x)
+    comm = as_comm(comm)
+    blocks = [x] if B.is_array(x) else list(x)
+    xp = B.get_namespace(state.codebook, *blocks)
     K = state.codebook.shape[0]
-    N = x.shape[0]
+    layout = row_layout(comm, blocks)
+    N = layout.total  # rows of the batch: every block, every rank
+    if N == 0:  # nothing to restart from (the same decision on every rank: N is global)
+        return state, xp.zeros(state.cluster_size.shape, dtype=xp.bool, device=B.get_device(state.cluster_size))
     gen = B.as_generator(rng)
+    check_same(comm, "random generator state", gen.bit_generator.state)
     rows = gen.permutation(N)[:K] if N >= K else gen.integers(0, N, size=K)
-    rows = B.from_numpy(rows, xp, device=B.get_device(x))
-    samples = xp.take(x, rows, axis=0)  # (K, D), one candidate per code
+    samples = gather_rows(comm, blocks, rows, layout)  # (K, D), one candidate per code
     if normalize:
         samples = l2norm(samples)  # (K, D) unit rows, the norm clamped at 1e-6
     samples = xp.astype(samples, state.codebook.dtype)

@@ -38,6 +38,7 @@ import numpy as np
 
 from .. import backend as B
 from ..backend import Array
+from ..distributed import as_comm, check_same, gather_rows, refuse_together, row_layout
 from ..ops.distance import nearest_code
 from ..ops.l2norm import l2norm
 from ..validation import check_bool, check_float_array, check_int, check_seed, refuse_masked
@@ -51,7 +52,7 @@ class KMeansResult(NamedTuple):
     inertia: tuple  # (T,) Python floats, the objective of each iteration's assignment
 
 
-def sample_initial_means(x: Array, num_clusters: int, rng: Any = None) -> Array:
+def sample_initial_means(x: Array, num_clusters: int, rng: Any = None, *, comm: Any = None) -> Array:
     """K rows of ``x`` drawn at random, as vector-quantize-pytorch's ``sample_vectors``.
 
     The row numbers are drawn on the host from the numpy Generator ``rng`` -- without replacement
@@ -59,27 +60,36 @@ def sample_initial_means(x: Array, num_clusters: int, rng: Any = None) -> Array:
     (``rng.integers(0, N, K)``) otherwise -- and the rows are gathered on x's device, so every
     backend starts from the same means for the same seed.
 
+    With a communicator of R ranks, ``x`` is this rank's part of the global batch and N counts
+    the rows of all ranks.  Every rank draws the same row numbers (the generators must be in the
+    same state: checked), and :func:`vqref.distributed.gather_rows` brings each drawn row from
+    the rank that holds it.  The means are bit-identical to those one process draws from the
+    whole batch with the same generator.
+
     Parameters
     ----------
-    x : (N, D) float, N >= 1
+    x : (N_r, D) float, this rank's rows (N >= 1 over all ranks; one rank may hold none)
     num_clusters : int, K
     rng : numpy Generator or seed (``None``: fresh OS entropy, not reproducible)
+    comm : communicator (``None``: one process), see :mod:`vqref.distributed`
 
     Returns
     -------
-    means : (K, D), rows of x (same namespace, device and dtype)
+    means : (K, D), rows of the global batch (x's namespace, device and dtype), on every rank
     """
-    xp = B.get_namespace(x)
-    N, K = x.shape[0], int(num_clusters)
+    comm = as_comm(comm)
+    K = int(num_clusters)
+    layout = row_layout(comm, [x])
+    N = layout.total  # rows of every rank together
     if N == 0:
         raise ValueError("cannot sample initial means from an empty batch; pass init_means")
     gen = B.as_generator(rng)
+    check_same(comm, "random generator state", gen.bit_generator.state)
     if N >= K:
         rows = gen.choice(N, size=K, replace=False)
     else:
         rows = gen.integers(0, N, size=K)
-    rows = B.from_numpy(rows.astype(np.int64), xp, device=B.get_device(x))  # (K,)
-    return xp.take(x, rows, axis=0)  # (K, D)
+    return gather_rows(comm, [x], rows.astype(np.int64), layout)  # (K, D)
 
 
 def assign(x: Array, means: Array, use_cosine_sim: bool = False, *, chunk_size: int | None = None) -> Array:
@@ -135,6 +145,7 @@ def kmeans(
     use_cosine_sim: bool = False,
     init_means: Array = None,
     chunk_size: int | None = None,
+    comm: Any = None,
 ) -> KMeansResult:
     """Lloyd's k-means, equations (1)-(3), for ``iters`` iterations (no early stop).
 
@@ -153,6 +164,9 @@ def kmeans(
         (cast to x's dtype; l2-normalised in the cosine variant).  Default:
         :func:`sample_initial_means` with ``rng``.
     chunk_size : int >= 1, rows per chunk in the assignment step
+    comm : communicator (``None``: one process), see :mod:`vqref.distributed`.  Each rank
+        passes its part of the batch (which may be empty); the result, the same on every rank,
+        is that of the whole batch (see Notes)
 
     Returns
     -------
@@ -177,7 +191,11 @@ def kmeans(
         None, a non-negative int or a Generator.
     ValueError
         ``x`` is not 2-D, or either array holds NaN or infinite values, or has the wrong shape;
-        a count is below 1; ``x`` is empty and no ``init_means`` are given.
+        a count is below 1; ``x`` is empty and no ``init_means`` are given (with several ranks:
+        every rank's ``x``); the ranks' generators differ (``rng``, with several ranks).
+    RuntimeError
+        with several ranks, on the ranks whose own arguments were fine, when another rank's
+        were refused (that rank raises its own error): no rank is left waiting.
 
     Notes
     -----
@@ -208,32 +226,30 @@ def kmeans(
     *Synchronisation.*  The objective of each iteration is kept as a 0-d device array and
     converted to Python floats once, after the loop; with the finiteness checks of the inputs
     at entry, a call synchronises with the device two or three times.
+
+    *Several ranks.*  Lloyd's update needs the per-cluster counts and sums of the whole batch,
+    and both are sums over rows: each rank computes them on its rows and an allreduce adds
+    them (the means are formed afterwards -- averaging per-rank means would weight the ranks
+    equally whatever their row counts).  The initial means are drawn from the global batch
+    (:func:`sample_initial_means`), and a refusal of any rank's arguments is raised on every
+    rank.  Counts are exact; the sums differ from one process's by rounding only, because the
+    additions happen in another order (docs/distributed.md).
     """
-    _check_array("x", x)
-    if x.ndim != 2:
-        raise ValueError(f"x must be a 2-D array (N, D), got shape {tuple(x.shape)}")
-    K = check_int("num_clusters", num_clusters, 1)
-    iters = check_int("iters", iters, 1)  # >= 1: the counts come from an assignment
-    use_cosine_sim = check_bool("use_cosine_sim", use_cosine_sim)
-    rng = check_seed("rng", rng)
-    if chunk_size is not None:
-        chunk_size = check_int("chunk_size", chunk_size, 1)
-    check_float_array("x", x, x)
-    N, D = x.shape
-    if init_means is not None:
-        _check_array("init_means", init_means)
-        if B.library_name(init_means) != B.library_name(x):
-            raise TypeError(
-                f"init_means is a {B.library_name(init_means)} array but x is a {B.library_name(x)} array; "
-                "give both in one library"
-            )
-        check_float_array("init_means", init_means, x, shape=(K, D))
+    comm = as_comm(comm)
+    refused = None
+    try:
+        K, iters, use_cosine_sim, rng, chunk_size = _checked_arguments(
+            x, num_clusters, iters, use_cosine_sim, rng, chunk_size, init_means
+        )
+    except (TypeError, ValueError) as error:
+        refused = error
+    refuse_together(comm, refused)  # every rank raises, or none does
     xp = B.get_namespace(x)
 
     if use_cosine_sim:
         x = l2norm(x)  # (N, D) rows on the unit sphere (zero rows stay zero)
     if init_means is None:
-        means = sample_initial_means(x, K, rng)  # (K, D)
+        means = sample_initial_means(x, K, rng, comm=comm)  # (K, D)
     else:
         means = xp.astype(init_means, x.dtype) if init_means.dtype != x.dtype else init_means
         if use_cosine_sim:
@@ -245,10 +261,10 @@ def kmeans(
     for _ in range(iters):
         idx, score = nearest_code(x, means, metric=metric, chunk_size=chunk_size, return_score=True)  # (N,)
         objective.append(-xp.sum(score) if use_cosine_sim else xp.sum(score))
-        counts = B.bincount(idx, K)  # (K,) int64
+        counts = comm.allreduce_sum(B.bincount(idx, K))  # (K,) int64, n_k of every rank's rows
         # s_k / n_k written as mu_k + sum_{a_i = k} (x_i - mu_k) / n_k: the same value, but the
         # summed deviations are small, so a float32 sum keeps its precision (see Notes).
-        dsums = B.segment_sum(x, idx, K, offsets=means)  # (K, D) sums of x_i - mu_{a_i}
+        dsums = comm.allreduce_sum(B.segment_sum(x, idx, K, offsets=means))  # (K, D) sums of x_i - mu_{a_i}
         denom = xp.astype(xp.maximum(counts, xp.ones_like(counts)), x.dtype)  # (K,) max(n_k, 1)
         new_means = means + dsums / denom[:, None]  # (K, D) s_k / n_k where n_k > 0
         if use_cosine_sim:
@@ -257,8 +273,32 @@ def kmeans(
         # Euclidean case; the where states rule (3) outright and skips the cosine re-normalisation.
         means = xp.where((counts > 0)[:, None], new_means, means)  # (K, D) empty clusters keep theirs
 
-    history = tuple(float(v) for v in B.to_numpy(xp.stack(objective)))  # the one host sync
+    objective = comm.allreduce_sum(xp.stack(objective))  # (T,) over every rank's rows
+    history = tuple(float(v) for v in B.to_numpy(objective))  # the one host sync
     return KMeansResult(means, counts, history)
+
+
+def _checked_arguments(x, num_clusters, iters, use_cosine_sim, rng, chunk_size, init_means) -> tuple:
+    """The checks of :func:`kmeans`' arguments; returns ``K, iters, use_cosine_sim, rng, chunk_size``."""
+    _check_array("x", x)
+    if x.ndim != 2:
+        raise ValueError(f"x must be a 2-D array (N, D), got shape {tuple(x.shape)}")
+    K = check_int("num_clusters", num_clusters, 1)
+    iters = check_int("iters", iters, 1)  # >= 1: the counts come from an assignment
+    use_cosine_sim = check_bool("use_cosine_sim", use_cosine_sim)
+    rng = check_seed("rng", rng)
+    if chunk_size is not None:
+        chunk_size = check_int("chunk_size", chunk_size, 1)
+    check_float_array("x", x, x)
+    if init_means is not None:
+        _check_array("init_means", init_means)
+        if B.library_name(init_means) != B.library_name(x):
+            raise TypeError(
+                f"init_means is a {B.library_name(init_means)} array but x is a {B.library_name(x)} array; "
+                "give both in one library"
+            )
+        check_float_array("init_means", init_means, x, shape=(K, x.shape[1]))
+    return K, iters, use_cosine_sim, rng, chunk_size
 
 
 def _check_array(name: str, a: Array) -> None:

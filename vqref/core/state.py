@@ -12,6 +12,13 @@ Order within a training step (as in vector-quantize-pytorch):
 2. the assignment and outputs use the codebook from before this step's update;
 3. the EMA step from this batch's statistics;
 4. dead-code restarts.
+
+Data-parallel training: every function here takes an optional communicator ``comm`` (see
+:mod:`vqref.distributed`; default: one process).  Each rank passes its part of the batch and
+the ranks end in the state one process reaches on the whole batch: the batch counts and sums
+are added over ranks before the EMA step, k-means reduces its per-cluster counts and sums in
+every iteration, and the rows that k-means starts from and that restarted codes take are drawn
+from the global batch by global row number, the same numbers on every rank.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import numpy as np
 
 from .. import backend as B
 from ..backend import Array
+from ..distributed import as_comm
 from .ema import (
     EMAState,
     accumulate_statistics,
@@ -36,6 +44,7 @@ __all__ = [
     "initial_codebook",
     "kmeans_init_state",
     "training_update",
+    "global_statistics",
     "shared_training_update",
     "residual_kmeans_init",
     "residual_training_update",
@@ -71,6 +80,7 @@ def kmeans_init_state(
     eps: float,
     use_cosine_sim: bool = False,
     dtype: Any = None,
+    comm: Any = None,
 ) -> EMAState:
     """Initial EMA state from k-means on one batch (SoundStream, arXiv 2107.03312).
 
@@ -87,6 +97,8 @@ def kmeans_init_state(
     eps : Laplace smoothing constant
     use_cosine_sim : spherical k-means and unit-norm codes
     dtype : dtype of the state (default: x's)
+    comm : communicator (``None``: one process); x is then this rank's part of the batch, and
+        every rank returns the state of the whole batch's k-means
 
     Returns
     -------
@@ -102,7 +114,7 @@ def kmeans_init_state(
 
     xp = B.get_namespace(x)
     dtype = x.dtype if dtype is None else dtype
-    res = kmeans(x, num_codes, iters, rng=rng, use_cosine_sim=use_cosine_sim)
+    res = kmeans(x, num_codes, iters, rng=rng, use_cosine_sim=use_cosine_sim, comm=comm)  # counts: global
     means = xp.astype(res.means, dtype)  # (K, D)
     counts = xp.astype(res.counts, dtype)  # (K,)
     embed_avg = means * counts[:, None]  # (K, D)
@@ -122,6 +134,7 @@ def training_update(
     dead_code_threshold: float = 0.0,
     rng: Any = None,
     normalize: bool = False,
+    comm: Any = None,
 ) -> EMAState:
     """The state update after one training forward: EMA step, then dead-code restarts.
 
@@ -135,16 +148,38 @@ def training_update(
     dead_code_threshold : restart codes with ``N_k`` below this (0 = off)
     rng : numpy Generator for the restarts
     normalize : unit-norm codes (cosine codebooks)
+    comm : communicator (``None``: one process); x and indices are then this rank's rows (maybe
+        none), and every rank returns the state of the whole batch's update
     """
+    comm = as_comm(comm)
     if ema or dead_code_threshold > 0:
         # The counts are tracked whenever restarts need them, even if the codes do not follow.
-        counts, sums = batch_statistics(x, indices, state.codebook.shape[0])
+        counts, sums = global_statistics(x, indices, state.codebook.shape[0], comm)
         state = accumulate_statistics(state, counts, sums, decay=decay)
     if ema:
         state = recompute_codebook(state, eps=eps, normalize=normalize)
     if dead_code_threshold > 0:
-        state, _ = expire_dead_codes(state, x, threshold=dead_code_threshold, rng=rng, normalize=normalize)
+        state, _ = expire_dead_codes(state, x, threshold=dead_code_threshold, rng=rng, normalize=normalize, comm=comm)
     return state
+
+
+def global_statistics(x: Array, indices: Array, num_codes: int, comm: Any) -> tuple[Any, Any]:
+    """The batch counts ``n_k`` and sums ``s_k`` of every rank's rows together.
+
+    Both are sums over rows, so the global batch's are the sums of the ranks' (an allreduce of
+    each); one process: :func:`vqref.core.ema.batch_statistics` as it is.
+
+    Parameters
+    ----------
+    x : (N_r, D) this rank's vectors;  indices : (N_r,) their codes;  num_codes : K
+    comm : communicator
+
+    Returns
+    -------
+    counts : (K,), sums : (K, D), x's dtype, the same on every rank
+    """
+    counts, sums = batch_statistics(x, indices, num_codes)  # (K,), (K, D) of this rank's rows
+    return comm.allreduce_sum(counts), comm.allreduce_sum(sums)
 
 
 def shared_training_update(
@@ -158,6 +193,7 @@ def shared_training_update(
     dead_code_threshold: float = 0.0,
     rng: Any = None,
     normalize: bool = False,
+    comm: Any = None,
 ) -> EMAState:
     """The state update of one codebook shared by Q depths (RQ-VAE, arXiv 2203.01941).
 
@@ -171,18 +207,20 @@ def shared_training_update(
     state : EMAState of the shared codebook
     xs : Q arrays (N, D), what each depth quantized (normalised for cosine codebooks), state dtype
     indices : Q arrays (N,), each depth's codes
-    decay, eps, ema, dead_code_threshold, rng, normalize : as :func:`training_update`
+    decay, eps, ema, dead_code_threshold, rng, normalize, comm : as :func:`training_update`
+        (with several ranks the candidates of a restart are the global batch of every depth:
+        depth after depth, each in rank order, as one process concatenates them)
     """
-    xp = B.get_namespace(state.codebook)
+    comm = as_comm(comm)
     if ema or dead_code_threshold > 0:
         for x, idx in zip(xs, indices):
-            counts, sums = batch_statistics(x, idx, state.codebook.shape[0])
+            counts, sums = global_statistics(x, idx, state.codebook.shape[0], comm)
             state = accumulate_statistics(state, counts, sums, decay=decay)
     if ema:
         state = recompute_codebook(state, eps=eps, normalize=normalize)
     if dead_code_threshold > 0:
         state, _ = expire_dead_codes(
-            state, xp.concat(list(xs), axis=0), threshold=dead_code_threshold, rng=rng, normalize=normalize
+            state, list(xs), threshold=dead_code_threshold, rng=rng, normalize=normalize, comm=comm
         )
     return state
 
@@ -200,6 +238,7 @@ def residual_kmeans_init(
     use_cosine_sim: bool,
     dtype: Any,
     quantize_options: dict,
+    comm: Any = None,
 ) -> tuple[list, list]:
     """k-means initialisation of a residual stack on its first batch, depth by depth.
 
@@ -222,6 +261,9 @@ def residual_kmeans_init(
     dtype : dtype of the state
     quantize_options : options of :func:`vqref.core.quantize.quantize_forward` used to compute
         the residuals between depths
+    comm : communicator (``None``: one process); x is then this rank's rows.  Each depth's
+        k-means runs over every rank's residuals, and the residuals passed on are computed
+        per row, so every rank initialises the codebooks one process would on the whole batch
 
     Returns
     -------
@@ -231,6 +273,7 @@ def residual_kmeans_init(
     from .quantize import quantize_forward
 
     xp = B.get_namespace(x)
+    comm = as_comm(comm)
     states, initted = list(states), list(initted)
     residual = x
     for level in range(num_depths):
@@ -245,6 +288,7 @@ def residual_kmeans_init(
                 eps=eps,
                 use_cosine_sim=use_cosine_sim,
                 dtype=dtype,
+                comm=comm,
             )
             initted[i] = True
         if level + 1 < num_depths:
@@ -260,6 +304,7 @@ def residual_training_update(
     *,
     shared: bool,
     rngs: Sequence[Array],
+    comm: Any = None,
     **options: Any,
 ) -> list:
     """The state update of a residual stack after a training forward.
@@ -274,6 +319,7 @@ def residual_training_update(
     indices : Q arrays (N,)
     shared : one codebook for every depth
     rngs : one numpy Generator per codebook
+    comm : communicator (``None``: one process), see :func:`training_update`
     **options : decay, eps, ema, dead_code_threshold, normalize (see :func:`training_update`)
 
     Returns
@@ -281,5 +327,7 @@ def residual_training_update(
     list of the new EMAStates
     """
     if shared:
-        return [shared_training_update(states[0], xs, indices, rng=rngs[0], **options)]
-    return [training_update(st, x, idx, rng=rng, **options) for st, x, idx, rng in zip(states, xs, indices, rngs)]
+        return [shared_training_update(states[0], xs, indices, rng=rngs[0], comm=comm, **options)]
+    return [
+        training_update(st, x, idx, rng=rng, comm=comm, **options) for st, x, idx, rng in zip(states, xs, indices, rngs)
+    ]
