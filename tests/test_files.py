@@ -37,7 +37,7 @@ from test_integrity import assert_same, evil_module_on_path, snapshot
 
 from vqref import ResidualVQ, VectorQuantize
 from vqref import backend as B
-from vqref.quantizers.options import CONFIG_KEYS
+from vqref.quantizers.options import CONFIG_DEFAULTS, CONFIG_KEYS
 
 D, K, Q = 5, 7, 3
 N = 11
@@ -352,7 +352,7 @@ for _key in ("xp", "device", "seed", "__class__", "module", "n_embed"):
     case(f"config-unknown-{_key}", rf"config entry has unknown options \['{_key}'\]")(
         lambda f, tmp, k=_key: f.with_config(**{k: "numpy"})
     )
-for _key in CONFIG_KEYS:
+for _key in (k for k in CONFIG_KEYS if k not in CONFIG_DEFAULTS):  # a default fills the others
     case(f"config-without-{_key}", rf"config entry has no \['{_key}'\]")(
         lambda f, tmp, k=_key: f.members(config={a: b for a, b in f.config.items() if a != k})
     )
@@ -583,3 +583,14 @@ def test_paths_are_file_names(bad_path, module):
         with pytest.raises(TypeError, match=r"path must be a file name"):
             call(bad_path)
     assert_same(before, snapshot(module))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_stateless_module_keeps_its_configured_dtype_through_a_file(tmp_path, dtype):
+    # FSQ stores no array: from_file takes the dtype from the file's configuration, not a default
+    from vqref import FSQ
+
+    path = str(tmp_path / "fsq.npz")
+    FSQ(levels=[5, 4], dtype=dtype).save(path)
+    assert FSQ.from_file(path).dtype == getattr(np, dtype)
+    assert FSQ.from_file(path, dtype="float32").dtype == np.float32  # the caller's choice wins

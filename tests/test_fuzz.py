@@ -1,7 +1,8 @@
 """Fuzzing the quantizer modules over every option and over hostile inputs (docs/reliability.md).
 
 Hypothesis draws a configuration (metric, codebook training mode, k-means, orthogonal
-regulariser and its code subsets, dead-code restarts, rotation trick, residual depth 1-4 with
+regulariser and its code subsets, dead-code restarts, rotation trick, Gumbel sampling, the
+straight-through Gumbel-softmax and soft estimators, the diversity loss, residual depth 1-4 with
 either gradient routing, shared codebook, state and input dtypes, numpy or array_api_strict,
 chunked search) and an input batch built from hostile pieces (zeros, duplicated rows, antipodal
 pairs, per-row magnitudes from 1e-30 to 1e15, a single token, K > N), optionally with a loaded
@@ -164,6 +165,13 @@ def configurations(draw, residual: bool):
         kw["orthogonal_reg_weight"] = draw(st.sampled_from([0.1, 10.0]))
         kw["orthogonal_reg_active_codes_only"] = draw(st.booleans())
         kw["orthogonal_reg_max_codes"] = draw(st.one_of(st.none(), st.integers(1, K + 1)))
+    if draw(st.booleans()):  # sampling, the Gumbel-softmax estimators, the diversity loss
+        kw["stochastic_sample_codes"] = draw(st.booleans())
+        kw["sample_codebook_temp"] = draw(st.sampled_from([0.0, 0.1, 1.0, 10.0]))
+        kw["straight_through"] = draw(st.booleans())
+        kw["soft_assignment"] = draw(st.booleans())
+        kw["codebook_diversity_loss_weight"] = draw(st.sampled_from([0.0, 0.5]))
+        kw["codebook_diversity_temperature"] = draw(st.sampled_from([0.0, 1.0, 100.0]))
     if residual:
         kw["num_quantizers"] = draw(st.integers(1, 4))
         kw["shared_codebook"] = draw(st.booleans())
@@ -181,6 +189,15 @@ def invalid_reason(kw: dict) -> str | None:
         return "codebook_weight"
     if kw["rotation_trick"] and kw["dim"] == 1:
         return "rotation_trick"
+    soft = kw.get("straight_through") or kw.get("soft_assignment")
+    if sum(bool(kw.get(k)) for k in ("rotation_trick", "straight_through", "soft_assignment")) > 1:
+        return "at most one"
+    if kw.get("soft_assignment") and kw.get("stochastic_sample_codes"):
+        return "stochastic_sample_codes=False"
+    if soft and kw.get("sample_codebook_temp", 1.0) == 0:
+        return "needs sample_codebook_temp > 0"
+    if soft and kw.get("gradient_routing") == "sum":
+        return "gradient_routing"
     return None
 
 

@@ -61,8 +61,29 @@ KINDS = {
     "rvq-per-depth": (ResidualVQ, dict(rotation_trick=True, threshold_ema_dead_code=1.5)),
     "rvq-sum": (ResidualVQ, dict(gradient_routing="sum", learnable_codebook=True, ema_update=False)),
     "rvq-shared": (ResidualVQ, dict(shared_codebook=True, kmeans_init=True, orthogonal_reg_weight=0.5)),
+    "vq-gumbel": (
+        VectorQuantize,
+        dict(
+            stochastic_sample_codes=True,
+            straight_through=True,
+            codebook_diversity_loss_weight=0.2,
+            orthogonal_reg_weight=0.5,
+            threshold_ema_dead_code=1.5,
+        ),
+    ),
+    "rvq-soft": (
+        ResidualVQ,
+        dict(
+            soft_assignment=True,
+            sample_codebook_temp=0.5,
+            learnable_codebook=True,
+            ema_update=False,
+            codebook_diversity_loss_weight=0.1,
+        ),
+    ),
 }
-CACHE_KINDS = ("vq-ste", "vq-rotation", "vq-cosine", "vq-learnable", "vq-q3", "rvq-per-depth", "rvq-sum", "rvq-shared")
+CACHE_KINDS = ("vq-ste", "vq-rotation", "vq-cosine", "vq-learnable", "vq-q3", "rvq-per-depth", "rvq-sum", "rvq-shared",
+               "vq-gumbel", "rvq-soft")  # fmt: skip
 
 
 def build(kind: str, lib: str = "numpy", dtype: str = "float64", seed: int = 0, **extra):
@@ -472,6 +493,9 @@ FLAGS = (
     "orthogonal_reg_active_codes_only",
     "rotation_trick",
     "shared_codebook",
+    "stochastic_sample_codes",
+    "straight_through",
+    "soft_assignment",
 )
 
 
@@ -882,7 +906,8 @@ def _call(draw, module, entry: str, tmp: str):
     if entry == "forward":
         lead = draw(st.sampled_from([(N,), (2, 3), (1,)]))
         x = draw(hostile(module, lead + (D,)))
-        return (lambda: module(x)), ("x",)
+        tau = draw(st.sampled_from([None, None, None, 0.5, 0.0, -1.0, float("nan"), "1", True, np.float32(2.0)]))
+        return (lambda: module(x, sample_codebook_temp=tau)), ("x", "sample_codebook_temp")
     if entry == "backward":
         shape = module.state.cache[1] if module.state.cache is not None else (N, D)
         dq = draw(hostile(module, shape))
@@ -999,6 +1024,10 @@ def test_constructor_property_smoke():
                 "use_cosine_sim",
                 "gradient_routing",
                 "num_quantizers",
+                "sample_codebook_temp",
+                "straight_through",
+                "codebook_diversity_loss_weight",
+                "codebook_diversity_temperature",
             ]
         ),  # fmt: skip
         value=st.one_of(

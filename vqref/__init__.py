@@ -11,12 +11,15 @@ __version__ = "0.1.0"
 
 from .cluster import ResidualClustering, VQClustering
 from .core.kmeans import KMeansResult, kmeans
-from .quantizers import FSQ, ResidualVQ, VectorQuantize
+from .quantizers import FSQ, LFQ, ResidualFSQ, ResidualLFQ, ResidualVQ, VectorQuantize
 
 __all__ = [
     "VectorQuantize",
     "ResidualVQ",
     "FSQ",
+    "ResidualFSQ",
+    "LFQ",
+    "ResidualLFQ",
     "VQClustering",
     "ResidualClustering",
     "kmeans",

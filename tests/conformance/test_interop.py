@@ -231,10 +231,12 @@ def test_to_vqp_leaves_torchs_global_random_state_alone():
 UNSUPPORTED_VQ = {
     "heads": dict(heads=2, separate_codebook_per_head=True),
     "codebook_dim": dict(codebook_dim=8),
-    "stochastic_sample_codes": dict(stochastic_sample_codes=True),
-    "straight_through": dict(straight_through=True, rotation_trick=False),
+    "sample_codebook_temp": dict(sample_codebook_temp=-1.0),
+    "straight_through=True with sample_codebook_temp": dict(
+        straight_through=True, rotation_trick=False, sample_codebook_temp=0.0
+    ),
     "directional_reparam": dict(directional_reparam=True, threshold_ema_dead_code=1),
-    "codebook_diversity_loss_weight": dict(codebook_diversity_loss_weight=0.1),
+    "codebook_diversity_temperature": dict(codebook_diversity_loss_weight=0.1, codebook_diversity_temperature=-1.0),
     "commitment_use_cross_entropy_loss": dict(commitment_use_cross_entropy_loss=True),
     "affine_param": dict(affine_param=True),
     "accept_image_fmap": dict(accept_image_fmap=True),
@@ -279,12 +281,10 @@ def test_unsupported_residual_options_are_named(option):
 
 
 def test_every_unsupported_option_is_named_at_once():
-    t = TorchVQ(
-        dim=D, codebook_size=K, stochastic_sample_codes=True, codebook_diversity_loss_weight=0.1, channel_last=False
-    )
+    t = TorchVQ(dim=D, codebook_size=K, sample_codebook_temp=-1.0, affine_param=True, channel_last=False)
     with pytest.raises(ValueError) as info:
         from_vector_quantize_pytorch(t)
-    for name in ("stochastic_sample_codes", "codebook_diversity_loss_weight", "channel_last"):
+    for name in ("sample_codebook_temp", "affine_param", "channel_last"):
         assert name in str(info.value)
 
 

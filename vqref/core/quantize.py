@@ -1,25 +1,36 @@
-"""Vector quantization as a pure function: nearest code, gradient estimator, losses.
+"""Vector quantization as a pure function: nearest (or sampled) code, gradient estimator, losses.
 
-Symbols: N vectors, D features, K codes; M = N * D.
+Symbols: N vectors, D features, K codes; M = N * D; tau the sampling temperature.
 
 Forward (VQ-VAE, arXiv 1711.00937; optional pieces from later papers):
 
     x^     = l2(x)  if cosine else x              (N, D)  ViT-VQGAN's l2-normalised lookup
     C^     = l2(C)  if cosine else C              (K, D)
-    k_i    = argmin_k ||x^_i - c^_k||^2           (N,)    (argmax of x^ . c^ for cosine)
+    l      = -||x^ - c^|| or x^ . c^             (N, K)  logits, only where a soft path needs them
+    k_i    = argmin_k ||x^_i - c^_k||^2           (N,)    (argmax of x^ . c^ for cosine), or with
+             argmax_k (l_ik / tau + g_ik)                 Gumbel noise g: a sample of softmax(l_i / tau)
     q      = C^[k]                                (N, D)
-    out    = STE(x^, q)  or  rotation(x^, q)      (N, D)  value q, surrogate gradient
+    out    = estimator(x^, q)                     (N, D)  one of four, chosen in estimator_forward:
+             "ste"       value q, dx^ = dout                          (VQ-VAE)
+             "rotation"  value q, dx^ = lambda R^T dout               (arXiv 2410.06424)
+             "gumbel"    value q, gradient through y = softmax(l/tau + g)   straight-through
+                         Gumbel-softmax (arXiv 1611.01144), a surrogate
+             "soft"      value y C^ with y = softmax(l / tau), its true derivative
     loss   = beta * mse(x^, sg[q])                         commitment
            [+ w_cb * mse(sg[x^], q)]                       codebook term, learnable codebook
+           [+ w_div * diversity(l)]                        codebook diversity loss
            [+ w_orth * orth(C)]                            orthogonal regulariser
 
 With a learnable codebook and no separate ``codebook_weight``, the loss is
 vector-quantize-pytorch's single term ``beta * mse(x^, q)`` whose gradient reaches both sides.
+The losses do not depend on the estimator: the commitment term always measures the hard code q.
 
-Backward: the gradient estimator carries ``dout`` to ``x^``; each loss term adds its share;
-the lookup's adjoint (a segment sum) collects the codebook gradient; the l2 normalisations (if
-any) are differentiated last.  The indices are constants throughout (the argmin has no
-gradient).  The functions return the cache explicitly; they keep no state.
+Backward: the estimator carries ``dout`` to ``x^`` (STE, rotation trick) or to the logits and
+the codebook (Gumbel straight-through, soft); each loss term adds its share; the logits'
+gradient reaches ``x^`` and ``C^`` through the distances; the lookup's adjoint (a segment sum)
+collects the codebook gradient; the l2 normalisations (if any) are differentiated last.  The
+indices are constants throughout (neither the argmin nor the sample has a gradient).  The
+functions return the cache explicitly; they keep no state.
 """
 
 from __future__ import annotations
@@ -29,6 +40,19 @@ from typing import Any, NamedTuple
 from .. import backend as B
 from ..backend import Array
 from ..ops.distance import nearest_code
+from ..ops.gumbel import (
+    code_logits_backward,
+    code_logits_forward,
+    diversity_loss_backward,
+    diversity_loss_forward,
+    gumbel_max_sample,
+    gumbel_softmax_backward,
+    gumbel_softmax_forward,
+    soft_assignment_backward,
+    soft_assignment_forward,
+    straight_through_gumbel_backward,
+    straight_through_gumbel_forward,
+)
 from ..ops.l2norm import l2norm_backward, l2norm_forward
 from ..ops.lookup import LookupCache, lookup_backward, lookup_forward
 from ..ops.losses import MSECache, mse_backward, mse_forward
@@ -37,28 +61,41 @@ from ..ops.rotation import rotation_trick_backward, rotation_trick_forward
 from ..ops.straight_through import straight_through_backward, straight_through_forward
 
 __all__ = [
+    "ESTIMATORS",
     "QuantizeOutput",
     "QuantizeCache",
     "quantize_forward",
     "quantize_backward",
+    "estimator_kind",
     "estimator_forward",
     "estimator_backward",
     "add_orthogonal_term",
     "EstimatorCache",
+    "EstimatorGrads",
 ]
+
+ESTIMATORS = ("ste", "rotation", "gumbel", "soft")
 
 
 class QuantizeOutput(NamedTuple):
-    quantized: Any  # (N, D), value = the selected (normalised) codes
+    quantized: Any  # (N, D), value = the selected (normalised) codes; the soft codes y C^ for "soft"
     indices: Array  # (N,) int64
     loss: Any  # 0-d, the weighted total
     commitment: Any  # 0-d, mse(x^, q) (unweighted; equals the codebook term's value)
     orthogonal: Any  # 0-d or None, the orthogonal regulariser (unweighted)
+    diversity: Any = None  # 0-d or None, the codebook diversity loss (unweighted)
 
 
 class EstimatorCache(NamedTuple):
-    kind: str  # "ste" | "rotation"
-    inner: Any  # the estimator op's own cache (STECache or RotationCache)
+    kind: str  # one of ESTIMATORS
+    inner: Any  # the estimator op's own cache (STECache, RotationCache or AssignmentCache)
+    relaxed: Any = None  # "gumbel"/"soft": the GumbelSoftmaxCache of y, the way to the logits
+
+
+class EstimatorGrads(NamedTuple):
+    dx: Any  # (N, D) the gradient reaching x directly (STE, rotation trick), else None
+    dlogits: Any  # (N, K) reaching the logits through y (Gumbel straight-through, soft), else None
+    dcodebook: Any  # (K, D) reaching the codebook directly (z^T dout or y^T dout), else None
 
 
 class QuantizeCache(NamedTuple):
@@ -71,34 +108,80 @@ class QuantizeCache(NamedTuple):
     codebook_weight: float  # 0 when the codebook gets no gradient from the losses
     orthogonal: Any  # orthogonal-loss cache, or None (see add_orthogonal_term)
     orthogonal_weight: float
+    logits: Any = None  # LogitsCache, or None when no soft path was taken
+    diversity: Any = None  # DiversityCache, or None
+    diversity_weight: float = 0.0
 
 
-def estimator_forward(x: Array, q: Array, *, rotation_trick: bool = False) -> tuple[Array, EstimatorCache]:
-    """The gradient estimator: value ``q``, surrogate gradient to ``x``.
+def estimator_kind(
+    *, rotation_trick: bool = False, straight_through: bool = False, soft_assignment: bool = False
+) -> str:
+    """The estimator the three flags select (``"ste"`` when none is set; more than one is an error)."""
+    chosen = [
+        k for k, on in (("rotation", rotation_trick), ("gumbel", straight_through), ("soft", soft_assignment)) if on
+    ]
+    if len(chosen) > 1:
+        raise ValueError(
+            "rotation_trick, straight_through and soft_assignment are different gradient estimators; set at most one"
+        )
+    return chosen[0] if chosen else "ste"
+
+
+def estimator_forward(
+    x: Array, q: Array, *, kind: str = "ste", codebook: Array = None, indices: Array = None, relaxed: Any = None
+) -> tuple[Array, EstimatorCache]:
+    """The gradient estimator: the output, and how its gradient goes back.
 
     Parameters
     ----------
-    x : (N, D) the vectors the gradient goes to
-    q : (N, D) their codes (the value)
-    rotation_trick : the rotation trick (arXiv 2410.06424) instead of the straight-through estimator
+    x : (N, D) the vectors (the gradient goes to them, or to their logits)
+    q : (N, D) their codes ``codebook[indices]``
+    kind : ``"ste"`` (straight-through, arXiv 1711.00937), ``"rotation"`` (arXiv 2410.06424),
+        ``"gumbel"`` (straight-through Gumbel-softmax, arXiv 1611.01144) or ``"soft"``
+    codebook : (K, D), for ``"gumbel"`` and ``"soft"``
+    indices : (N,) int, for ``"gumbel"``
+    relaxed : ``(y, GumbelSoftmaxCache)`` from :func:`vqref.ops.gumbel.gumbel_softmax_forward`,
+        for ``"gumbel"`` and ``"soft"``
 
     Returns
     -------
-    out : (N, D), equal to ``q``
-    cache : EstimatorCache(kind, inner) for :func:`estimator_backward`
+    out : (N, D), equal to ``q`` (``y C`` for ``"soft"``)
+    cache : EstimatorCache for :func:`estimator_backward`
     """
-    if rotation_trick:
+    if kind == "rotation":
         out, inner = rotation_trick_forward(x, q)
-        return out, EstimatorCache("rotation", inner)
+        return out, EstimatorCache(kind, inner)
+    if kind == "gumbel":
+        out, inner = straight_through_gumbel_forward(codebook, indices)  # the value q, bit for bit
+        return out, EstimatorCache(kind, inner, relaxed[1])
+    if kind == "soft":
+        out, inner = soft_assignment_forward(relaxed[0], codebook)  # (N, D) y C
+        return out, EstimatorCache(kind, inner, relaxed[1])
+    if kind != "ste":
+        raise ValueError(f"kind must be one of {ESTIMATORS}, got {kind!r}")
     out, inner = straight_through_forward(x, q)
-    return out, EstimatorCache("ste", inner)
+    return out, EstimatorCache(kind, inner)
 
 
-def estimator_backward(dout: Array, cache: EstimatorCache) -> Array:
-    """``dx``: ``dout`` (straight-through) or ``lambda R^T dout`` (rotation trick); surrogates."""
+def estimator_backward(dout: Array, cache: EstimatorCache) -> EstimatorGrads:
+    """Where ``dout`` goes, by estimator:
+
+    * ``"ste"``: ``dx = dout``; ``"rotation"``: ``dx = lambda R^T dout`` (surrogates);
+    * ``"gumbel"``: ``z C`` is differentiated exactly (``dz = dout C^T``, ``dC = z^T dout``) and
+      ``dz`` is used as the gradient of the soft sample y (the surrogate step), which the softmax
+      carries to the logits;
+    * ``"soft"``: ``y C`` differentiated exactly (``dy = dout C^T``, ``dC = y^T dout``), y to the
+      logits: the true derivative.
+    """
     if cache.kind == "rotation":
-        return rotation_trick_backward(dout, cache.inner)
-    return straight_through_backward(dout, cache.inner)
+        return EstimatorGrads(rotation_trick_backward(dout, cache.inner), None, None)
+    if cache.kind == "gumbel":
+        dz, dcodebook = straight_through_gumbel_backward(dout, cache.inner)  # (N, K), (K, D)
+        return EstimatorGrads(None, gumbel_softmax_backward(dz, cache.relaxed), dcodebook)  # dy := dz
+    if cache.kind == "soft":
+        dy, dcodebook = soft_assignment_backward(dout, cache.inner)  # (N, K), (K, D)
+        return EstimatorGrads(None, gumbel_softmax_backward(dy, cache.relaxed), dcodebook)
+    return EstimatorGrads(straight_through_backward(dout, cache.inner), None, None)
 
 
 def add_orthogonal_term(
@@ -125,7 +208,7 @@ def add_orthogonal_term(
     -------
     orth : 0-d, the unweighted value
     cache : with the regulariser's cache and weight; :func:`quantize_backward` adds the gradient
-        of ``weight * orth`` at ``codebook`` (its step 4)
+        of ``weight * orth`` at ``codebook`` (its step 6)
     """
     orth, orth_cache = orthogonal_loss_forward(codebook, code_ids=code_ids)  # ()
     return orth, cache._replace(orthogonal=orth_cache, orthogonal_weight=float(weight))
@@ -140,6 +223,13 @@ def quantize_forward(
     learnable_codebook: bool = False,
     use_cosine_sim: bool = False,
     rotation_trick: bool = False,
+    straight_through: bool = False,
+    soft_assignment: bool = False,
+    sample_codebook_temp: float = 1.0,
+    noise: Array = None,
+    codebook_diversity_loss_weight: float = 0.0,
+    codebook_diversity_temperature: float = 100.0,
+    diversity_positions: int = 1,
     orthogonal_reg_weight: float = 0.0,
     orthogonal_code_ids: Any = None,
     indices: Array = None,
@@ -155,31 +245,59 @@ def quantize_forward(
     codebook_weight : with ``learnable_codebook``, the weight of the separate codebook term
         ``mse(sg[x^], q)`` (VQ-VAE paper: 1 with beta = 0.25).  ``None`` gives
         vector-quantize-pytorch's single term ``beta * mse(x^, q)`` (gradient to both sides).
-    learnable_codebook : whether the losses send a gradient to the codebook
+    learnable_codebook : whether the commitment loss sends a gradient to the codebook
     use_cosine_sim : l2-normalise inputs and codes, assign by cosine similarity
-    rotation_trick : use the rotation trick (arXiv 2410.06424) instead of the STE
+    rotation_trick : the rotation trick (arXiv 2410.06424) instead of the STE
+    straight_through : the straight-through Gumbel-softmax estimator instead of the STE
+    soft_assignment : output the soft codes ``softmax(l / tau) C^`` (true derivative)
+    sample_codebook_temp : tau > 0 of the soft paths (the noise's sampling and y)
+    noise : optional (N, K) Gumbel noise (:func:`vqref.ops.gumbel.gumbel_noise`): the codes are
+        then sampled by Gumbel-max from ``softmax(l / tau)`` instead of taken nearest, and the
+        straight-through estimator's y is perturbed by the same noise
+    codebook_diversity_loss_weight : w_div >= 0 of the diversity loss on the logits
+    codebook_diversity_temperature : its inverse temperature T
+    diversity_positions : P, the diversity loss's groups (see
+        :func:`vqref.ops.gumbel.diversity_loss_forward`)
     orthogonal_reg_weight : weight of the orthogonal regulariser on the codebook (>= 0)
     orthogonal_code_ids : optional (n,) int, the codes the regulariser sees (default: all)
-    indices : optional (N,) int, use these codes instead of the nearest ones (to hold the
-        assignment fixed in gradient checks)
+    indices : optional (N,) int, use these codes instead of the nearest or sampled ones (to hold
+        the assignment fixed in gradient checks)
     chunk_size : rows per chunk of the nearest-code search
 
     Returns
     -------
-    out : QuantizeOutput(quantized (N, D), indices (N,), loss (), commitment (), orthogonal ())
+    out : QuantizeOutput(quantized (N, D), indices (N,), loss (), commitment (), orthogonal (),
+        diversity ())
     cache : QuantizeCache
+
+    Notes
+    -----
+    The soft paths (noise, ``straight_through``, ``soft_assignment``, the diversity loss) need
+    all N x K logits; the plain nearest-code search never forms them.
     """
     xp = B.get_namespace(x, codebook)
+    kind = estimator_kind(rotation_trick=rotation_trick, straight_through=straight_through,
+                          soft_assignment=soft_assignment)  # fmt: skip
+    if kind == "soft" and noise is not None:
+        raise ValueError("the soft estimator does not sample: pass no noise with soft_assignment")
     x_norm = c_norm = None
     xh, ch = x, codebook
     if use_cosine_sim:
         xh, x_norm = l2norm_forward(x)  # (N, D) unit rows
         ch, c_norm = l2norm_forward(codebook)  # (K, D) unit rows
+    logits = logits_cache = None
+    if noise is not None or kind in ("gumbel", "soft") or codebook_diversity_loss_weight > 0:
+        logits, logits_cache = code_logits_forward(xh, ch, metric="dot" if use_cosine_sim else "euclidean")  # (N, K)
+    if indices is None and noise is not None:
+        indices = gumbel_max_sample(logits, noise, temperature=sample_codebook_temp)  # (N,) a sample
     if indices is None:
         indices = nearest_code(xh, ch, metric="dot" if use_cosine_sim else "euclidean", chunk_size=chunk_size)
     q, lookup_cache = lookup_forward(ch, indices)  # (N, D)
 
-    quantized, est_cache = estimator_forward(xh, q, rotation_trick=rotation_trick)
+    relaxed = None
+    if kind in ("gumbel", "soft"):
+        relaxed = gumbel_softmax_forward(logits, temperature=sample_codebook_temp, noise=noise)  # y (N, K), cache
+    quantized, est_cache = estimator_forward(xh, q, kind=kind, codebook=ch, indices=indices, relaxed=relaxed)
 
     # mse(x^, q) has one value; the weights below decide where its gradient goes.
     commit, mse_cache = mse_forward(xh, q)  # ()
@@ -190,14 +308,27 @@ def quantize_forward(
     weight = commitment_weight + cb_weight if codebook_weight is not None else commitment_weight
     loss = xp.asarray(weight * commit)  # () a 0-d array on every backend (numpy makes a scalar)
 
+    diversity = diversity_cache = None
+    if codebook_diversity_loss_weight > 0:
+        diversity, diversity_cache = diversity_loss_forward(
+            logits, inverse_temperature=codebook_diversity_temperature, positions=diversity_positions
+        )  # ()
+        loss = xp.asarray(loss + codebook_diversity_loss_weight * diversity)
+
     cache = QuantizeCache(
-        x_norm, c_norm, lookup_cache, est_cache, mse_cache, float(commitment_weight), float(cb_weight), None, 0.0
-    )
+        x_norm, c_norm, lookup_cache, est_cache, mse_cache, float(commitment_weight), float(cb_weight), None, 0.0,
+        logits_cache, diversity_cache, float(codebook_diversity_loss_weight),
+    )  # fmt: skip
     orth = None
     if orthogonal_reg_weight > 0:
         orth, cache = add_orthogonal_term(cache, codebook, weight=orthogonal_reg_weight, code_ids=orthogonal_code_ids)
         loss = xp.asarray(loss + orthogonal_reg_weight * orth)
-    return QuantizeOutput(quantized, indices, loss, commit, orth), cache
+    return QuantizeOutput(quantized, indices, loss, commit, orth, diversity), cache
+
+
+def _plus(a: Any, b: Any) -> Any:
+    """``a + b`` where either may be None (a term that did not contribute)."""
+    return b if a is None else a if b is None else a + b
 
 
 def quantize_backward(dquantized: Array, dloss: Array, cache: QuantizeCache) -> tuple[Any, Any]:
@@ -214,26 +345,38 @@ def quantize_backward(dquantized: Array, dloss: Array, cache: QuantizeCache) -> 
     dx : (N, D)
     dcodebook : (K, D), or ``None`` when no term reaches the codebook
     """
-    # 1. The estimator carries the decoder's gradient to x^ (STE: unchanged; rotation: lambda R^T g).
-    dxh = estimator_backward(dquantized, cache.estimator)  # (N, D)
+    # 1. The estimator carries the decoder's gradient to x^ (STE: unchanged; rotation: lambda R^T g),
+    #    or to the logits and the codebook (Gumbel straight-through, soft).
+    est = estimator_backward(dquantized, cache.estimator)
+    dxh = est.dx if est.dx is not None else B.get_namespace(dquantized).zeros_like(dquantized)  # (N, D)
+    dch, dlogits = est.dcodebook, est.dlogits  # (K, D) or None, (N, K) or None
 
     # 2. The losses: d mse(x^, q) = +(2/M)(x^ - q) for x^ and the opposite for q.  The
     #    commitment weight routes it to x^, the codebook weight to q.
     dmse_dxh, dmse_dq = mse_backward(dloss, cache.mse)
     dxh = dxh + cache.commitment_weight * dmse_dxh  # (N, D)
-    dch = None
     if cache.codebook_weight:
-        dch = lookup_backward(cache.codebook_weight * dmse_dq, cache.lookup)  # (K, D)
+        dch = _plus(dch, lookup_backward(cache.codebook_weight * dmse_dq, cache.lookup))  # (K, D)
 
-    # 3. Undo the l2 normalisations (cosine codebooks).
+    # 3. The diversity loss acts on the logits.
+    if cache.diversity is not None:
+        dlogits = _plus(dlogits, diversity_loss_backward(cache.diversity_weight * dloss, cache.diversity))  # (N, K)
+
+    # 4. The logits' gradient reaches x^ and C^ through the distances (or dot products).
+    if dlogits is not None:
+        dxh_logits, dch_logits = code_logits_backward(dlogits, cache.logits)  # (N, D), (K, D)
+        dxh = dxh + dxh_logits
+        dch = _plus(dch, dch_logits)
+
+    # 5. Undo the l2 normalisations (cosine codebooks).
     if cache.x_norm is not None:
         dx = l2norm_backward(dxh, cache.x_norm)
         dcodebook = None if dch is None else l2norm_backward(dch, cache.c_norm)
     else:
         dx, dcodebook = dxh, dch
 
-    # 4. The orthogonal regulariser acts on the raw codebook.
+    # 6. The orthogonal regulariser acts on the raw codebook.
     if cache.orthogonal is not None:
         dorth = orthogonal_loss_backward(cache.orthogonal_weight * dloss, cache.orthogonal)  # (K, D)
-        dcodebook = dorth if dcodebook is None else dcodebook + dorth
+        dcodebook = _plus(dcodebook, dorth)
     return dx, dcodebook

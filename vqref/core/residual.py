@@ -26,6 +26,11 @@ the estimator sits:
 
 The commitment terms reach x through every residual in both cases.  With a shared codebook,
 its gradient is the sum of the per-depth scatter-adds.
+
+The Gumbel straight-through and soft estimators (docs/math.md §9) act per depth only: their
+gradient goes to the depth's logits, which the total has no counterpart of, so routing ``"sum"``
+refuses them.  With the soft estimator ``o_l`` is the soft code ``y_l C_l``, and
+``r_{l+1} = r_l - sg[o_l]`` subtracts it, so ``quantized + r_Q = x`` holds in every mode.
 """
 
 from __future__ import annotations
@@ -34,11 +39,13 @@ from typing import Any, NamedTuple, Sequence
 
 from .. import backend as B
 from ..backend import Array
+from ..ops.gumbel import gumbel_noise
 from .quantize import (
     EstimatorCache,
     add_orthogonal_term,
     estimator_backward,
     estimator_forward,
+    estimator_kind,
     quantize_backward,
     quantize_forward,
 )
@@ -51,7 +58,11 @@ __all__ = [
     "residual_add_orthogonal",
     "orthogonal_code_subsets",
     "codebook_gradients",
+    "usage_stats",
     "GRADIENT_ROUTINGS",
+    "StackOutput",
+    "residual_stack_forward",
+    "residual_stack_backward",
 ]
 
 GRADIENT_ROUTINGS = ("per_depth", "sum")
@@ -65,6 +76,7 @@ class ResidualOutput(NamedTuple):
     codes: tuple  # Q arrays (N, D): the chosen (normalised) code at each depth
     commitments: tuple = ()  # Q 0-d arrays: each depth's mse(r^_l, c_l), unweighted
     orthogonals: tuple | None = None  # Q 0-d arrays: each depth's orthogonal regulariser (unweighted)
+    diversities: tuple | None = None  # Q 0-d arrays: each depth's codebook diversity loss (unweighted)
 
 
 class ResidualCache(NamedTuple):
@@ -81,6 +93,7 @@ def residual_forward(
     routing: str = "per_depth",
     indices: Array = None,
     code_ids: Sequence[Array] | None = None,
+    rngs: Sequence[Any] | None = None,
     **quantize_options: Any,
 ) -> tuple[ResidualOutput, ResidualCache]:
     """Quantize ``x`` residually, one codebook per depth.
@@ -92,8 +105,13 @@ def residual_forward(
     routing : ``"per_depth"`` (vector-quantize-pytorch) or ``"sum"`` (one estimator on the total)
     indices : optional (N, Q) int, codes to use instead of the nearest ones (gradient checks)
     code_ids : optional per-depth code subsets for the orthogonal regulariser
+    rngs : optional numpy Generators (one per codebook, or one for a shared codebook): each depth
+        then samples its codes from ``softmax(l / tau)`` by Gumbel-max, with noise drawn on the
+        host from its codebook's generator, depth after depth (nothing is drawn when
+        ``sample_codebook_temp`` is 0: the codes are then the nearest ones)
     **quantize_options : passed to every depth's :func:`vqref.core.quantize.quantize_forward`
-        (commitment_weight, learnable_codebook, use_cosine_sim, rotation_trick, ...)
+        (commitment_weight, learnable_codebook, use_cosine_sim, rotation_trick, straight_through,
+        sample_codebook_temp, ...)
 
     Returns
     -------
@@ -105,24 +123,39 @@ def residual_forward(
     xp = B.get_namespace(x, *codebooks)
     Q = len(codebooks)
     shared = all(c is codebooks[0] for c in codebooks)
-    rotation = bool(quantize_options.get("rotation_trick", False))
+    kind = estimator_kind(
+        rotation_trick=quantize_options.get("rotation_trick", False),
+        straight_through=quantize_options.get("straight_through", False),
+        soft_assignment=quantize_options.get("soft_assignment", False),
+    )
     depth_options = dict(quantize_options)
     if routing == "sum":
+        if kind not in ("ste", "rotation"):
+            raise ValueError(
+                f"routing 'sum' puts one STE or rotation trick on the total; the {kind!r} estimator acts per depth"
+            )
         depth_options["rotation_trick"] = False  # the estimator sits on the sum instead
+    temperature = quantize_options.get("sample_codebook_temp", 1.0)
+    sampling = rngs is not None and temperature > 0
 
     residual = x
-    residuals, codes, idx_list, losses, caches, commitments = [x], [], [], [], [], []
+    residuals, codes, idx_list, losses, caches, commitments, diversities = [x], [], [], [], [], [], []
     total = None
     for level in range(Q):
         fixed = None if indices is None else indices[:, level]
         ids = None if code_ids is None else code_ids[level]
+        noise = None
+        if sampling:  # Gumbel noise from this depth's codebook's generator (N, K)
+            gen = rngs[0 if len(rngs) == 1 else level]
+            noise = gumbel_noise((x.shape[0], codebooks[level].shape[0]), gen, like=x)
         out, cache = quantize_forward(
-            residual, codebooks[level], indices=fixed, orthogonal_code_ids=ids, **depth_options
+            residual, codebooks[level], indices=fixed, orthogonal_code_ids=ids, noise=noise, **depth_options
         )
         codes.append(out.quantized)
         idx_list.append(out.indices)
         losses.append(out.loss)
         commitments.append(out.commitment)
+        diversities.append(out.diversity)
         caches.append(cache)
         total = out.quantized if total is None else total + out.quantized  # (N, D)
         residual = residual - out.quantized  # r_{l+1} = r_l - sg[o_l]  (N, D)
@@ -130,7 +163,7 @@ def residual_forward(
 
     sum_estimator = None
     if routing == "sum":
-        quantized, sum_estimator = estimator_forward(x, total, rotation_trick=rotation)
+        quantized, sum_estimator = estimator_forward(x, total, kind=kind)
     else:
         quantized = total
     out = ResidualOutput(
@@ -140,6 +173,7 @@ def residual_forward(
         tuple(residuals),
         tuple(codes),
         tuple(commitments),
+        diversities=None if diversities[0] is None else tuple(diversities),
     )
     return out, ResidualCache(tuple(caches), routing, sum_estimator, shared)
 
@@ -176,7 +210,7 @@ def residual_backward(dquantized: Array, dlosses: Array, cache: ResidualCache) -
         return dx, dcodebooks
     # routing "sum": the estimator on the total carries the decoder gradient once; the depths
     # contribute their loss gradients only.
-    dx = estimator_backward(dquantized, cache.sum_estimator)
+    dx = estimator_backward(dquantized, cache.sum_estimator).dx
     zeros = xp.zeros_like(dquantized)
     dcodebooks = []
     for level, depth in enumerate(cache.depths):
@@ -257,3 +291,110 @@ def codebook_gradients(dcodebooks: Sequence[Any], *, shared: bool) -> list:
         if g is not None:
             total = g if total is None else total + g  # (K, D)
     return [total]
+
+
+def usage_stats(
+    indices: Array, num_codes: int, cluster_sizes: Sequence[Array], *, threshold: float, decay: float | None
+) -> dict:
+    """What one forward's codes say about the use of each depth's codebook (docs/math.md §10).
+
+    Per depth l: :func:`vqref.metrics.code_usage` of ``indices[:, l]`` (``perplexity``, ``usage``,
+    ``used_codes``) and ``dead_fraction``, the fraction of codes whose EMA count is below
+    ``threshold``.  In a training step (``decay`` given) the counts are the ones this step's EMA
+    takes (``N + (1 - decay)(n - N)``, the formula of :func:`vqref.core.ema.accumulate_statistics`,
+    depth after depth for a shared codebook), before the restarts: so ``dead_fraction`` is the
+    fraction of codes the step restarts.  In eval (``decay=None``) they are the committed counts.
+    A reporting step: the numbers are read on the host.
+
+    Parameters
+    ----------
+    indices : (N, Q) int, this forward's codes
+    num_codes : K
+    cluster_sizes : the committed counts ``N`` (K,), one per codebook (one for a shared codebook)
+    threshold : ``threshold_ema_dead_code`` (0: ``dead_fraction`` is 0.0)
+    decay : the EMA decay of a training step whose counts are updated, or None
+
+    Returns
+    -------
+    dict of tuples (one entry per depth): perplexity, usage (floats), used_codes (ints),
+    dead_fraction (floats)
+    """
+    from ..metrics import code_usage
+
+    xp = B.get_namespace(indices)
+    Q = indices.shape[1]
+    counts = list(cluster_sizes)
+    stats: dict = {"perplexity": [], "usage": [], "used_codes": [], "dead_fraction": []}
+    for level in range(Q):
+        for key, value in code_usage(indices[:, level], num_codes).items():
+            stats[key].append(value)
+        i = 0 if len(counts) == 1 else level
+        if decay is not None and threshold > 0:
+            n = xp.astype(B.bincount(indices[:, level], num_codes), counts[i].dtype)  # (K,) this batch's n_k
+            counts[i] = counts[i] + (1.0 - decay) * (n - counts[i])  # (K,) the EMA step's N_k
+        stats["dead_fraction"].append(float(xp.sum(xp.astype(counts[i] < threshold, xp.float64))) / num_codes)
+    if len(counts) == 1 and Q > 1:  # one shared codebook: its counts after the last depth's step
+        stats["dead_fraction"] = [stats["dead_fraction"][-1]] * Q
+    return {k: tuple(v) for k, v in stats.items()}
+
+
+# ---------------------------------------------------------------- the recursion for any quantizer
+
+
+class StackOutput(NamedTuple):
+    quantized: Array  # (N, D) sum_l q_l
+    depths: tuple  # Q outputs of the depth functions
+    residuals: tuple  # Q + 1 arrays (N, D): r_0 = x, ..., r_Q = x - quantized
+
+
+def residual_stack_forward(x: Array, depths: Sequence[Any]) -> tuple[StackOutput, tuple]:
+    """The residual recursion with any quantizer at each depth (residual LFQ, residual FSQ).
+
+    ``depths[l]`` is a function ``r_l -> (out_l, cache_l)`` whose ``out_l.quantized`` (N, D) is the
+    value of depth l's codes; then ``r_{l+1} = r_l - out_l.quantized`` (the code itself: the
+    residual sees it as a constant) and the output is ``sum_l out_l.quantized``.
+
+    Parameters
+    ----------
+    x : (N, D) float
+    depths : Q callables
+
+    Returns
+    -------
+    out : StackOutput(quantized (N, D), the Q depth outputs, the Q + 1 residuals)
+    caches : the Q depth caches, for :func:`residual_stack_backward`
+    """
+    residual, total = x, None
+    residuals, outs, caches = [x], [], []
+    for depth in depths:
+        out, cache = depth(residual)
+        outs.append(out)
+        caches.append(cache)
+        total = out.quantized if total is None else total + out.quantized  # (N, D)
+        residual = residual - out.quantized  # r_{l+1} = r_l - sg[q_l]  (N, D)
+        residuals.append(residual)
+    return StackOutput(total, tuple(outs), tuple(residuals)), tuple(caches)
+
+
+def residual_stack_backward(
+    dquantized: Array, dlosses: Sequence[Any], caches: Sequence[Any], depth_backward: Any
+) -> tuple[Array, list]:
+    """``dx`` of :func:`residual_stack_forward` with every depth routing its own gradient.
+
+    Every residual has identity Jacobian with respect to x (``r_{l+1} = r_l - sg[q_l]``), and
+    every depth's estimator passes the output's gradient to its residual; so
+    ``dx = sum_l dr_l`` with ``(dr_l, extra_l) = depth_backward(dquantized, dlosses[l], caches[l])``
+    (with the straight-through estimator the decoder's gradient reaches x once per depth, as in
+    vector-quantize-pytorch).
+
+    Returns
+    -------
+    dx : (N, D)
+    extras : the Q second results of ``depth_backward`` (e.g. each depth's parameter gradients)
+    """
+    dx, extras = None, []
+    for dl, cache in zip(dlosses, caches):
+        dr, extra = depth_backward(dquantized, dl, cache)
+        dx = dr if dx is None else dx + dr  # (N, D)
+        extras.append(extra)
+    return dx, extras

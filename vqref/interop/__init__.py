@@ -41,6 +41,10 @@ VQP_VERSION = "1.32.0"
 CONVERTERS = {
     "VectorQuantize": "vq",
     "ResidualVQ": "vq",
+    "FSQ": "fsq",
+    "ResidualFSQ": "fsq",
+    "LFQ": "lfq",
+    "ResidualLFQ": "lfq",
 }
 
 

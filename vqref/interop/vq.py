@@ -5,9 +5,11 @@ codebook (head) axis, always 1 for the modules converted here.
 
 What is converted.  The configuration (dim, codebook_size, decay, eps, commitment_weight,
 ema_update, learnable_codebook, k-means settings, use_cosine_sim, the orthogonal regulariser
-and its code subsets, threshold_ema_dead_code, rotation_trick, num_quantizers,
-shared_codebook) and the state of every codebook: ``codebook`` (torch: ``embed``, shape
-``(1, K, D)``), ``cluster_size`` (``(1, K)``), ``embed_avg`` (``(1, K, D)``) and ``initted``.
+and its code subsets, threshold_ema_dead_code, rotation_trick, stochastic_sample_codes,
+sample_codebook_temp, straight_through, codebook_diversity_loss_weight,
+codebook_diversity_temperature, num_quantizers, shared_codebook) and the state of every
+codebook: ``codebook`` (torch: ``embed``, shape ``(1, K, D)``), ``cluster_size`` (``(1, K)``),
+``embed_avg`` (``(1, K, D)``) and ``initted``.
 
 The gradient estimator is always written out explicitly.  vector-quantize-pytorch's default is
 the rotation trick (for dim > 1) and vqref's is the straight-through estimator, so relying on
@@ -19,9 +21,14 @@ until the first forward has run k-means.  A converted module gets ``kmeans_init 
 initted``; an already initialised codebook behaves identically whether or not it came from
 k-means.
 
-Unsupported options (multi-head codebooks, projections, stochastic or Gumbel sampling, DiVeQ,
-affine parameters, the diversity loss, quantize dropout, beam search, implicit neural codebooks,
-channel-first or image inputs, ...) raise a ``ValueError`` that names every offending option at
+``straight_through`` converts to itself although the two libraries differ: vqref's is the
+straight-through Gumbel-softmax estimator of the paper, vector-quantize-pytorch's final
+straight-through step discards it (docs/deviations.md §13).  Sampling converts as the same
+distribution; the two libraries draw their noise from different generators.
+
+Unsupported options (multi-head codebooks, projections, DiVeQ, affine parameters, quantize
+dropout, beam search, implicit neural codebooks, channel-first or image inputs, vqref's
+``soft_assignment``, ...) raise a ``ValueError`` that names every offending option at
 once, rather than converting to a module that would compute something else.
 """
 
@@ -51,6 +58,11 @@ _VQ_OPTIONS = (
     "orthogonal_reg_max_codes",
     "threshold_ema_dead_code",
     "rotation_trick",
+    "stochastic_sample_codes",
+    "sample_codebook_temp",
+    "straight_through",
+    "codebook_diversity_loss_weight",
+    "codebook_diversity_temperature",
 )
 
 
@@ -83,11 +95,19 @@ def _read_vq_layer(vq: Any, *, in_shared_stack: bool = False) -> tuple[dict, lis
     need(vq.heads != 1, f"heads={vq.heads} (multi-head codebooks)")
     need(bool(vq.separate_codebook_per_head) or cb.num_codebooks != 1, "separate_codebook_per_head=True")
     need(bool(vq.has_projections), "codebook_dim != dim (project_in/project_out projections)")
-    need(bool(keywords.get("stochastic", False)), "stochastic_sample_codes=True")
-    need(bool(keywords.get("straight_through", False)), "straight_through=True (Gumbel-softmax straight-through)")
+    stochastic, straight = bool(keywords.get("stochastic", False)), bool(keywords.get("straight_through", False))
+    temperature = float(cb.sample_codebook_temp)
+    need(temperature < 0, f"sample_codebook_temp={temperature} < 0 (vqref takes 0 for no sampling)")
+    need(
+        straight and temperature <= 0,
+        f"straight_through=True with sample_codebook_temp={temperature} (vqp then ignores straight_through; "
+        "vqref's estimator needs a temperature > 0)",
+    )
+    need(
+        vq.codebook_diversity_temperature < 0, f"codebook_diversity_temperature={vq.codebook_diversity_temperature} < 0"
+    )
     need(bool(vq.directional_reparam), "directional_reparam=True (DiVeQ)")
     need(bool(vq.commitment_use_cross_entropy_loss), "commitment_use_cross_entropy_loss=True")
-    need(vq.codebook_diversity_loss_weight > 0, f"codebook_diversity_loss_weight={vq.codebook_diversity_loss_weight}")
     need(vq.sync_update_v > 0, f"sync_update_v={vq.sync_update_v}")
     need(vq.in_place_codebook_optimizer is not None, "in_place_codebook_optimizer")
     need(bool(vq.accept_image_fmap), "accept_image_fmap=True")
@@ -119,6 +139,11 @@ def _read_vq_layer(vq: Any, *, in_shared_stack: bool = False) -> tuple[dict, lis
         "orthogonal_reg_max_codes": None if vq.orthogonal_reg_max_codes is None else int(vq.orthogonal_reg_max_codes),
         "threshold_ema_dead_code": float(cb.threshold_ema_dead_code),
         "rotation_trick": bool(vq.rotation_trick),
+        "stochastic_sample_codes": stochastic,
+        "sample_codebook_temp": temperature,
+        "straight_through": straight,
+        "codebook_diversity_loss_weight": float(max(vq.codebook_diversity_loss_weight, 0.0)),
+        "codebook_diversity_temperature": float(vq.codebook_diversity_temperature),
     }
     return config, unsupported
 
@@ -145,7 +170,7 @@ def from_vqp(module: Any, *, dtype: Any, xp: Any, device: Any, seed: Any):
     xp : array library of the vqref state (numpy by default; cupy; array_api_strict)
     device : device for ``xp``
     seed : seed or numpy Generator of the vqref module (k-means sampling, dead-code restarts,
-        random code subsets); torch's random stream cannot be carried over
+        random code subsets, Gumbel noise); torch's random stream cannot be carried over
 
     Returns
     -------
@@ -240,6 +265,10 @@ def _check_exportable(module: Any) -> None:
         problems.append(
             f"codebook_weight={first.codebook_weight} (vector-quantize-pytorch has a single commitment term)"
         )
+    if first.soft_assignment:
+        problems.append("soft_assignment=True (vqref's soft estimator)")
+    if first.straight_through and first.learnable_codebook:
+        problems.append("straight_through=True with learnable_codebook=True (vector-quantize-pytorch refuses it)")
     if isinstance(module, ResidualVQ) and module.gradient_routing != "per_depth":
         problems.append(f"gradient_routing={module.gradient_routing!r} (vector-quantize-pytorch routes per depth)")
     if problems:
@@ -302,7 +331,8 @@ def to_vqp(module: Any):
     Raises
     ------
     ValueError : vqref options with no vector-quantize-pytorch equivalent (``codebook_weight``,
-        ``gradient_routing="sum"``)
+        ``gradient_routing="sum"``, ``soft_assignment``, ``straight_through`` with
+        ``learnable_codebook``)
     """
     import torch
 

@@ -9,7 +9,7 @@ model free of autograd: every gradient in the demo is one of the formulas below.
 The pairs follow the package convention, ``<op>_forward(...) -> (out, cache)`` and
 ``<op>_backward(dout, cache) -> gradients``:
 
-* affine map          ``y = x W + b``                 (:func:`linear_forward`)
+* affine map          ``y = x W + b``                 (:func:`linear_forward`, from :mod:`vqref.ops.linear`)
 * rectifier           ``y = max(x, 0)``               (:func:`relu_forward`)
 * hyperbolic tangent  ``y = tanh(x)``                 (:func:`tanh_forward`)
 * mean squared error  ``loss = mean((pred - t)^2)``   (:func:`mse_loss_forward`)
@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 from .. import backend as B
 from ..backend import Array
+from ..ops.linear import LinearCache, linear_backward, linear_forward
 from ..ops.losses import mse_forward
 
 __all__ = [
@@ -48,60 +49,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Forward/backward pairs
 # --------------------------------------------------------------------------------------------
-
-
-class LinearCache(NamedTuple):
-    x: Array  # (N, Din) a copy of the layer input
-    W: Array  # (Din, Dout) a copy of the weights used by the forward
-
-
-def linear_forward(x: Array, W: Array, b: Array) -> tuple[Array, LinearCache]:
-    """Affine map ``y = x W + b``, one row per input vector.
-
-    Parameters
-    ----------
-    x : (N, Din) float
-    W : (Din, Dout) float
-        Stored input-major (as in cs231n), so the forward is a plain ``x @ W``; torch's
-        ``nn.Linear`` stores the transpose ``(Dout, Din)``.
-    b : (Dout,) float
-
-    Returns
-    -------
-    y : (N, Dout)
-    cache : LinearCache(x, W), copies of both: changing ``x`` or ``W`` in place after the
-        forward cannot change the gradients (a copy of W costs Din * Dout, a fraction of the
-        N * Din * Dout of the product)
-    """
-    xp = B.get_namespace(x, W)
-    y = x @ W + b  # (N, Dout)
-    return y, LinearCache(xp.asarray(x, copy=True), xp.asarray(W, copy=True))
-
-
-def linear_backward(dy: Array, cache: LinearCache) -> tuple[Any, Any, Any]:
-    """Gradients of the affine map.
-
-    From ``y_nj = sum_i x_ni W_ij + b_j``:
-
-        dx = dy W^T            (N, Din)
-        dW = x^T dy            (Din, Dout)   a sum of one outer product per row
-        db = sum_n dy_n        (Dout,)       b is broadcast over rows, so its gradient sums them
-
-    Parameters
-    ----------
-    dy : (N, Dout) float
-    cache : LinearCache from :func:`linear_forward`
-
-    Returns
-    -------
-    dx : (N, Din), dW : (Din, Dout), db : (Dout,)
-    """
-    xp = B.get_namespace(dy)
-    x, W = cache
-    dx = dy @ W.mT  # (N, Din)
-    dW = x.mT @ dy  # (Din, Dout)
-    db = xp.sum(dy, axis=0)  # (Dout,)
-    return dx, dW, db
 
 
 class ReluCache(NamedTuple):

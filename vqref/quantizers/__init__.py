@@ -3,8 +3,22 @@
 from ..params import ParamView
 from .base import Quantizer, QuantizerState
 from .fsq import FSQ
+from .lfq import LFQ
+from .residual_fsq import ResidualFSQ
+from .residual_lfq import ResidualLFQ
 from .residual_vq import ResidualVQ
 from .vector_quantize import VectorQuantize
 from .views import CodebookView
 
-__all__ = ["Quantizer", "QuantizerState", "ParamView", "CodebookView", "VectorQuantize", "ResidualVQ", "FSQ"]
+__all__ = [
+    "Quantizer",
+    "QuantizerState",
+    "ParamView",
+    "CodebookView",
+    "VectorQuantize",
+    "ResidualVQ",
+    "FSQ",
+    "ResidualFSQ",
+    "LFQ",
+    "ResidualLFQ",
+]

@@ -327,9 +327,9 @@ class Quantizer:
         namespace = B.namespace_from_module(xp)
         dtype = None if dtype is None else check_dtype_name("dtype", dtype)
         config, state = files.read(path, cls)
-        config.pop("dtype")  # informational: the state's dtype is the caller's choice
+        saved = config.pop("dtype")  # the caller's choice wins; else the stored arrays' dtype
         if dtype is None:
-            dtype = files.stored_dtype(state)
+            dtype = files.stored_dtype(state, default=saved)
         module = cls(**config, seed=seed, xp=namespace, device=device, dtype=dtype)
         try:
             module.load_state_dict(state)

@@ -198,6 +198,9 @@ def _read_archive(zf: zipfile.ZipFile, archive_size: int, cls: type, expected_co
                 f"the file was saved from a different configuration: class: file {name!r} vs module {cls.__name__!r}"
             )
         raise _Mismatch(f"it does not hold a {cls.__name__} (its class entry is {name!r})")
+    # options added after the file format (``cls.CONFIG_DEFAULTS``) may be absent: an older file
+    # means the behaviour from before they existed
+    config = {**getattr(cls, "CONFIG_DEFAULTS", {}), **config}
     unknown = sorted(set(config) - set(cls.CONFIG_KEYS))
     missing = sorted(set(cls.CONFIG_KEYS) - set(config))
     if unknown or missing:
@@ -304,7 +307,10 @@ def check_state_entries(state: Any, spec: dict, dtype_name: str) -> tuple[dict, 
     return arrays, flags
 
 
-def stored_dtype(state: dict) -> str:
-    """``"float64"`` if any stored float array is float64, else ``"float32"``."""
+def stored_dtype(state: dict, default: str = "float32") -> str:
+    """``"float64"`` if any stored float array is float64, ``"float32"`` if they are all float32,
+    ``default`` (the file's configured dtype) when the state holds no float array (FSQ)."""
     names = {a.dtype.name for a in state.values() if a.dtype.name in _FLOAT_DTYPES}
+    if not names:
+        return default
     return "float64" if "float64" in names else "float32"

@@ -15,8 +15,8 @@ from typing import Any
 from ..core.residual import GRADIENT_ROUTINGS
 from ..validation import check_alias, check_bool, check_choice, check_int, check_real
 
-__all__ = ["CONFIG_KEYS", "MAX_STATE_ELEMENTS", "MAX_NUM_QUANTIZERS", "MAX_KMEANS_ITERS", "check_options",
-           "state_prefixes", "state_spec"]  # fmt: skip
+__all__ = ["CONFIG_KEYS", "CONFIG_DEFAULTS", "MAX_STATE_ELEMENTS", "MAX_NUM_QUANTIZERS", "MAX_KMEANS_ITERS",
+           "check_options", "check_temperature", "state_prefixes", "state_spec"]  # fmt: skip
 
 # Upper bounds of the sizes an option may ask for.  They are far beyond any real quantizer
 # (2**32 elements is a 16 GiB float32 codebook), and they exist so that a configuration --
@@ -31,7 +31,20 @@ CONFIG_KEYS = (
     "learnable_codebook", "kmeans_init", "kmeans_iters", "use_cosine_sim", "orthogonal_reg_weight",
     "orthogonal_reg_active_codes_only", "orthogonal_reg_max_codes", "threshold_ema_dead_code",
     "rotation_trick", "num_quantizers", "shared_codebook", "gradient_routing", "dtype", "chunk_size",
+    "stochastic_sample_codes", "sample_codebook_temp", "straight_through", "soft_assignment",
+    "codebook_diversity_loss_weight", "codebook_diversity_temperature",
 )  # fmt: skip
+
+# The options added after model files were first written, with the value that gives the behaviour
+# of a file written before them: a file without such a key loads with this value.
+CONFIG_DEFAULTS = {
+    "stochastic_sample_codes": False,
+    "sample_codebook_temp": 1.0,
+    "straight_through": False,
+    "soft_assignment": False,
+    "codebook_diversity_loss_weight": 0.0,
+    "codebook_diversity_temperature": 100.0,
+}
 
 _FLAGS = (
     "ema_update",
@@ -41,6 +54,9 @@ _FLAGS = (
     "orthogonal_reg_active_codes_only",
     "rotation_trick",
     "shared_codebook",
+    "stochastic_sample_codes",
+    "straight_through",
+    "soft_assignment",
 )
 
 
@@ -74,6 +90,13 @@ def check_options(name: str, **kw: Any) -> dict:
         "threshold_ema_dead_code": check_real("threshold_ema_dead_code", kw["threshold_ema_dead_code"], 0.0),
         "gradient_routing": check_choice("gradient_routing", kw["gradient_routing"], GRADIENT_ROUTINGS),
         "chunk_size": None if chunk_size is None else check_int("chunk_size", chunk_size, 1),
+        "sample_codebook_temp": check_real("sample_codebook_temp", kw["sample_codebook_temp"], 0.0),
+        "codebook_diversity_loss_weight": check_real(
+            "codebook_diversity_loss_weight", kw["codebook_diversity_loss_weight"], 0.0
+        ),
+        "codebook_diversity_temperature": check_real(
+            "codebook_diversity_temperature", kw["codebook_diversity_temperature"], 0.0
+        ),
     }
     out.update({flag: check_bool(flag, kw[flag]) for flag in _FLAGS})
     _check_size(out["num_quantizers"], out["codebook_size"], out["dim"])
@@ -85,7 +108,42 @@ def check_options(name: str, **kw: Any) -> dict:
         raise ValueError("codebook_weight only applies with learnable_codebook=True and ema_update=False")
     if out["rotation_trick"] and out["dim"] == 1:
         raise ValueError("rotation_trick needs dim > 1: in one dimension the only rotation is the identity")
+    _check_estimator(out)
     return out
+
+
+def _check_estimator(out: dict) -> None:
+    """The combinations of the gradient estimators and the sampling options that are refused."""
+    chosen = [k for k in ("rotation_trick", "straight_through", "soft_assignment") if out[k]]
+    if len(chosen) > 1:
+        raise ValueError(
+            f"{' and '.join(chosen)} are different gradient estimators; set at most one of rotation_trick, "
+            "straight_through and soft_assignment"
+        )
+    if out["soft_assignment"] and out["stochastic_sample_codes"]:
+        raise ValueError(
+            "soft_assignment outputs the expected code softmax(-d / tau) C and samples nothing; "
+            "use stochastic_sample_codes=False with it (or straight_through=True to sample)"
+        )
+    soft = [k for k in ("straight_through", "soft_assignment") if out[k]]
+    if soft:
+        check_temperature(out["sample_codebook_temp"], soft[0])
+        if out["gradient_routing"] == "sum":
+            raise ValueError(
+                f"{soft[0]}=True acts at every depth (its gradient goes to each depth's logits); use "
+                "gradient_routing='per_depth' with it (gradient_routing='sum' puts one STE on the total)"
+            )
+
+
+def check_temperature(value: float, estimator: str | None) -> float:
+    """``sample_codebook_temp`` for an estimator that divides by it (``straight_through``,
+    ``soft_assignment``) must be > 0; without one, 0 means no sampling (the nearest code)."""
+    if estimator is not None and not value > 0:
+        raise ValueError(
+            f"{estimator}=True needs sample_codebook_temp > 0 (it computes softmax(-d / tau)), got {value!r}; "
+            "a small temperature such as 0.1 approaches the nearest code"
+        )
+    return value
 
 
 def state_prefixes(num_quantizers: int, *, shared: bool, stacked: bool = False) -> list:

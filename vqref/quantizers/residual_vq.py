@@ -43,13 +43,18 @@ class ResidualVQ(VectorQuantize):
     seed : seed or numpy Generator (each depth gets its own stream, spawned from it)
     **vq_kwargs : every other :class:`VectorQuantize` option, applied at every depth (decay,
         commitment/commitment_weight, kmeans_init, kmeans_iters, use_cosine_sim,
-        orthogonal_reg_weight, rotation_trick, threshold_ema_dead_code, dtype, xp, ...)
+        orthogonal_reg_weight, rotation_trick, threshold_ema_dead_code, stochastic_sample_codes,
+        sample_codebook_temp, straight_through, soft_assignment, codebook_diversity_loss_weight,
+        codebook_diversity_temperature, dtype, xp, ...).  Each depth samples its codes with its own
+        generator; the Gumbel-softmax estimators need ``gradient_routing="per_depth"``
 
     Attributes
     ----------
     layers : Q read-only :class:`vqref.quantizers.views.CodebookView`, one per depth (the same
         codebook at every depth when shared), as vector-quantize-pytorch's ``rvq.layers``
     last_residuals : the Q + 1 residuals of the last call, ``r_0 = x`` to ``r_Q = x - quantized``
+    stats : the usage of each depth's codes in the last forward (a tuple per key, one entry per
+        depth, also for Q = 1): perplexity, usage, used_codes, dead_fraction
     """
 
     _stacked = True

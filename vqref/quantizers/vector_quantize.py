@@ -8,13 +8,16 @@ only validates, calls the pure functions of :mod:`vqref.core` in order, and comm
 in one assignment (the transaction of :mod:`vqref.quantizers.base`).  A training forward is:
 
     1. [k-means on the first batch]           core.state.residual_kmeans_init
-    2. quantize with the committed codebook    core.residual.residual_forward  (Q = 1: one depth)
+    2. quantize with the committed codebook    core.residual.residual_forward  (Q = 1: one depth;
+       (nearest or sampled codes)               Gumbel noise from the generators when sampling)
     3. EMA step, dead-code restarts            core.state.residual_training_update
+       and the usage statistics                core.residual.usage_stats
     4. [orthogonal regulariser, evaluated on   core.residual.residual_add_orthogonal
         the codebook step 3 left behind]
-    5. commit state, generators and cache      self._commit(...)
+    5. commit state, generators, cache, stats  self._commit(...)
 
-An eval forward runs steps 2 and 4 and commits nothing.  With ``num_quantizers = Q > 1`` the
+An eval forward runs steps 2 and 4 with the nearest codes and commits only the usage statistics
+(``vq.stats``).  With ``num_quantizers = Q > 1`` the
 same steps quantize residually in Q depths (the module is then a residual stack; outputs gain a
 depth axis, see :class:`vqref.ResidualVQ`).
 """
@@ -34,13 +37,14 @@ from ..core.residual import (
     residual_add_orthogonal,
     residual_backward,
     residual_forward,
+    usage_stats,
 )
 from ..core.state import initial_codebook, residual_kmeans_init, residual_training_update
-from ..validation import check_dtype_name, check_fits, check_index_array, check_real, check_seed, fits
+from ..validation import check_dtype_name, check_fits, check_real, check_seed, fits
 from . import files
 from .base import Quantizer
-from .options import CONFIG_KEYS, check_options, state_prefixes, state_spec
-from .views import CodebookView
+from .options import CONFIG_DEFAULTS, CONFIG_KEYS, check_options, check_temperature, state_prefixes, state_spec
+from .views import CodebookViews
 
 __all__ = ["VectorQuantize"]
 
@@ -48,7 +52,7 @@ __all__ = ["VectorQuantize"]
 _FIT_FIX = "scale the upstream gradient or run the forward on float64 input"
 
 
-class VectorQuantize(Quantizer):
+class VectorQuantize(CodebookViews, Quantizer):
     """Vector quantization layer (VQ-VAE, arXiv 1711.00937) with manual gradients.
 
     ``quantized, indices, loss = vq(x)`` for ``x`` of shape ``(..., dim)``; then
@@ -79,18 +83,34 @@ class VectorQuantize(Quantizer):
     threshold_ema_dead_code : restart codes whose EMA count falls below this (0 = off)
     rotation_trick : the rotation trick (arXiv 2410.06424) instead of the straight-through
         estimator (default False: vqref's default estimator is the STE)
+    stochastic_sample_codes : in training, sample each code from ``softmax(l / tau)`` by Gumbel-max
+        (l: minus the distance, or the cosine similarity) instead of taking the nearest; the noise
+        comes from the module's generators
+    sample_codebook_temp : tau >= 0 (default 1; 0: no sampling); also a per-call option of forward
+    straight_through : the straight-through Gumbel-softmax estimator (arXiv 1611.01144): the output
+        is the (sampled or nearest) code, the gradient reaches x and the codebook through
+        ``y = softmax(l / tau + g)`` (no identity path from the output to x; docs/deviations.md)
+    soft_assignment : (vqref only) in training output the soft code ``softmax(l / tau) C``, whose
+        backward is its true derivative; eval still returns the nearest code
+    codebook_diversity_loss_weight, codebook_diversity_temperature : weight and inverse temperature
+        T (default 100) of the codebook diversity loss ``-mean_n H(mean_b softmax(T l))``, added
+        to the loss (docs/math.md §9)
     num_quantizers : Q > 1 quantizes residually in Q depths, as :class:`vqref.ResidualVQ` (the
         module stays a ``VectorQuantize``; its outputs gain the depth axis)
     shared_codebook, gradient_routing : residual options, see :class:`vqref.ResidualVQ`
-    seed : seed or numpy Generator for every random choice (init, k-means, restarts).  A
+    seed : seed or numpy Generator for every random choice (init, k-means, sampling, restarts).  A
         Generator is used for the initial codebook and then copied: later draws do not touch it
     dtype : dtype of the stored state (default "float32"); inputs may be float32 or float64, and
         outputs keep the input's dtype
     xp : array library of the state (numpy by default; cupy; array_api_strict); see :meth:`to`
     chunk_size : rows per chunk of the nearest-code search (default: automatic)
+
+    After every forward, ``vq.stats`` holds the codes' perplexity, usage, used_codes and
+    dead_fraction (tuples over depths for a stack): see :func:`vqref.core.residual.usage_stats`.
     """
 
     CONFIG_KEYS = CONFIG_KEYS
+    CONFIG_DEFAULTS = CONFIG_DEFAULTS  # what a model file written before these options means
     _stacked = False  # ResidualVQ: outputs always carry the depth axis
 
     def __init__(
@@ -114,6 +134,12 @@ class VectorQuantize(Quantizer):
         orthogonal_reg_max_codes: int | None = None,
         threshold_ema_dead_code: float = 0,
         rotation_trick: bool = False,
+        stochastic_sample_codes: bool = False,
+        sample_codebook_temp: float = 1.0,
+        straight_through: bool = False,
+        soft_assignment: bool = False,
+        codebook_diversity_loss_weight: float = 0.0,
+        codebook_diversity_temperature: float = 100.0,
         num_quantizers: int = 1,
         shared_codebook: bool = False,
         gradient_routing: str = "per_depth",
@@ -131,7 +157,10 @@ class VectorQuantize(Quantizer):
             orthogonal_reg_active_codes_only=orthogonal_reg_active_codes_only,
             orthogonal_reg_max_codes=orthogonal_reg_max_codes, threshold_ema_dead_code=threshold_ema_dead_code,
             rotation_trick=rotation_trick, num_quantizers=num_quantizers, shared_codebook=shared_codebook,
-            gradient_routing=gradient_routing, chunk_size=chunk_size,
+            gradient_routing=gradient_routing, chunk_size=chunk_size, stochastic_sample_codes=stochastic_sample_codes,
+            sample_codebook_temp=sample_codebook_temp, straight_through=straight_through,
+            soft_assignment=soft_assignment, codebook_diversity_loss_weight=codebook_diversity_loss_weight,
+            codebook_diversity_temperature=codebook_diversity_temperature,
         )  # fmt: skip
         for key, value in options.items():
             setattr(self, key, value)
@@ -185,9 +214,9 @@ class VectorQuantize(Quantizer):
         return state_spec(config, stacked=cls._stacked)
 
     def __repr__(self) -> str:
-        flags = [
-            k for k in ("use_cosine_sim", "kmeans_init", "rotation_trick", "learnable_codebook") if getattr(self, k)
-        ]
+        names = ("use_cosine_sim", "kmeans_init", "rotation_trick", "learnable_codebook", "stochastic_sample_codes",
+                 "straight_through", "soft_assignment")  # fmt: skip
+        flags = [k for k in names if getattr(self, k)]
         depth = f", num_quantizers={self.num_quantizers}" if self.is_stack else ""
         return (
             f"{type(self).__name__}(dim={self.dim}, codebook_size={self.codebook_size}{depth}, decay={self.decay}, "
@@ -204,32 +233,6 @@ class VectorQuantize(Quantizer):
         return tuple(p + "codebook" for p in self._prefixes()) if self.codebook_is_learnable else ()
 
     # ---------------------------------------------------------------- the state, read-only
-
-    def _single(self, key: str) -> Array:
-        if self._prefixes() != [""]:
-            raise AttributeError(
-                f"a stack of {self.num_codebooks} codebooks has no single {key}; use .layers[level].{key}"
-            )
-        return self.state_flag(key) if key == "initted" else self.state_array(key)
-
-    codebook = property(lambda self: self._single("codebook"), doc="(K, D) the codebook (read-only)")
-    cluster_size = property(lambda self: self._single("cluster_size"), doc="(K,) EMA counts N_k (read-only)")
-    embed_avg = property(lambda self: self._single("embed_avg"), doc="(K, D) EMA sums m_k (read-only)")
-    initted = property(lambda self: self._single("initted"), doc="False until k-means has initialised it")
-
-    @property
-    def layers(self) -> tuple:
-        """One read-only :class:`CodebookView` per depth (the same one at every depth if shared)."""
-        prefixes = self._prefixes()
-        return tuple(
-            CodebookView(self, prefixes[0 if len(prefixes) == 1 else level], level)
-            for level in range(self.num_quantizers)
-        )
-
-    @property
-    def generator(self) -> np.random.Generator:
-        """A copy of the module's random generator (the first depth's, for a stack)."""
-        return B.clone_generator(self._state.rngs[0])
 
     def init_codebook(self, codebook: Array, cluster_size: Array = None) -> None:
         """Set the codebook (e.g. your own initial codes) with a consistent EMA state.
@@ -267,38 +270,54 @@ class VectorQuantize(Quantizer):
 
     # ---------------------------------------------------------------- forward / backward
 
-    def _options(self) -> dict:
-        """The options of :func:`vqref.core.quantize.quantize_forward` at every depth."""
+    def _options(self, training: bool, temperature: float, positions: int) -> dict:
+        """The options of :func:`vqref.core.quantize.quantize_forward` at every depth.  The soft
+        estimators act in training only: an eval forward returns the nearest codes."""
         return dict(
             commitment_weight=self.commitment_weight,
             codebook_weight=self.codebook_weight,
             learnable_codebook=self.learnable_codebook,
             use_cosine_sim=self.use_cosine_sim,
             rotation_trick=self.rotation_trick,
+            straight_through=self.straight_through and training,
+            soft_assignment=self.soft_assignment and training,
+            sample_codebook_temp=temperature,
+            codebook_diversity_loss_weight=self.codebook_diversity_loss_weight,
+            codebook_diversity_temperature=self.codebook_diversity_temperature,
+            diversity_positions=positions,
             chunk_size=self.chunk_size,
         )
 
-    def forward(self, x: Array):
+    def forward(self, x: Array, *, sample_codebook_temp: float | None = None):
         """Quantize ``x``.
 
         Parameters
         ----------
         x : (..., dim) float32 or float64 array of the module's library
+        sample_codebook_temp : tau for this call only (default: the module's); see the class
 
         Returns
         -------
-        quantized : (..., dim), x's dtype; its rows are (sums of) codebook rows
+        quantized : (..., dim), x's dtype; its rows are (sums of) codebook rows (the soft codes
+            ``softmax(l / tau) C`` with ``soft_assignment`` in training)
         indices : (...) int64, or (..., Q) for a stack
         loss : 0-d ``commitment_weight * mse(x, sg[q])`` plus the enabled terms; (Q,) for a stack
         """
         self.check_input("x", x, last_dim=self.dim)
+        tau = self.sample_codebook_temp
+        if sample_codebook_temp is not None:
+            tau = check_real("sample_codebook_temp", sample_codebook_temp, 0.0)
+        soft = [k for k in ("straight_through", "soft_assignment") if getattr(self, k)]
+        check_temperature(tau, soft[0] if soft else None)
         training = self.training  # read once: train()/eval() from another thread cannot split a step
         if training:
             self.check_fits_state("x", x)
+        # the diversity loss averages over the rows at each position of (..., P, dim), as vqp
+        positions = x.shape[-2] if x.ndim >= 3 else 1
         with self._exclusive():
-            return self._forward(x, training)
+            return self._forward(x, training, self._options(training, tau, positions))
 
-    def _forward(self, x: Array, training: bool):
+    def _forward(self, x: Array, training: bool, opts: dict):
         xp, Q, prefixes = self.xp, self.num_quantizers, self._prefixes()
         s = self._state
         xf = xp.reshape(x, (-1, self.dim))  # (N, D)
@@ -309,7 +328,6 @@ class VectorQuantize(Quantizer):
         states = [EMAState(*(s.arrays[p + k] for k in ("codebook", "cluster_size", "embed_avg"))) for p in prefixes]
         initted = [s.flags[p + "initted"] for p in prefixes]
         rngs = self._rngs()  # copies: the committed generators are never drawn from
-        opts = self._options()
 
         # 1. k-means on the first training batch, depth by depth
         if training and not all(initted):
@@ -320,8 +338,14 @@ class VectorQuantize(Quantizer):
             self._check_finite(prefixes, states, "k-means initialisation")
         # 2. quantize with the codebooks as they are now (Q = 1: plain VQ)
         codebooks = [xp.astype(states[0 if len(states) == 1 else level].codebook, x.dtype) for level in range(Q)]
-        out, cache = residual_forward(xf, codebooks, routing=self.gradient_routing, **opts)
-        # 3. EMA step and dead-code restarts on what each depth quantized
+        sampling = rngs if training and self.stochastic_sample_codes else None  # noise from the generators
+        out, cache = residual_forward(xf, codebooks, routing=self.gradient_routing, rngs=sampling, **opts)
+        # 3. EMA step and dead-code restarts on what each depth quantized; the codes' usage
+        stats = usage_stats(
+            out.indices, self.codebook_size, [st.cluster_size for st in states],
+            threshold=self.threshold_ema_dead_code, decay=self.decay if training else None,
+        )  # fmt: skip
+        stats = stats if self.is_stack else {k: v[0] for k, v in stats.items()}  # numbers for one codebook
         if training:
             data = [
                 xp.astype(out.residuals[level] if c.x_norm is None else c.x_norm.y, self.dtype)
@@ -352,14 +376,13 @@ class VectorQuantize(Quantizer):
                 )
             pending = (cache, tuple(x.shape), x.dtype)
             new = self._updated(arrays=arrays, flags={p + "initted": i for p, i in zip(prefixes, initted)},
-                                rngs=tuple(rngs), cache=pending)  # fmt: skip
-            self._commit(new)
-        # diagnostics of the last call in either mode (not state): unweighted loss terms, residuals
-        orth = out.orthogonals
-        if self.is_stack:
-            self.last_losses = {"commitment": out.commitments, "orthogonal": orth}
+                                rngs=tuple(rngs), cache=pending, stats=stats)  # fmt: skip
         else:
-            self.last_losses = {"commitment": out.commitments[0], "orthogonal": None if orth is None else orth[0]}
+            new = self._updated(stats=stats)  # eval: the usage statistics, nothing else
+        self._commit(new)
+        # diagnostics of the last call in either mode (not state): unweighted loss terms, residuals
+        terms = {"commitment": out.commitments, "orthogonal": out.orthogonals, "diversity": out.diversities}
+        self.last_losses = {k: v if self.is_stack or v is None else v[0] for k, v in terms.items()}
         # The outputs share memory with the backward cache (the codes, the indices): they are handed
         # out read-only (numpy) or as copies (other libraries), see Quantizer.shield.
         shield = self.shield if training else (lambda a: a)
@@ -459,31 +482,3 @@ class VectorQuantize(Quantizer):
         self.grads.clear()  # in place: views of this dict stay valid
         self.grads.update(grads)
         return xp.reshape(dx, shape)
-
-    # ---------------------------------------------------------------- decoding
-
-    def get_codes_from_indices(self, indices: Array) -> Array:
-        """Codes for ``indices``: ``(..., dim)`` for ``(...)``, or ``(Q, ..., dim)`` for a stack's
-        ``(..., Q)`` (unit codes for cosine codebooks)."""
-        if not self.is_stack:
-            return self.layers[0].get_codes(indices)
-        if not B.is_array(indices) or indices.ndim < 1 or indices.shape[-1] != self.num_quantizers:
-            got = tuple(indices.shape) if B.is_array(indices) else type(indices).__name__
-            raise ValueError(f"indices must be an integer array of shape (..., {self.num_quantizers}), got {got}")
-        return self.xp.stack([layer.get_codes(indices[..., layer.level]) for layer in self.layers], axis=0)
-
-    def get_output_from_indices(self, indices: Array) -> Array:
-        """The quantized output for ``indices`` (the sum over depths, for a stack), shape ``(..., dim)``.
-
-        For indices that an eval-mode forward returned, this equals that forward's output."""
-        if not self.is_stack:
-            return self.get_codes_from_indices(indices)
-        codes = self.get_codes_from_indices(indices)
-        out = codes[0, ...]
-        for level in range(1, self.num_quantizers):
-            out = out + codes[level, ...]
-        return out
-
-    def check_indices(self, name: str, indices: Array) -> Array:
-        """Refuse anything but integer indices of the module's library in [0, K)."""
-        return check_index_array(name, indices, self._like(), self.codebook_size)
