@@ -4,9 +4,11 @@
   download) and no vector-quantize-pytorch (which brings torch).
 * The ``test`` extra holds everything in ``demo``, so that one environment runs both.
 * The installed package ``vqref/`` imports no heavy optional library at module top level
-  (torch, vector-quantize-pytorch, scikit-learn, FAISS): ``import vqref`` needs numpy and
-  array-api-compat only.  Imports inside functions are fine; the torch references in
-  ``vqref/testing/torch_reference/`` and the converters in ``vqref/interop/`` are exempt.
+  (torch, vector-quantize-pytorch, scikit-learn, FAISS, mpi4py, JAX): ``import vqref`` needs numpy
+  and array-api-compat only.  Imports inside functions are fine; the torch references in
+  ``vqref/testing/torch_reference/``, the JAX references in ``vqref/testing/jax_reference/``,
+  the converters in ``vqref/interop/`` and the MPI communicators in ``vqref/distributed/`` are
+  exempt.
 * Every ``.PHONY`` target of the Makefile has a recipe, and ``make help`` lists each of them.
 """
 
@@ -35,9 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "vqref"
 
 TORCH_LIKE = {"torch", "vector-quantize-pytorch"}
-HEAVY = {"torch", "vector_quantize_pytorch", "sklearn", "faiss"}  # top-level module names
+HEAVY = {"torch", "vector_quantize_pytorch", "sklearn", "faiss", "mpi4py", "jax"}  # top-level module names
 # file or folder (relative to vqref/) -> the heavy modules it may import at top level
-EXEMPT = {"testing/torch_reference": {"torch"}, "interop": {"torch", "vector_quantize_pytorch"}}
+EXEMPT = {
+    "testing/torch_reference": {"torch"},
+    "testing/jax_reference": {"jax"},
+    "interop": {"torch", "vector_quantize_pytorch"},
+    "distributed": {"mpi4py"},
+}
 
 
 # --------------------------------------------------------------------------------------------
