@@ -1,4 +1,4 @@
-"""The ``vqref`` command line: ``vqref demo``.
+"""The ``vqref`` command line: ``vqref demo``, ``vqref grade``.
 
 Each command lives in its own module with its own ``main(argv) -> int``; bad options print a
 clear message and exit with a non-zero status.  (The benchmarks are not part of the installed
@@ -14,6 +14,7 @@ __all__ = ["main"]
 
 COMMANDS = {
     "demo": ("vqref.demo", "the main job: train small VQ-VAEs on real data and write a report"),
+    "grade": ("vqref.testing.graders", "grade your solutions to the exercises in exercises/ (vqref grade --help)"),
 }
 
 # Commands that left the package, and where they went (said instead of "unknown command").
