@@ -15,7 +15,7 @@ TEST_STAMP := $(VENV)/.vqref-test
 GPU_STAMP  := $(VENV)/.vqref-gpu
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test test-fast notebooks gpu-test bench lint clean
+.PHONY: help demo test test-fast notebooks notebooks-refresh gpu-test bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,11 +53,15 @@ test: $(TEST_STAMP)
 
 ## make test-fast: the library tests without notebooks
 test-fast: $(TEST_STAMP)
-	$(TEST_ENV) $(PY) -m pytest -n 2 -p no:cacheprovider --ignore=notebooks $(ARGS)
+	$(TEST_ENV) $(PY) -m pytest -n 2 -p no:cacheprovider --ignore=tests/test_notebooks.py $(ARGS)
 
-## make notebooks: execute every notebook from scratch (nbmake), as the suite does
+## make notebooks: execute every notebook from scratch and compare it with its committed outputs
 notebooks: $(TEST_STAMP)
-	$(TEST_ENV) $(PY) -m pytest -n 2 -p no:cacheprovider --nbmake notebooks $(ARGS)
+	$(TEST_ENV) $(PY) -m pytest -n 2 -p no:cacheprovider tests/test_notebooks.py $(ARGS)
+
+## make notebooks-refresh: execute the notebooks and write their outputs in place (ARGS=notebooks/06_*.ipynb: some)
+notebooks-refresh: $(TEST_STAMP)
+	$(TEST_ENV) $(PY) -m tests.refresh_notebooks $(ARGS)
 
 ## make gpu-test: the backend tests on cupy (needs a CUDA GPU; installs the gpu extra)
 gpu-test: $(GPU_STAMP)
