@@ -18,9 +18,12 @@ with ``phi = tanh`` (or, with ``hard_clamp``, ``phi = clamp(., -1, 1)``, whose i
 [-h - o, h - o].  For odd L that interval is symmetric around 0 and holds the L integers
 -(L-1)/2 .. (L-1)/2.  For even L an integer grid cannot be symmetric around 0; the offset o
 moves the interval down by one half so that it holds the L integers -L/2 .. L/2 - 1, and the
-shift s keeps ``z = 0`` mapped to ``z_b = 0`` (``phi(s) h = o``).  The factor ``1 + eps``
-(eps = 1e-3) widens the interval slightly, so that the extreme integers are reached at finite z
-(and, for L <= 1000, never passed: h - o < w + 1/2).  After (3) the grid of channel j is
+shift s keeps ``z = 0`` mapped to ``z_b = 0`` (``phi(s) h = o``).  Rounding reaches an
+extreme integer half a step before the interval's end, so every level is reached at a finite z
+with or without the factor ``1 + eps`` (eps = 1e-3); what the factor does is keep ``o / h < 1``,
+so that ``s = atanh(o / h)`` is finite for L = 2 (where ``h = o`` without it).  It also widens
+the interval by ``(L - 1) eps / 2``, which stays below the half step that would let rounding
+pass the extreme integer for L <= 1000 (h - o < w + 1/2).  After (3) the grid of channel j is
 ``{(k - w) / w : k = 0 .. L - 1}``: -1 .. 1 for odd L, -1 .. 1 - 1/w for even L.
 
 **The symmetric grid** (``preserve_symmetry``; Zhao et al., arXiv 2411.19842, section 3.2):
