@@ -26,8 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import backend as B
-from .common import raise_unsupported, torch_to_host
+from .common import raise_unsupported, state_in_torch_layout, torch_to_host
 
 __all__ = ["from_vqp", "to_vqp", "export_state_dict"]
 
@@ -172,17 +171,7 @@ def export_state_dict(module: Any, *, dtype: Any = "float32") -> dict:
 
     if not isinstance(module, (FSQ, ResidualFSQ)):
         raise TypeError(f"expected a vqref FSQ or ResidualFSQ, got {type(module).__name__}")
-    dtype = np.dtype(dtype)
-    out = {}
-    for name, value in module.state_dict().items():
-        host = np.asarray(B.to_numpy(value)).astype(dtype)
-        if name.endswith(".W"):
-            out[name[:-2] + ".weight"] = np.ascontiguousarray(host.T)  # torch: (Dout, Din)
-        elif name.endswith(".b"):
-            out[name[:-2] + ".bias"] = host
-        else:
-            out[name] = host
-    return out
+    return state_in_torch_layout(module.state_dict(), np.dtype(dtype))
 
 
 def to_vqp(module: Any):

@@ -29,8 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import backend as B
-from .common import raise_unsupported, torch_to_host
+from .common import raise_unsupported, state_in_torch_layout, torch_to_host
 
 __all__ = ["from_vqp", "to_vqp", "export_state_dict"]
 
@@ -203,15 +202,7 @@ def export_state_dict(module: Any, *, dtype: Any = "float32") -> dict:
         if isinstance(module, LFQ)
         else {f"layers.{q}.mask": bits.copy() for q in range(module.num_quantizers)}
     )
-    for name, value in module.state_dict().items():
-        host = np.asarray(B.to_numpy(value)).astype(dtype)
-        if name.endswith(".W"):
-            keep = cosine and name.startswith("project_in")
-            out[name[:-2] + ".weight"] = host if keep else np.ascontiguousarray(host.T)  # torch: (Dout, Din)
-        elif name.endswith(".b"):
-            out[name[:-2] + ".bias"] = host
-        else:
-            out[name] = host
+    out.update(state_in_torch_layout(module.state_dict(), dtype, as_stored=("project_in",) if cosine else ()))
     return out
 
 
