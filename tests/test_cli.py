@@ -24,12 +24,14 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 from vqref import cli  # noqa: E402
+from vqref.demo import checks  # noqa: E402
 from vqref.demo import cli as demo_cli  # noqa: E402
 from vqref.demo.train import RunResult  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# the smallest run: one configuration, one step, a tiny model
-TINY = ["--quick", "--configs", "ema", "--steps", "1", "--codebook-size", "4", "--hidden", "8", "--quiet"]
+# the smallest run: one configuration, one seed, one step, a tiny model, in this process
+ONE = ["--seeds", "1", "--rate", "none", "--jobs", "1"]
+TINY = ["--quick", "--configs", "ema", "--steps", "1", "--codebook-size", "4", "--hidden", "8", "--quiet", *ONE]
 TINY_DATA = ["--train-size", "32", "--batch-size", "32"]
 
 
@@ -69,8 +71,8 @@ def no_training(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the command went on to load data or train")
 
-    monkeypatch.setattr(demo_cli, "load_data", forbidden)
-    monkeypatch.setattr(demo_cli, "train_one", forbidden)
+    monkeypatch.setattr(demo_cli, "load_dataset", forbidden)
+    monkeypatch.setattr(demo_cli, "train_run", forbidden)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,7 +177,7 @@ def test_out_not_writable(tmp_path, capsys, monkeypatch, no_training):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(demo_cli.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(checks.tempfile, "TemporaryFile", refuse)
     msg = assert_clean_failure(*run(["demo", *TINY, "--out", str(tmp_path)], capsys), 1, "cannot write into")
     assert "Permission denied" in msg and "choose another --out" in msg
 
@@ -232,15 +234,23 @@ def test_hostile_thread_settings_in_a_subprocess(tmp_path):
 
 @pytest.mark.parametrize("config, lr", [("ema", "1e300"), ("learnable", "1e6")])
 def test_a_diverging_learning_rate_stops_the_run(config, lr, tmp_path, capsys):
-    args = ["demo", "--quick", "--configs", config, "--steps", "20", "--lr", lr, *TINY_DATA, "--quiet"]
+    args = ["demo", "--quick", "--configs", config, "--steps", "20", "--lr", lr, *TINY_DATA, "--quiet", *ONE]
     msg = assert_clean_failure(*run([*args, "--out", str(tmp_path)], capsys), 1, "training diverged at epoch")
     assert f"of config {config} (loss = " in msg and msg.endswith(f"lower --lr (it is {float(lr):g})")
     assert not (tmp_path / "report.md").exists()
 
 
+def test_divergence_in_a_worker_process_is_the_same_message(tmp_path, capsys):
+    """With two worker processes the run's exception crosses the process boundary intact."""
+    args = ["demo", "--quick", "--configs", "ema", "--steps", "5", "--lr", "1e300", *TINY_DATA, "--quiet"]
+    args += ["--seeds", "2", "--rate", "none", "--jobs", "2", "--out", str(tmp_path)]
+    msg = assert_clean_failure(*run(args, capsys), 1, "training diverged at epoch 1 of config ema")
+    assert msg.endswith("lower --lr (it is 1e+300)")
+
+
 def test_divergence_without_quiet_ends_with_the_message(tmp_path, capsys):
     """Not quiet: the run's header line comes first; the failure is still the one last line."""
-    args = ["demo", "--quick", "--configs", "ema", "--steps", "5", "--lr", "1e300", *TINY_DATA]
+    args = ["demo", "--quick", "--configs", "ema", "--steps", "5", "--lr", "1e300", *TINY_DATA, *ONE]
     code, out, err = run([*args, "--out", str(tmp_path)], capsys)
     assert code == 1 and "Traceback" not in err and "RuntimeWarning" not in err
     assert err.strip().splitlines()[-1].startswith("vqref demo: training diverged at epoch 1 of config ema")
@@ -248,13 +258,13 @@ def test_divergence_without_quiet_ends_with_the_message(tmp_path, capsys):
 
 def test_a_sane_learning_rate_does_not_diverge(tmp_path, capsys):
     """Negative control: the same run with the default learning rate finishes."""
-    args = ["demo", "--quick", "--configs", "ema", "--steps", "20", *TINY_DATA, "--quiet"]
+    args = ["demo", "--quick", "--configs", "ema", "--steps", "20", *TINY_DATA, "--quiet", *ONE]
     code, _, err = run([*args, "--out", str(tmp_path)], capsys)
     assert code == 0 and err == "" and (tmp_path / "report.md").is_file()
 
 
-def _fake_result(name, s, train, test, show, progress=None):
-    return RunResult(name, "fake", 0.1, 1.0, 1.0, 0.0, 1, curves={}, usage=[[1]], recon=[[0.0] * 64] * len(show))
+def _fake_result(run, s, split_seed, sizes, progress=None):
+    return RunResult(run.config, "fake", 0.1, 1.0, 1.0, 0.0, 1, curves={}, usage=[[1]], recon=[[0.0] * 64] * 10)
 
 
 @pytest.mark.parametrize(
@@ -270,7 +280,7 @@ def test_failures_during_the_run(raised, status, fragment, tmp_path, capsys, mon
     def fail(*args, **kwargs):
         raise raised
 
-    monkeypatch.setattr(demo_cli, "train_one", fail)
+    monkeypatch.setattr(demo_cli, "train_run", fail)
     assert_clean_failure(*run(["demo", *TINY, *TINY_DATA, "--out", str(tmp_path)], capsys), status, fragment)
 
 
@@ -278,7 +288,7 @@ def test_a_report_that_cannot_be_written(tmp_path, capsys, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(demo_cli, "train_one", _fake_result)
+    monkeypatch.setattr(demo_cli, "train_run", _fake_result)
     monkeypatch.setattr(demo_cli, "write_report", full_disk)
     msg = assert_clean_failure(
         *run(["demo", *TINY, *TINY_DATA, "--out", str(tmp_path)], capsys), 1, "report could not be written"
@@ -295,8 +305,8 @@ NAMES = ["ünïcødé ✓ 字", "with space"] + (["not-utf8-\udcff"] if sys.plat
 
 @pytest.mark.parametrize("name", NAMES)
 def test_unusual_report_folder_names(name, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(demo_cli, "train_one", _fake_result)  # the report is what is tested here
-    monkeypatch.setattr(demo_cli, "write_report", lambda results, s, *a: {"report": os.path.join(s.out, "report.md")})
+    monkeypatch.setattr(demo_cli, "train_run", _fake_result)  # the report is what is tested here
+    monkeypatch.setattr(demo_cli, "write_report", lambda sections, s, *a: {"report": os.path.join(s.out, "report.md")})
     out = str(tmp_path / name)
     code, stdout, err = run(["demo", *TINY, *TINY_DATA, "--out", out], capsys)
     assert code == 0 and "Traceback" not in err and err == ""
@@ -312,4 +322,5 @@ def test_report_files_with_a_name_that_is_not_utf8(tmp_path, capsys):
     assert code == 0 and err == ""
     assert "\\udcff" in stdout and "\\udcff" in (out / "report.md").read_text(encoding="utf-8")
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    assert results["settings"]["out"] == str(out) and np.isfinite(results["results"][0]["test_mse"])
+    assert results["settings"]["out"] == str(out)
+    assert np.isfinite(results["datasets"]["digits"]["results"][0]["test_mse"])

@@ -178,9 +178,9 @@ def test_internal_failure_rolls_back_kmeans_and_rng(bk, rng, kind, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    import vqref.quantizers.vector_quantize
+    import vqref.quantizers.vq_step
 
-    monkeypatch.setattr(vqref.quantizers.vector_quantize, "residual_forward", boom)
+    monkeypatch.setattr(vqref.quantizers.vq_step, "residual_forward", boom)
     with pytest.raises(RuntimeError, match="injected failure"):
         module(bk.asarray(batch(rng)))
     assert_same(before, snapshot(module))
@@ -328,8 +328,8 @@ def test_decoding_validates_indices(bk, rng, kind):
         ("list", [0, 1], TypeError if kind == "vq" else ValueError, r"indices must be an integer array"),
         ("float", bk.asarray(np.zeros((4,) + last)), TypeError, r"indices must be an integer array"),
         (
-            "negative",
-            bk.asarray(np.full((4,) + last, -1), dtype=bk.xp.int64),
+            "negative",  # -1 is "no code" (a padding token, a dropped depth); below it nothing
+            bk.asarray(np.full((4,) + last, -2), dtype=bk.xp.int64),
             ValueError,
             r"indices must lie in \[0, 7\)",
         ),
@@ -343,8 +343,8 @@ def test_decoding_validates_indices(bk, rng, kind):
     if kind == "rvq":
         cases.append(
             (
-                "last-axis",
-                bk.asarray(np.zeros((4, Q - 1)), dtype=bk.xp.int64),
+                "last-axis",  # fewer depths are a coarser decoding; more are not indices of this stack
+                bk.asarray(np.zeros((4, Q + 1)), dtype=bk.xp.int64),
                 ValueError,
                 r"indices must be an integer array of shape \(\.\.\., 3\)",
             )

@@ -494,3 +494,203 @@ def test_all_zero_images_give_finite_gradients(bk, name):
     assert B.all_finite(recon) and B.all_finite(dx) and np.isfinite(float(bk.np(losses.total)))
     for k, g in model.grads.items():
         assert B.all_finite(g), k
+
+
+# --------------------------------------------------------------------------------------------
+# FSQ and LFQ behind the adapter (QuantizerAdapter): the VQ interface for quantizers without a
+# codebook.  The reference is staged torch autograd: the encoder, the quantizer and the decoder
+# are each differentiated by their float64 torch references, chained through numpy arrays.
+# --------------------------------------------------------------------------------------------
+
+from vqref import FSQ, LFQ, ResidualFSQ, ResidualLFQ  # noqa: E402
+from vqref.nn.vqvae import QuantizerAdapter, adapt_quantizer  # noqa: E402
+
+# name -> a factory (d, dtype, xp) -> quantizer with dim d; sizes distinct from N, P, H, T, D
+NO_CODEBOOK = {
+    "fsq": lambda d, **kw: FSQ([5, 3], dim=d, seed=11, **kw),  # projections d -> 2 -> d
+    "fsq-no-projection": lambda d, **kw: FSQ([5, 3, 4, 6][:d], seed=11, **kw),  # dim = len(levels)
+    "lfq": lambda d, **kw: LFQ(dim=d, codebook_size=8, seed=11, **kw),  # projections d -> 3 -> d
+    "lfq-no-projection": lambda d, **kw: LFQ(dim=d, codebook_size=2**d, seed=11, **kw),
+}
+
+
+def _no_codebook_model(name: str, bk, *, seed: int = 0):
+    q = NO_CODEBOOK[name](D, dtype=bk.dtype_name, xp=bk.module)
+    return VQVAE(q, in_dim=P, hidden=H, num_tokens=T, rng=seed, dtype=bk.dtype_name, xp=bk.module)
+
+
+def _staged_reference(model, x, dloss, drecon):
+    """The whole model's loss gradients, stage by stage with the torch references (float64)."""
+    from vqref.testing.torch_reference.fsq import fsq_layer_grads
+    from vqref.testing.torch_reference.lfq import lfq_grads
+    from vqref.testing.torch_reference.nn import mlp_vjp
+
+    q = model.quantizer
+    enc, dec = model.encoder.state_dict(), model.decoder.state_dict()
+    state = {k: np.asarray(v, dtype=np.float64) for k, v in q.state_dict().items()}
+    proj = {
+        "W_in": state.get("project_in.W"),
+        "b_in": state.get("project_in.b"),
+        "W_out": state.get("project_out.W"),
+        "b_out": state.get("project_out.b"),
+    }
+    n, T_, d = x.shape[0], model.num_tokens, model.token_dim
+    z, _, _ = mlp_vjp(x, enc, np.zeros((n, T_ * d)))  # (N, T d) the tokens
+    rows = z.reshape(n * T_, d)
+
+    def quantize(g):  # (zq, dz, dprojections, aux) for the upstream gradient g of zq
+        if isinstance(q, FSQ):
+            zq, dz, grads = fsq_layer_grads(rows, q.levels, g, **proj)
+            return zq, dz, grads, 0.0
+        out = lfq_grads(rows, C=1, d=q.codebook_dim, g=g, daux=dloss, **proj)
+        grads = {f"project_{k[3:].lower()}.{k[1]}": v for k, v in out.items() if k.startswith("d") and k != "dx"}
+        return out["quantized"], out["dx"], grads, out["aux"]
+
+    zq, _, _, aux = quantize(np.zeros((n * T_, d)))
+    recon, _, _ = mlp_vjp(zq.reshape(n, T_ * d), dec, np.zeros((n, P)))
+    drec = dloss * 2.0 * (recon - x) / recon.size + drecon  # mse backward plus the extra direction
+    _, dzq, dec_grads = mlp_vjp(zq.reshape(n, T_ * d), dec, drec)
+    _, dz, q_grads, _ = quantize(dzq.reshape(n * T_, d))
+    _, dx, enc_grads = mlp_vjp(x, enc, dz.reshape(n, T_ * d))
+    total = float(np.mean((recon - x) ** 2)) + aux
+    grads = {f"encoder.{k}": v for k, v in enc_grads.items()}
+    grads.update({f"decoder.{k}": v for k, v in dec_grads.items()})
+    grads.update({f"quantizer.{k}": v for k, v in q_grads.items()})
+    return total, recon, dx, grads
+
+
+def _check_no_codebook_model(model, x, gen):
+    dloss = 0.5 + gen.random()
+    recon, indices, losses = model.forward(x)
+    drecon = gen.standard_normal(tuple(recon.shape))
+    dx = model.backward(dloss, drecon)
+    ref_total, ref_recon, ref_dx, ref_grads = _staged_reference(model, x, dloss, drecon)
+    assert abs(float(losses.total) - ref_total) <= 1e-10 * abs(ref_total)
+    assert rel_error(recon, ref_recon) < 1e-12
+    errors = {"dx": rel_error(dx, ref_dx)}
+    errors.update({k: rel_error(model.grads[k], g) for k, g in ref_grads.items()})
+    assert sorted(model.grads) == sorted(ref_grads) == sorted(model.params)
+    return errors
+
+
+@pytest.mark.parametrize("name", list(NO_CODEBOOK))
+def test_fsq_and_lfq_models_match_staged_torch(rng, name):
+    model = _no_codebook_model(name, _NUMPY64)
+    errors = _check_no_codebook_model(model, rng.random((N, P)), rng)
+    assert max(errors.values()) < 1e-9, errors
+    has_projections = "no-projection" not in name
+    assert any(k.startswith("quantizer.project_in") for k in model.grads) == has_projections
+
+
+def test_negative_control_lfq_adapter_that_drops_the_aux_gradient(rng, monkeypatch):
+    """An adapter that backpropagates the reconstruction only (LFQ's dloss = 0) must fail the check."""
+    model = _no_codebook_model("lfq", _NUMPY64)
+    monkeypatch.setattr(QuantizerAdapter, "backward", lambda self, dzq, dloss=1.0: self.quantizer.backward(dzq, 0.0))
+    errors = _check_no_codebook_model(model, rng.random((N, P)), rng)
+    assert errors["quantizer.project_in.W"] > 1e-3 and errors["dx"] > 1e-4
+    assert max(v for k, v in errors.items() if k.startswith("decoder.")) < 1e-9  # the decoder is still right
+
+
+@pytest.mark.parametrize("name", ["fsq", "lfq"])
+def test_no_codebook_losses_on_every_backend(bk, rng, name):
+    """FSQ's loss is a 0-d zero of the tokens' dtype and library; LFQ's is its aux loss; the
+    float32 and array_api_strict models agree with the float64 numpy model."""
+    x_h = rng.random((N, P))
+    ref, model = _no_codebook_model(name, _NUMPY64), _no_codebook_model(name, bk)
+    out_ref, out = ref.forward(x_h), model.forward(bk.asarray(x_h))
+    np.testing.assert_array_equal(bk.np(out[1]), out_ref[1])  # same codes
+    loss = out[2].quantizer
+    assert tuple(loss.shape) == () and loss.dtype == bk.dtype and B.library_name(loss) == bk.name
+    if name == "fsq":
+        assert float(bk.np(loss)) == 0.0 and float(bk.np(out[2].total)) == float(bk.np(out[2].reconstruction))
+    else:
+        assert float(bk.np(loss)) != 0.0  # the entropy penalty
+    dx_ref, dx = ref.backward(0.8), model.backward(0.8)
+    for a in (out[0], out[2].total, dx, *model.grads.values()):
+        assert a.dtype == bk.dtype and B.library_name(a) == bk.name
+    assert rel_error(bk.np(out[0]), out_ref[0]) < 10 * bk.rtol
+    assert rel_error(bk.np(dx), dx_ref) < 100 * bk.rtol
+    for k, g in model.grads.items():
+        assert rel_error(bk.np(g), ref.grads[k]) < 100 * bk.rtol, k
+
+
+@pytest.mark.parametrize(
+    "quantizer, loss_shape",
+    [
+        (lambda: FSQ([5, 3], dim=D, seed=1, dtype="float64"), ()),
+        (lambda: LFQ(dim=D, codebook_size=8, seed=1, dtype="float64"), ()),
+        (lambda: ResidualFSQ(levels=[5, 3], num_quantizers=3, dim=D, seed=1, dtype="float64"), ()),
+        (lambda: ResidualLFQ(dim=D, codebook_size=8, num_quantizers=2, seed=1, dtype="float64"), (2,)),
+    ],
+    ids=["fsq", "lfq", "residual-fsq", "residual-lfq"],
+)
+def test_adapter_decodes_indices_and_trains(rng, quantizer, loss_shape):
+    """decode_indices repeats the evaluation forward; a few Adam steps on prototypes lower the
+    reconstruction error (and move the quantizer's projections)."""
+    model = VQVAE(quantizer(), in_dim=16, hidden=24, num_tokens=2, rng=1, dtype="float64")
+    data = _prototype_data(np.random.default_rng(7), 96)
+    recon, indices, losses = model.reconstruct(data)
+    assert tuple(losses.per_depth.shape) == loss_shape and tuple(losses.quantizer.shape) == ()
+    np.testing.assert_allclose(model.decode_indices(indices), recon, rtol=1e-12, atol=1e-14)
+    before = {k: np.array(v, copy=True) for k, v in model.params.items()}
+    opt = Adam(model.params, lr=1e-2)
+    for _ in range(60):
+        model.forward(data[rng.permutation(96)[:32]])
+        model.backward()
+        opt.step(model.grads)
+    after = float(model.reconstruct(data)[2].reconstruction)
+    assert np.isfinite(after) and after < 0.7 * float(losses.reconstruction)
+    assert all(not np.array_equal(before[k], model.params[k]) for k in before if k.startswith("quantizer."))
+
+
+def test_adapter_leaves_vector_quantizers_alone_and_refuses_others():
+    vq, rvq = VectorQuantize(D, K, seed=0), ResidualVQ(dim=D, codebook_size=K, num_quantizers=2, seed=0)
+    assert adapt_quantizer(vq) is vq and adapt_quantizer(rvq) is rvq
+    fsq = FSQ([5, 3], dim=D, seed=0)
+    wrapped = adapt_quantizer(fsq)
+    assert isinstance(wrapped, QuantizerAdapter) and adapt_quantizer(wrapped) is wrapped
+    assert wrapped.dim == D and wrapped.codebook_size == 15 and wrapped.params is not None
+    with pytest.raises(AttributeError):
+        wrapped._state  # noqa: B018 - the wrapped quantizer's private members stay private
+    with pytest.raises(TypeError, match="VectorQuantize and ResidualVQ need no adapter"):
+        QuantizerAdapter(vq)
+
+
+def test_state_dict_round_trip_with_projections(rng):
+    a, b = _no_codebook_model("fsq", _NUMPY64, seed=0), _no_codebook_model("lfq", _NUMPY64, seed=0)
+    c = VQVAE(FSQ([5, 3], dim=D, seed=99, dtype="float64"), in_dim=P, hidden=H, num_tokens=T, rng=5, dtype="float64")
+    x = rng.random((N, P))
+    c.load_state_dict(a.state_dict())
+    np.testing.assert_array_equal(a.reconstruct(x)[0], c.reconstruct(x)[0])
+    with pytest.raises(KeyError):  # LFQ's entries do not fit an FSQ model
+        c.load_state_dict(b.state_dict() | {"quantizer.bogus": np.zeros(1)})
+
+
+def test_per_call_temperature_reaches_the_quantizer(rng):
+    """``forward(x, sample_codebook_temp=tau)`` samples as a quantizer built with tau does (same
+    seed, same noise); the default temperature samples other codes (the check can fail)."""
+    opts = dict(stochastic_sample_codes=True, straight_through=True, ema_update=False, learnable_codebook=True)
+
+    def model(tau):
+        vq = VectorQuantize(D, 40, seed=3, dtype="float64", sample_codebook_temp=tau, **opts)
+        return VQVAE(vq, in_dim=P, hidden=H, num_tokens=T, rng=0, dtype="float64")
+
+    x = 3.0 * rng.random((60, P))
+    per_call = model(1.0).forward(x, sample_codebook_temp=0.05)
+    built = model(0.05).forward(x)
+    default = model(1.0).forward(x)
+    np.testing.assert_array_equal(per_call[1], built[1])
+    np.testing.assert_array_equal(per_call[0], built[0])
+    assert not np.array_equal(per_call[1], default[1])
+
+
+def test_per_call_temperature_is_refused_for_fsq_and_changes_nothing(rng):
+    model = _no_codebook_model("fsq", _NUMPY64)
+    x = rng.random((N, P))
+    recon, _, _ = model.forward(x)
+    state = model.state_dict()
+    with pytest.raises(TypeError, match="samples nothing"):
+        model.forward(x, sample_codebook_temp=0.5)
+    after = model.state_dict()
+    assert all(np.array_equal(state[k], after[k]) for k in state)
+    model.backward()  # the earlier forward's pending backward is still there

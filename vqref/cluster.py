@@ -449,17 +449,19 @@ class ResidualClustering:
     def to_residual_vq(self, **vq_kwargs: Any):
         """A :class:`vqref.ResidualVQ` in eval mode holding the fitted codebooks.
 
-        Its indices equal :meth:`predict` with ``beam_size=1`` (the module encodes greedily) and
-        its output equals :meth:`decode` of them, so the fit can be used as a quantizer (or
-        trained further: the EMA statistics are seeded with the cluster sizes of ``labels_``,
-        ``m_k = mu_k N~_k``).  ``vq_kwargs`` pass to the constructor (decay, commitment_weight,
-        gradient_routing, ...).
+        Its eval indices equal :meth:`predict` and its output equals :meth:`decode` of them, so
+        the fit can be used as a quantizer (or trained further: the EMA statistics are seeded with
+        the cluster sizes of ``labels_``, ``m_k = mu_k N~_k``).  With ``beam_size = b > 1`` the
+        module encodes in eval as :meth:`predict` does (``eval_beam_size=b``,
+        ``beam_score="error"``) and greedily in training (``beam_size=1``).  ``vq_kwargs`` pass to
+        the constructor (decay, commitment_weight, gradient_routing, beam options, ...).
         """
         from .quantizers import ResidualVQ
 
         _require_fit(self)
         c = self.cluster_centers_
         xp = B.get_namespace(c)
+        beam = {} if self.beam_size == 1 else dict(beam_size=1, eval_beam_size=self.beam_size, beam_score="error")
         rq = ResidualVQ(
             dim=self.n_features_in_,
             num_quantizers=self.num_levels,
@@ -469,7 +471,7 @@ class ResidualClustering:
             xp=xp,
             device=B.get_device(c),
             chunk_size=self.chunk_size,
-            **vq_kwargs,
+            **{**beam, **vq_kwargs},
         )
         eps = rq.layers[0].eps
         state = {}

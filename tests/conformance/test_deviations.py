@@ -420,10 +420,11 @@ def test_num_quantizers_and_seed_aliases():
 def test_forward_takes_no_per_call_options(rng):
     # vqp's forward takes mask/lens, indices (cross-entropy mode), topk, freeze_codebook,
     # sample_codebook_temp, ema_update_weight, accum_ema_update, ema_update; vqref's forward
-    # takes the input only (state changes follow train()/eval() and the constructor's options).
+    # takes the input, mask and sample_codebook_temp only (state changes follow train()/eval()
+    # and the constructor's options).
     r = vqref.VectorQuantize(D, K)
     x = batch(rng, (2, 5, D))
-    for option in ("mask", "indices", "topk", "freeze_codebook"):
+    for option in ("lens", "indices", "topk", "freeze_codebook"):
         with pytest.raises(TypeError):
             r.forward(x, **{option: None})
 

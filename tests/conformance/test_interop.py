@@ -66,7 +66,23 @@ VQP_MODULES = {
     "rvq": lambda: TorchRVQ(dim=D, codebook_size=K, num_quantizers=3, rotation_trick=False),
     "rvq-shared": lambda: TorchRVQ(dim=D, codebook_size=K, num_quantizers=3, shared_codebook=True, use_cosine_sim=True),
     "rvq-kmeans": lambda: TorchRVQ(dim=D, codebook_size=K, num_quantizers=2, kmeans_init=True, kmeans_iters=2),
-}
+    # the structural options (docs/deviations.md §14)
+    "vq-projection": lambda: TorchVQ(dim=D, codebook_size=K, codebook_dim=6, use_cosine_sim=True),
+    "vq-heads": lambda: TorchVQ(dim=D, codebook_size=K, heads=4, codebook_dim=4, rotation_trick=False),
+    "vq-separate-heads": lambda: TorchVQ(
+        dim=D, codebook_size=K, heads=2, codebook_dim=5, separate_codebook_per_head=True, kmeans_init=True
+    ),
+    "vq-padding-returns-x": lambda: TorchVQ(dim=D, codebook_size=K, return_zeros_for_masked_padding=False),
+    "rvq-projection-dropout": lambda: TorchRVQ(
+        dim=D, codebook_size=K, num_quantizers=3, codebook_dim=7, quantize_dropout=True,
+        quantize_dropout_cutoff_index=1, quantize_dropout_multiple_of=2,
+    ),
+    "rvq-sizes": lambda: TorchRVQ(dim=D, codebook_size=(K, 9, 31), rotation_trick=False),
+    "rvq-beam": lambda: TorchRVQ(
+        dim=D, codebook_size=K, num_quantizers=3, beam_size=3, eval_beam_size=4,
+        beam_score_quantizer_weights=[1.0, 0.5, 2.0],
+    ),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(VQP_MODULES))
@@ -96,14 +112,18 @@ def test_torch_to_vqref_to_torch_round_trip(name, rng):
         dict(kmeans_init=True, kmeans_iters=4, threshold_ema_dead_code=2.0),
         dict(num_quantizers=3),
         dict(num_quantizers=2, shared_codebook=True, rotation_trick=True),
+        dict(codebook_dim=5, heads=3, separate_codebook_per_head=True, return_zeros_for_masked_padding=False),
+        dict(codebook_size=[K, 7], codebook_dim=9, quantize_dropout=True, beam_size=2, eval_beam_size=5),
     ],
-    ids=["default", "rotation-cosine", "learnable-orth", "kmeans-dead", "residual", "residual-shared"],
-)
+    ids=["default", "rotation-cosine", "learnable-orth", "kmeans-dead", "residual", "residual-shared", "heads",
+         "residual-options"],
+)  # fmt: skip
 def test_vqref_to_torch_to_vqref_round_trip(kwargs, rng):
     kwargs = dict(kwargs)
-    cls = vqref.ResidualVQ if "num_quantizers" in kwargs else vqref.VectorQuantize
+    cls = vqref.ResidualVQ if "num_quantizers" in kwargs or "quantize_dropout" in kwargs else vqref.VectorQuantize
     if cls is vqref.ResidualVQ:
-        r = cls(dim=D, codebook_size=K, seed=3, **kwargs)
+        kwargs.setdefault("codebook_size", K)
+        r = cls(dim=D, seed=3, **kwargs)
     else:
         r = cls(D, K, seed=3, **kwargs)
     if not kwargs.get("kmeans_init"):
@@ -229,8 +249,13 @@ def test_to_vqp_leaves_torchs_global_random_state_alone():
 
 
 UNSUPPORTED_VQ = {
-    "heads": dict(heads=2, separate_codebook_per_head=True),
-    "codebook_dim": dict(codebook_dim=8),
+    "layernorm_after_project_in": dict(codebook_dim=8, layernorm_after_project_in=True),
+    "orthogonal_reg_active_codes_only with separate_codebook_per_head": dict(
+        heads=2, separate_codebook_per_head=True, orthogonal_reg_weight=1.0, orthogonal_reg_active_codes_only=True
+    ),
+    "codebook_diversity_loss_weight with separate_codebook_per_head": dict(
+        heads=2, separate_codebook_per_head=True, codebook_diversity_loss_weight=0.1
+    ),
     "sample_codebook_temp": dict(sample_codebook_temp=-1.0),
     "straight_through=True with sample_codebook_temp": dict(
         straight_through=True, rotation_trick=False, sample_codebook_temp=0.0
@@ -261,13 +286,10 @@ def test_unsupported_vector_quantize_options_are_named(option):
 
 
 UNSUPPORTED_RVQ = {
-    "quantize_dropout": dict(quantize_dropout=True),
     "implicit_neural_codebook": dict(implicit_neural_codebook=True),
-    "beam_size": dict(beam_size=2),
     "quant_grad_frac": dict(quant_grad_frac=0.1),
-    "codebook_dim": dict(codebook_dim=8),
     "diveq": dict(diveq=True, threshold_ema_dead_code=1),
-    "per-depth codebook sizes": dict(codebook_size=(K, 2 * K)),
+    "accept_image_fmap": dict(accept_image_fmap=True),
 }
 
 
@@ -309,6 +331,18 @@ def test_vqref_options_without_a_vqp_equivalent_are_rejected():
         )
     with pytest.raises(ValueError, match="gradient_routing"):
         export_state_dict(vqref.ResidualVQ(dim=D, codebook_size=K, num_quantizers=2, gradient_routing="sum"))
+    rvq = dict(dim=D, codebook_size=K, num_quantizers=3)
+    for kwargs, name in (
+        (dict(quantize_dropout=True, quantize_dropout_per_sample=True), "quantize_dropout_per_sample"),
+        (dict(beam_size=2, beam_score="error"), "beam_score"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            to_vector_quantize_pytorch(vqref.ResidualVQ(**rvq, **kwargs))
+    separate = dict(heads=2, separate_codebook_per_head=True)
+    for kwargs in (dict(orthogonal_reg_weight=1.0, orthogonal_reg_active_codes_only=True),
+                   dict(codebook_diversity_loss_weight=0.1)):  # fmt: skip
+        with pytest.raises(ValueError, match="separate_codebook_per_head"):
+            export_state_dict(vqref.VectorQuantize(D, K, **separate, **kwargs))
 
 
 def test_importing_vqref_interop_does_not_import_torch():

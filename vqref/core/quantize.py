@@ -41,6 +41,10 @@ from .. import backend as B
 from ..backend import Array
 from ..ops.distance import nearest_code
 from ..ops.gumbel import (
+    EntropyCache,
+    SoftmaxCache,
+    clamped_entropy_backward,
+    clamped_entropy_forward,
     code_logits_backward,
     code_logits_forward,
     diversity_loss_backward,
@@ -50,6 +54,8 @@ from ..ops.gumbel import (
     gumbel_softmax_forward,
     soft_assignment_backward,
     soft_assignment_forward,
+    softmax_backward,
+    softmax_forward,
     straight_through_gumbel_backward,
     straight_through_gumbel_forward,
 )
@@ -72,6 +78,9 @@ __all__ = [
     "add_orthogonal_term",
     "EstimatorCache",
     "EstimatorGrads",
+    "GroupedDiversityCache",
+    "grouped_diversity_forward",
+    "grouped_diversity_backward",
 ]
 
 ESTIMATORS = ("ste", "rotation", "gumbel", "soft")
@@ -214,6 +223,81 @@ def add_orthogonal_term(
     return orth, cache._replace(orthogonal=orth_cache, orthogonal_weight=float(weight))
 
 
+class GroupedDiversityCache(NamedTuple):
+    softmax: SoftmaxCache  # p = softmax(T l)  (N, K)
+    entropy: EntropyCache  # of pbar  (P, K)
+    groups: Array  # (N,) int, the position of each row
+    counts: Array  # (P,) float, rows per position (0 for an absent one)
+    present: Array  # 0-d float, P', the number of positions that have rows (at least 1)
+    inverse_temperature: float  # T
+
+
+def grouped_diversity_forward(
+    logits: Array, groups: Array, num_groups: int, *, inverse_temperature: float = 100.0
+) -> tuple[Array, GroupedDiversityCache]:
+    """The codebook diversity loss over the rows that are present, each at its own position.
+
+    :func:`vqref.ops.gumbel.diversity_loss_forward` groups row i with position ``i mod P``, which
+    needs every position's rows.  When a mask (or a quantize dropout) leaves some rows out, the
+    remaining rows carry their position explicitly, and each position averages only its own:
+
+        p_i    = softmax(T l_i)                                    (N, K)
+        pbar_n = (1 / B_n) sum_{i : g_i = n} p_i,   B_n = #{i : g_i = n}      (P, K)
+        L      = -(1 / P') sum_{n : B_n > 0} H(pbar_n),   P' = #{n : B_n > 0}
+
+    With ``g_i = i mod P`` and every position full this is the op's loss.  A position without
+    rows has ``pbar_n = 0`` and ``H(0) = 0`` (the clamped entropy), so it adds nothing; with no
+    row at all, ``L = 0`` (P' is taken as 1), never 0/0.
+
+    Parameters
+    ----------
+    logits : (N, K)
+    groups : (N,) int in [0, P), the position of each row
+    num_groups : P
+    inverse_temperature : T >= 0
+
+    Returns
+    -------
+    loss : 0-d
+    cache : GroupedDiversityCache
+    """
+    xp = B.get_namespace(logits, groups)
+    T = float(inverse_temperature)
+    p, sm = softmax_forward(_shifted(logits) * T)  # (N, K)
+    counts = xp.astype(B.bincount(groups, num_groups), p.dtype)  # (P,) B_n
+    pbar = B.segment_sum(p, groups, num_groups) / xp.clip(counts, min=1.0)[:, None]  # (P, K)
+    h, ent = clamped_entropy_forward(pbar)  # (P,)
+    present = xp.clip(xp.sum(xp.astype(counts > 0, p.dtype)), min=1.0)  # () P'
+    loss = -xp.sum(h) / present  # () the absent positions have h = 0
+    return xp.asarray(loss), GroupedDiversityCache(sm, ent, groups, counts, present, T)
+
+
+def _shifted(logits: Array) -> Array:
+    """``l - max_k l``: the softmax is unchanged and no exponential overflows."""
+    xp = B.get_namespace(logits)
+    return logits - xp.max(logits, axis=-1, keepdims=True)  # (N, K)
+
+
+def grouped_diversity_backward(dloss: Array, cache: GroupedDiversityCache) -> Array:
+    """Gradient of :func:`grouped_diversity_forward` for the logits, step by step in reverse:
+
+        dh     = -dloss / P'                               (P,)
+        dpbar  = clamped_entropy_backward(dh)              (P, K)
+        dp_i   = dpbar_{g_i} / B_{g_i}                     (N, K)  the mean's adjoint, a gather
+        dl     = T softmax_backward(dp)                    (N, K)
+
+    Returns
+    -------
+    dlogits : (N, K)
+    """
+    xp = B.get_namespace(cache.softmax.p)
+    P = cache.counts.shape[0]
+    dh = xp.zeros((P,), dtype=cache.softmax.p.dtype, device=B.get_device(cache.softmax.p)) - dloss / cache.present
+    dpbar = clamped_entropy_backward(dh, cache.entropy) / xp.clip(cache.counts, min=1.0)[:, None]  # (P, K)
+    dp = xp.take(dpbar, cache.groups, axis=0)  # (N, K)
+    return cache.inverse_temperature * softmax_backward(dp, cache.softmax)
+
+
 def quantize_forward(
     x: Array,
     codebook: Array,
@@ -230,6 +314,7 @@ def quantize_forward(
     codebook_diversity_loss_weight: float = 0.0,
     codebook_diversity_temperature: float = 100.0,
     diversity_positions: int = 1,
+    diversity_groups: Array = None,
     orthogonal_reg_weight: float = 0.0,
     orthogonal_code_ids: Any = None,
     indices: Array = None,
@@ -258,6 +343,9 @@ def quantize_forward(
     codebook_diversity_temperature : its inverse temperature T
     diversity_positions : P, the diversity loss's groups (see
         :func:`vqref.ops.gumbel.diversity_loss_forward`)
+    diversity_groups : optional (N,) int in [0, P), each row's position, for rows that are not
+        the full ``(B, P)`` grid (a mask or a quantize dropout left some out); the loss is then
+        :func:`grouped_diversity_forward`
     orthogonal_reg_weight : weight of the orthogonal regulariser on the codebook (>= 0)
     orthogonal_code_ids : optional (n,) int, the codes the regulariser sees (default: all)
     indices : optional (N,) int, use these codes instead of the nearest or sampled ones (to hold
@@ -310,9 +398,14 @@ def quantize_forward(
 
     diversity = diversity_cache = None
     if codebook_diversity_loss_weight > 0:
-        diversity, diversity_cache = diversity_loss_forward(
-            logits, inverse_temperature=codebook_diversity_temperature, positions=diversity_positions
-        )  # ()
+        if diversity_groups is None:
+            diversity, diversity_cache = diversity_loss_forward(
+                logits, inverse_temperature=codebook_diversity_temperature, positions=diversity_positions
+            )  # ()
+        else:
+            diversity, diversity_cache = grouped_diversity_forward(
+                logits, diversity_groups, diversity_positions, inverse_temperature=codebook_diversity_temperature
+            )  # ()
         loss = xp.asarray(loss + codebook_diversity_loss_weight * diversity)
 
     cache = QuantizeCache(
@@ -360,7 +453,9 @@ def quantize_backward(dquantized: Array, dloss: Array, cache: QuantizeCache) -> 
 
     # 3. The diversity loss acts on the logits.
     if cache.diversity is not None:
-        dlogits = _plus(dlogits, diversity_loss_backward(cache.diversity_weight * dloss, cache.diversity))  # (N, K)
+        grouped = isinstance(cache.diversity, GroupedDiversityCache)
+        backward = grouped_diversity_backward if grouped else diversity_loss_backward
+        dlogits = _plus(dlogits, backward(cache.diversity_weight * dloss, cache.diversity))  # (N, K)
 
     # 4. The logits' gradient reaches x^ and C^ through the distances (or dot products).
     if dlogits is not None:

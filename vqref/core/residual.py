@@ -37,9 +37,10 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Sequence
 
+import numpy as np
+
 from .. import backend as B
 from ..backend import Array
-from ..ops.gumbel import gumbel_noise
 from .quantize import (
     EstimatorCache,
     add_orthogonal_term,
@@ -49,12 +50,14 @@ from .quantize import (
     quantize_backward,
     quantize_forward,
 )
+from .rows import put_indices, put_rows, sampling_noise, take_rows
 
 __all__ = [
     "ResidualOutput",
     "ResidualCache",
     "residual_forward",
     "residual_backward",
+    "depth_batches",
     "residual_add_orthogonal",
     "orthogonal_code_subsets",
     "codebook_gradients",
@@ -70,20 +73,21 @@ GRADIENT_ROUTINGS = ("per_depth", "sum")
 
 class ResidualOutput(NamedTuple):
     quantized: Any  # (N, D) value sum_l c_l
-    indices: Array  # (N, Q) int64
-    losses: Any  # (Q,) per-depth losses
+    indices: Array  # (N, Q) int64; -1 where a depth did not run for a row (quantize dropout)
+    losses: Any  # (Q,) per-depth losses (0 for a depth no row reached)
     residuals: tuple  # Q + 1 arrays (N, D): r_0 = x, ..., r_Q = x - sum_l c_l
-    codes: tuple  # Q arrays (N, D): the chosen (normalised) code at each depth
+    codes: tuple  # Q arrays (N, D): the chosen (normalised) code at each depth (0 where it did not run)
     commitments: tuple = ()  # Q 0-d arrays: each depth's mse(r^_l, c_l), unweighted
     orthogonals: tuple | None = None  # Q 0-d arrays: each depth's orthogonal regulariser (unweighted)
     diversities: tuple | None = None  # Q 0-d arrays: each depth's codebook diversity loss (unweighted)
 
 
 class ResidualCache(NamedTuple):
-    depths: tuple  # Q QuantizeCache
+    depths: tuple  # Q QuantizeCache, None for a depth that no row reached
     routing: str
     sum_estimator: EstimatorCache | None  # the estimator on the total, with routing "sum"
     shared: bool
+    rows: tuple = ()  # per depth: None (every row) or the LookupCache of the rows that reached it
 
 
 def residual_forward(
@@ -94,6 +98,9 @@ def residual_forward(
     indices: Array = None,
     code_ids: Sequence[Array] | None = None,
     rngs: Sequence[Any] | None = None,
+    noise: Sequence[Any] | None = None,
+    depth_rows: Sequence[Any] | None = None,
+    diversity_groups: Array = None,
     **quantize_options: Any,
 ) -> tuple[ResidualOutput, ResidualCache]:
     """Quantize ``x`` residually, one codebook per depth.
@@ -101,14 +108,26 @@ def residual_forward(
     Parameters
     ----------
     x : (N, D) float
-    codebooks : Q arrays (K, D); pass the same array Q times for a shared codebook
+    codebooks : Q arrays (K_l, D); pass the same array Q times for a shared codebook
     routing : ``"per_depth"`` (vector-quantize-pytorch) or ``"sum"`` (one estimator on the total)
-    indices : optional (N, Q) int, codes to use instead of the nearest ones (gradient checks)
+    indices : optional (N, Q) int, codes to use instead of the nearest ones (gradient checks,
+        beam search); entries of rows a depth does not reach are ignored
     code_ids : optional per-depth code subsets for the orthogonal regulariser
     rngs : optional numpy Generators (one per codebook, or one for a shared codebook): each depth
         then samples its codes from ``softmax(l / tau)`` by Gumbel-max, with noise drawn on the
         host from its codebook's generator, depth after depth (nothing is drawn when
         ``sample_codebook_temp`` is 0: the codes are then the nearest ones)
+    noise : optional, instead of ``rngs``: Q arrays (N, K_l) of Gumbel noise drawn by the caller
+        (:func:`vqref.core.rows.sampling_noise`), or None entries for depths that do not sample
+    depth_rows : optional, quantize dropout: per depth None (every row) or a (n_l,) int array of
+        the rows that reach depth l, ascending, each depth's a subset of the one before (an
+        empty array: no row reaches it).  A row stops at its last depth: its later indices are
+        -1, its later codes 0, and its residual stays.  A depth's commitment (and codebook) term
+        is ``(1 / (N D)) sum_{rows that reach it} ||r^_l - c_l||^2``, the per-row loss summed
+        over the depths each row uses and averaged over all N rows (DAC's quantizer dropout);
+        with every row present it is the mean.  A depth no row reaches has loss 0 and no cache.
+    diversity_groups : optional (N,) int, each row's position for the diversity loss (see
+        :func:`vqref.core.quantize.quantize_forward`); taken per depth for the rows it reaches
     **quantize_options : passed to every depth's :func:`vqref.core.quantize.quantize_forward`
         (commitment_weight, learnable_codebook, use_cosine_sim, rotation_trick, straight_through,
         sample_codebook_temp, ...)
@@ -122,6 +141,7 @@ def residual_forward(
         raise ValueError(f"routing must be one of {GRADIENT_ROUTINGS}, got {routing!r}")
     xp = B.get_namespace(x, *codebooks)
     Q = len(codebooks)
+    N = x.shape[0]
     shared = all(c is codebooks[0] for c in codebooks)
     kind = estimator_kind(
         rotation_trick=quantize_options.get("rotation_trick", False),
@@ -135,37 +155,62 @@ def residual_forward(
                 f"routing 'sum' puts one STE or rotation trick on the total; the {kind!r} estimator acts per depth"
             )
         depth_options["rotation_trick"] = False  # the estimator sits on the sum instead
-    temperature = quantize_options.get("sample_codebook_temp", 1.0)
-    sampling = rngs is not None and temperature > 0
+    if noise is None and rngs is not None and quantize_options.get("sample_codebook_temp", 1.0) > 0:
+        noise = sampling_noise(rngs, N, [c.shape[0] for c in codebooks], like=x)
+    depth_rows = [None] * Q if depth_rows is None else list(depth_rows)
 
     residual = x
     residuals, codes, idx_list, losses, caches, commitments, diversities = [x], [], [], [], [], [], []
+    row_caches = []
     total = None
     for level in range(Q):
-        fixed = None if indices is None else indices[:, level]
+        rows = depth_rows[level]
+        if rows is not None and rows.shape[0] == 0:  # no row reaches this depth
+            zeros = xp.zeros_like(x)
+            codes.append(zeros)
+            idx_list.append(xp.full((N,), -1, dtype=xp.int64, device=B.get_device(x)))
+            losses.append(xp.zeros((), dtype=x.dtype, device=B.get_device(x)))
+            commitments.append(losses[-1])
+            diversities.append(None)
+            caches.append(None)
+            row_caches.append(None)
+            residuals.append(residual)
+            continue
+        r, row_cache = take_rows(residual, rows)  # (n_l, D) the rows that reach this depth
+        opts = dict(depth_options)
+        if rows is not None:  # DAC's normalisation: the sum over these rows, over all N rows
+            scale = rows.shape[0] / max(N, 1)
+            opts["commitment_weight"] = quantize_options.get("commitment_weight", 1.0) * scale
+            if quantize_options.get("codebook_weight") is not None:
+                opts["codebook_weight"] = quantize_options["codebook_weight"] * scale
+        fixed = None if indices is None else take_rows(indices[:, level], rows)[0]
+        groups = None if diversity_groups is None else take_rows(diversity_groups, rows)[0]
+        depth_noise = None if noise is None or noise[level] is None else take_rows(noise[level], rows)[0]
         ids = None if code_ids is None else code_ids[level]
-        noise = None
-        if sampling:  # Gumbel noise from this depth's codebook's generator (N, K)
-            gen = rngs[0 if len(rngs) == 1 else level]
-            noise = gumbel_noise((x.shape[0], codebooks[level].shape[0]), gen, like=x)
         out, cache = quantize_forward(
-            residual, codebooks[level], indices=fixed, orthogonal_code_ids=ids, noise=noise, **depth_options
-        )
-        codes.append(out.quantized)
-        idx_list.append(out.indices)
+            r, codebooks[level], indices=fixed, orthogonal_code_ids=ids, noise=depth_noise,
+            diversity_groups=groups, **opts,
+        )  # fmt: skip
+        code = put_rows(out.quantized, row_cache)  # (N, D), 0 for the rows that stopped
+        codes.append(code)
+        idx_list.append(put_indices(out.indices, rows, N, xp))
         losses.append(out.loss)
         commitments.append(out.commitment)
         diversities.append(out.diversity)
         caches.append(cache)
-        total = out.quantized if total is None else total + out.quantized  # (N, D)
-        residual = residual - out.quantized  # r_{l+1} = r_l - sg[o_l]  (N, D)
+        row_caches.append(row_cache)
+        total = code if total is None else total + code  # (N, D)
+        residual = residual - code  # r_{l+1} = r_l - sg[o_l]  (N, D)
         residuals.append(residual)
 
+    if total is None:  # no depth ran (every depth_rows entry empty)
+        total = xp.zeros_like(x)
     sum_estimator = None
     if routing == "sum":
         quantized, sum_estimator = estimator_forward(x, total, kind=kind)
     else:
         quantized = total
+    present = [d for d in diversities if d is not None]
     out = ResidualOutput(
         quantized,
         xp.stack(idx_list, axis=1),
@@ -173,9 +218,20 @@ def residual_forward(
         tuple(residuals),
         tuple(codes),
         tuple(commitments),
-        diversities=None if diversities[0] is None else tuple(diversities),
+        diversities=None if not present else tuple(xp.zeros_like(present[0]) if d is None else d for d in diversities),
     )
-    return out, ResidualCache(tuple(caches), routing, sum_estimator, shared)
+    return out, ResidualCache(tuple(caches), routing, sum_estimator, shared, tuple(row_caches))
+
+
+def depth_batches(cache: ResidualCache) -> list:
+    """What each depth quantized, for its state update: per depth ``(x_l, k_l)`` or None.
+
+    ``x_l`` (n_l, D) are the rows that reached depth l as its codebook saw them (the residual,
+    l2-normalised for cosine codebooks), ``k_l`` (n_l,) their codes; None for a depth no row
+    reached (a quantize dropout).  Both are read from the depth's cache: the first argument of
+    its ``mse(r^_l, c_l)`` and the indices of its lookup.
+    """
+    return [None if d is None else (d.mse.a, d.lookup.indices) for d in cache.depths]
 
 
 def residual_backward(dquantized: Array, dlosses: Array, cache: ResidualCache) -> tuple[Any, list]:
@@ -190,7 +246,8 @@ def residual_backward(dquantized: Array, dlosses: Array, cache: ResidualCache) -
     Returns
     -------
     dx : (N, D)
-    dcodebooks : list of Q arrays (K, D) or None (one per depth; for a shared codebook add them up)
+    dcodebooks : list of Q arrays (K, D) or None (one per depth; for a shared codebook add them
+        up); None for a depth no row reached
     """
     xp = B.get_namespace(dquantized)
     Q = len(cache.depths)
@@ -198,24 +255,25 @@ def residual_backward(dquantized: Array, dlosses: Array, cache: ResidualCache) -
         dl = [dlosses[level] for level in range(Q)]
     else:
         dl = [dlosses] * Q
+    rows = cache.rows or (None,) * Q
     if cache.routing == "per_depth":
         # Every depth's estimator passes the decoder gradient to its residual, and every
         # residual has identity Jacobian with respect to x: the contributions add up.
-        dx = None
-        dcodebooks = []
-        for level, depth in enumerate(cache.depths):
-            dr, dcb = quantize_backward(dquantized, dl[level], depth)
-            dx = dr if dx is None else dx + dr
-            dcodebooks.append(dcb)
-        return dx, dcodebooks
-    # routing "sum": the estimator on the total carries the decoder gradient once; the depths
-    # contribute their loss gradients only.
-    dx = estimator_backward(dquantized, cache.sum_estimator).dx
-    zeros = xp.zeros_like(dquantized)
+        dx = xp.zeros_like(dquantized)
+        upstream = [dquantized] * Q
+    else:
+        # routing "sum": the estimator on the total carries the decoder gradient once; the
+        # depths contribute their loss gradients only.
+        dx = estimator_backward(dquantized, cache.sum_estimator).dx
+        upstream = [xp.zeros_like(dquantized)] * Q
     dcodebooks = []
     for level, depth in enumerate(cache.depths):
-        dr, dcb = quantize_backward(zeros, dl[level], depth)
-        dx = dx + dr
+        if depth is None:  # no row reached this depth: nothing to differentiate
+            dcodebooks.append(None)
+            continue
+        dq = upstream[level] if rows[level] is None else xp.take(upstream[level], rows[level].indices, axis=0)
+        dr, dcb = quantize_backward(dq, dl[level], depth)  # (n_l, D), (K, D) or None
+        dx = dx + put_rows(dr, rows[level])  # (N, D)
         dcodebooks.append(dcb)
     return dx, dcodebooks
 
@@ -232,7 +290,9 @@ def residual_add_orthogonal(
 
     The per-depth form of :func:`vqref.core.quantize.add_orthogonal_term`: ``codebooks[l]`` is the
     codebook value depth l's term is evaluated on (for a quantizer module: after this step's EMA
-    update, or the assignment's codebook for a shared one), ``code_ids[l]`` its code subset.
+    update, or the assignment's codebook for a shared one), ``code_ids[l]`` its code subset.  A
+    depth that did not run (a quantize dropout), or whose subset is empty (the active codes of a
+    batch without rows), has no term: its ``orth_l`` is reported as 0.
 
     Returns
     -------
@@ -243,6 +303,10 @@ def residual_add_orthogonal(
     depths, orths = [], []
     for level, depth in enumerate(cache.depths):
         ids = None if code_ids is None else code_ids[level]
+        if depth is None or (ids is not None and ids.shape[0] == 0):
+            depths.append(depth)
+            orths.append(xp.zeros((), dtype=out.losses.dtype, device=B.get_device(out.losses)))
+            continue
         orth, depth = add_orthogonal_term(depth, codebooks[level], weight=weight, code_ids=ids)
         depths.append(depth)
         orths.append(orth)
@@ -251,30 +315,47 @@ def residual_add_orthogonal(
 
 
 def orthogonal_code_subsets(
-    indices: Array, num_codes: int, *, active_only: bool, max_codes: int | None, rngs: Sequence[Any]
+    indices: Array,
+    num_codes: Any,
+    *,
+    active_only: bool,
+    max_codes: int | None,
+    rngs: Sequence[Any],
+    ran: Sequence[bool] | None = None,
 ) -> list | None:
     """Per depth, the codes the orthogonal regulariser sees (``None``: all K at every depth).
 
-    ``active_only``: the codes depth l used in ``indices[:, l]``; ``max_codes``: at most that
-    many, drawn at random from depth l's generator (``rngs[l]``, or ``rngs[0]`` for a shared
-    codebook).  See :func:`vqref.ops.orthogonal.select_codes`.  A driver step: the used codes are
-    read on the host.
+    ``active_only``: the codes depth l used in ``indices[:, l]`` (entries -1, rows a quantize
+    dropout stopped, are no code); ``max_codes``: at most that many, drawn at random from depth
+    l's generator (``rngs[l]``, or ``rngs[0]`` for a shared codebook).  See
+    :func:`vqref.ops.orthogonal.select_codes`.  A depth that did not run (``ran[l]`` False) gets
+    an empty subset and draws nothing.  A driver step: the used codes are read on the host.
 
     Parameters
     ----------
     indices : (N, Q) int, this forward's codes
-    num_codes : K
+    num_codes : K, or Q sizes K_l
+    ran : per depth, whether it ran (default: every depth)
     """
     from ..ops.orthogonal import select_codes
 
     if not active_only and max_codes is None:
         return None
+    Q = indices.shape[1]
+    sizes = [int(num_codes)] * Q if isinstance(num_codes, int) else [int(k) for k in num_codes]
     ids = []
-    for level in range(indices.shape[1]):
-        used = indices[:, level] if active_only else None
+    xp, device = B.get_namespace(indices), B.get_device(indices)
+    for level in range(Q):
+        if ran is not None and not ran[level]:
+            ids.append(xp.zeros((0,), dtype=xp.int64, device=device))
+            continue
+        used = None
+        if active_only:
+            col = np.asarray(B.to_numpy(indices[:, level]))
+            used = col[col >= 0]  # (n_l,) host
         gen = rngs[0 if len(rngs) == 1 else level]
-        pick = select_codes(num_codes, used_indices=used, max_codes=max_codes, rng=gen)
-        ids.append(B.from_numpy(pick, B.get_namespace(indices), device=B.get_device(indices)))
+        pick = select_codes(sizes[level], used_indices=used, max_codes=max_codes, rng=gen)
+        ids.append(B.from_numpy(pick, xp, device=device))
     return ids
 
 
@@ -294,7 +375,13 @@ def codebook_gradients(dcodebooks: Sequence[Any], *, shared: bool) -> list:
 
 
 def usage_stats(
-    indices: Array, num_codes: int, cluster_sizes: Sequence[Array], *, threshold: float, decay: float | None
+    indices: Array,
+    num_codes: Any,
+    cluster_sizes: Sequence[Array],
+    *,
+    threshold: float,
+    decay: float | None,
+    ran: Sequence[bool] | None = None,
 ) -> dict:
     """What one forward's codes say about the use of each depth's codebook (docs/math.md §10).
 
@@ -304,15 +391,18 @@ def usage_stats(
     takes (``N + (1 - decay)(n - N)``, the formula of :func:`vqref.core.ema.accumulate_statistics`,
     depth after depth for a shared codebook), before the restarts: so ``dead_fraction`` is the
     fraction of codes the step restarts.  In eval (``decay=None``) they are the committed counts.
-    A reporting step: the numbers are read on the host.
+    Entries -1 (a row that a quantize dropout stopped before depth l) are not counted, and a
+    depth that did not run (``ran[l]`` False) keeps its committed counts.  A reporting step: the
+    numbers are read on the host.
 
     Parameters
     ----------
     indices : (N, Q) int, this forward's codes
-    num_codes : K
-    cluster_sizes : the committed counts ``N`` (K,), one per codebook (one for a shared codebook)
+    num_codes : K, or Q sizes K_l (per-depth codebook sizes)
+    cluster_sizes : the committed counts ``N`` (K_l,), one per codebook (one for a shared codebook)
     threshold : ``threshold_ema_dead_code`` (0: ``dead_fraction`` is 0.0)
     decay : the EMA decay of a training step whose counts are updated, or None
+    ran : per depth, whether its state took this step (default: every depth)
 
     Returns
     -------
@@ -323,16 +413,21 @@ def usage_stats(
 
     xp = B.get_namespace(indices)
     Q = indices.shape[1]
+    sizes = [int(num_codes)] * Q if isinstance(num_codes, int) else [int(k) for k in num_codes]
+    ran = [True] * Q if ran is None else list(ran)
     counts = list(cluster_sizes)
     stats: dict = {"perplexity": [], "usage": [], "used_codes": [], "dead_fraction": []}
     for level in range(Q):
-        for key, value in code_usage(indices[:, level], num_codes).items():
+        col = indices[:, level]
+        col = col[col >= 0] if ran[level] else col[:0]  # (n_l,) the rows that reached this depth
+        for key, value in code_usage(col, sizes[level]).items():
             stats[key].append(value)
         i = 0 if len(counts) == 1 else level
-        if decay is not None and threshold > 0:
-            n = xp.astype(B.bincount(indices[:, level], num_codes), counts[i].dtype)  # (K,) this batch's n_k
+        if decay is not None and threshold > 0 and ran[level]:
+            n = xp.astype(B.bincount(col, sizes[level]), counts[i].dtype)  # (K,) this batch's n_k
             counts[i] = counts[i] + (1.0 - decay) * (n - counts[i])  # (K,) the EMA step's N_k
-        stats["dead_fraction"].append(float(xp.sum(xp.astype(counts[i] < threshold, xp.float64))) / num_codes)
+        dead = float(xp.sum(xp.astype(counts[i] < threshold, xp.float64))) / sizes[level]
+        stats["dead_fraction"].append(dead)
     if len(counts) == 1 and Q > 1:  # one shared codebook: its counts after the last depth's step
         stats["dead_fraction"] = [stats["dead_fraction"][-1]] * Q
     return {k: tuple(v) for k, v in stats.items()}

@@ -1,17 +1,23 @@
 """``vqref demo``: the main job.  Train small VQ-VAEs on real images, compare the techniques.
 
-The command line around :mod:`vqref.demo.train` (the training loop and the eight
-configurations) and :mod:`vqref.demo.report` (the report folder): options, a progress bar per
-run (tqdm, drawn only on a terminal), the BLAS thread limit, and the order of the work.
+The command line around :mod:`vqref.demo.train` (the training loop and the configurations),
+:mod:`vqref.demo.runs` (which runs, in how many processes) and :mod:`vqref.demo.report` (the
+report folder): options, a progress bar per run (tqdm, drawn only on a terminal and with one
+process), and the order of the work.
 
-It writes ``report.md`` and ``report.html`` (a table and three figures), ``results.json`` (all
-numbers and curves) and the figures as PNGs into ``--out``, and prints the table.  The numbers
-depend only on the options (seed included) and, through rounding, on the numpy build: two
-runs on one machine give the same table except the times.
+It writes ``report.md`` and ``report.html`` (tables and figures), ``results.json`` (every run's
+numbers and curves) and the figures as PNGs into ``--out``, and prints the results table.  The
+numbers depend only on the options (seeds included) and, through rounding, on the numpy build:
+two runs on one machine give the same tables except the times, with any ``--jobs``.
 
-The default model (see :mod:`vqref.nn.vqvae`): encoder MLP 64 -> 256 -> 32, the 32 latent features
-cut into T = 4 tokens of d = 8, each token quantized with K = 256 codes, decoder MLP 32 -> 256 -> 64;
-400 epochs of 22 batches of 64 images (8800 Adam steps) per configuration.
+The default run: every configuration on the digits with 3 seeds, and the extra runs of the
+rate-distortion plot (54 runs); the MLP model 64 -> 256 -> 32, the 32 latent features cut into
+T = 4 tokens of d = 8, K = 256 codes, decoder 32 -> 256 -> 64; 200 epochs of 22 batches of 64
+images (4400 Adam steps) per run, in one worker process per CPU core.  A step costs about 1.5 ms
+of one idle core (the per-configuration times of the single-seed demo this one replaces: 1.2 ms
+for the EMA baseline, up to 1.7x that for LFQ and K = 1024), so about 3 minutes on 2 cores; the
+time grows linearly with ``--epochs`` and ``--seeds``, and a busy machine multiplies it.
+``--full``: 400 epochs, 5 seeds, more rate-distortion points, and the photographs as well.
 """
 
 from __future__ import annotations
@@ -21,36 +27,38 @@ import difflib
 import math
 import os
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
-from .report import REPORT_FILES, format_table, write_report
+from .checks import check_report_folder, gib, memory_needed, missing_dependencies, physical_memory
+from .datasets import DATASETS, load_dataset, make_model
+from .report import format_table, write_report
+from .runs import Run, default_jobs, execute, plan, single_threaded_blas, summarise, train_run
 from .train import (
     CONFIGS,
     DEPTHS,
     DIGITS,
-    PIXELS,
     TEST_IMAGES,
     RunResult,
     TrainingDiverged,
     TrainSettings,
-    build_model,
-    load_data,
-    showcase,
     total_steps,
-    train_one,
 )
 
 __all__ = ["Settings", "main", "memory_needed", "parse_args", "progress_bar"]
 
-# The full run (about 2-3 minutes on 2 CPU cores) and the --quick one (a few seconds, for tests).
-_DEFAULTS = dict(epochs=400, batch_size=64, codebook_size=256, train_size=None, hidden=256, tokens=4, token_dim=8)
-_QUICK = dict(epochs=20, batch_size=32, codebook_size=32, train_size=256, hidden=32, tokens=4, token_dim=4)
-
-# module -> the package that brings it (all in the `demo` extra: pip install -e ".[demo]")
-_NEEDS = {"sklearn": "scikit-learn", "matplotlib": "matplotlib", "tqdm": "tqdm"}
+# The default run (about 3 minutes on 2 idle CPU cores, see the module notes), --full (about six
+# times longer), and --quick (a second or two per run, for tests).  The photographs' convolutional model has its own
+# sizes (photo_*); --steps applies to both data, --epochs to the digits only.
+_DEFAULTS = dict(epochs=200, batch_size=64, codebook_size=256, train_size=None, hidden=256, tokens=4, token_dim=8,
+                 seeds=3, data="digits", rate="default", evals=25,
+                 photo_hidden=32, photo_batch=64, photo_steps=400)  # fmt: skip
+_FULL = dict(_DEFAULTS, epochs=400, seeds=5, data="digits,photos", rate="full")
+_QUICK = dict(epochs=10, batch_size=32, codebook_size=32, train_size=256, hidden=32, tokens=4, token_dim=4,
+              seeds=2, data="digits", rate="default", evals=10,
+              photo_hidden=8, photo_batch=16, photo_steps=8)  # fmt: skip
+_PHOTO_QUICK = (256, 128)  # training and held-out patches of a --quick photos run
 
 
 @dataclass
@@ -71,21 +79,40 @@ class Settings:
     out: str
     quick: bool
     quiet: bool
+    seeds: list[int] = field(default_factory=lambda: [0])  # the runs' seeds: --seed, --seed + 1, ...
+    data: list[str] = field(default_factory=lambda: ["digits"])
+    rate: str = "default"  # the extra rate-distortion runs: none, default, full
+    jobs: int = 1  # worker processes
+    full: bool = False
+    depths: int = DEPTHS  # Q of the residual configurations
+    photo_hidden: int = 32
+    photo_batch: int = 64
+    photo_steps: int = 400
+    evals: int = 25  # held-out evaluations per run (the training curves' points)
     argv: list[str] = field(default_factory=list)  # the options as given, for the report
 
-    def training(self) -> TrainSettings:
-        """The part of the options that one training run needs."""
+    def batch_for(self, dataset: str) -> int:
+        return self.batch_size if dataset == "digits" else self.photo_batch
+
+    def training(self, dataset: str = "digits") -> TrainSettings:
+        """What one training run on ``dataset`` needs (its seed, K and Q come from the run)."""
+        if dataset == "digits":
+            return TrainSettings(
+                codebook_size=self.codebook_size, hidden=self.hidden, tokens=self.tokens, token_dim=self.token_dim,
+                batch_size=self.batch_size, lr=self.lr, seed=self.seeds[0], epochs=self.epochs, steps=self.steps,
+                depths=self.depths, evals=self.evals,
+            )  # fmt: skip
         return TrainSettings(
-            codebook_size=self.codebook_size,
-            hidden=self.hidden,
-            tokens=self.tokens,
-            token_dim=self.token_dim,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            seed=self.seed,
-            epochs=self.epochs,
-            steps=self.steps,
-        )
+            codebook_size=self.codebook_size, hidden=self.photo_hidden, tokens=0, token_dim=self.token_dim,
+            batch_size=self.photo_batch, lr=self.lr, seed=self.seeds[0], steps=self.steps or self.photo_steps,
+            depths=self.depths, evals=min(self.evals, 10),  # an evaluation of the patches costs ~20 steps
+        )  # fmt: skip
+
+    def sizes_for(self, dataset: str) -> tuple:
+        """``(train_size, test_size)`` of :func:`vqref.demo.datasets.load_dataset`."""
+        if dataset == "digits":
+            return (self.train_size, None)
+        return _PHOTO_QUICK if self.quick else (None, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,72 +171,77 @@ def _config_list(text: str) -> list[str]:
     return names
 
 
+def _data_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in DATASETS]
+    if bad or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"expected {' or '.join(DATASETS)} (or both, comma-separated, once each), got {text!r}"
+        )
+    return names
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vqref demo",
         description=(
-            "Train a small VQ-VAE (hand-written gradients, Adam) on scikit-learn's 8x8 digits once per "
-            "quantizer configuration, and write a report (table + figures) comparing held-out "
-            "reconstruction error, perplexity and codebook usage."
+            "Train small VQ-VAEs (hand-written gradients, Adam) on scikit-learn's 8x8 digits (and patches of its "
+            "two photographs) once per quantizer configuration and seed, and write a report: held-out "
+            "reconstruction error, codebook usage, a rate-distortion plot and a table of the papers' claims."
         ),
-        epilog="configurations: " + "; ".join(f"{k}: {v[0]}" for k, v in CONFIGS.items()),
+        epilog="configurations: " + "; ".join(f"{k}: {v.description}" for k, v in CONFIGS.items()),
     )
-    p.add_argument(
-        "--configs",
-        type=_config_list,
-        default=list(CONFIGS),
-        metavar="A,B,...",
-        help="comma-separated configurations to train (default: all eight)",
-    )
+    add = p.add_argument
+    add("--configs", type=_config_list, default=list(CONFIGS), metavar="A,B,...",
+        help=f"comma-separated configurations to train (default: all {len(CONFIGS)})")  # fmt: skip
     length = p.add_mutually_exclusive_group()
-    length.add_argument(
-        "--epochs",
-        type=_positive_int,
-        default=None,
-        help=f"passes over the training images per configuration (default {_DEFAULTS['epochs']})",
-    )
-    length.add_argument(
-        "--steps", type=_positive_int, default=None, help="optimizer steps per configuration (instead of --epochs)"
-    )
-    p.add_argument(
-        "--batch-size", type=_positive_int, default=None, help=f"images per step (default {_DEFAULTS['batch_size']})"
-    )
-    p.add_argument(
-        "--codebook-size",
-        type=_positive_int,
-        default=None,
-        help=f"K, codes per codebook (default {_DEFAULTS['codebook_size']})",
-    )
-    p.add_argument(
-        "--train-size",
-        type=_positive_int,
-        default=None,
-        help=f"training images, at most {DIGITS - TEST_IMAGES} (default: all of them); {TEST_IMAGES} more are held out",
-    )
-    p.add_argument(
-        "--hidden",
-        type=_positive_int,
-        default=None,
-        help=f"hidden units of encoder and decoder (default {_DEFAULTS['hidden']})",
-    )
-    p.add_argument(
-        "--tokens", type=_positive_int, default=None, help=f"T, tokens per image (default {_DEFAULTS['tokens']})"
-    )
-    p.add_argument(
+    length.add_argument("--epochs", type=_positive_int, default=None,
+                        help=f"passes over the training digits per run (default {_DEFAULTS['epochs']}; "
+                             f"--full {_FULL['epochs']})")  # fmt: skip
+    length.add_argument("--steps", type=_positive_int, default=None,
+                        help=f"optimizer steps per run, for both data (default: --epochs for the digits, "
+                             f"{_DEFAULTS['photo_steps']} for the photos)")  # fmt: skip
+    add("--batch-size", type=_positive_int, default=None, help=f"digits per step (default {_DEFAULTS['batch_size']})")
+    add("--codebook-size", type=_positive_int, default=None,
+        help=f"K, codes per codebook (default {_DEFAULTS['codebook_size']}; FSQ and LFQ take the nearest size "
+             "they can make)")  # fmt: skip
+    add("--train-size", type=_positive_int, default=None,
+        help=f"training digits, at most {DIGITS - TEST_IMAGES} (default: all of them); {TEST_IMAGES} more are "
+             "held out")  # fmt: skip
+    add("--hidden", type=_positive_int, default=None,
+        help=f"hidden units of the digits' encoder and decoder (default {_DEFAULTS['hidden']})")  # fmt: skip
+    add("--tokens", type=_positive_int, default=None, help=f"T, tokens per digit (default {_DEFAULTS['tokens']})")
+    add(
         "--token-dim",
         type=_positive_int,
         default=None,
         help=f"d, features per token (default {_DEFAULTS['token_dim']})",
     )
-    p.add_argument("--lr", type=_positive_float, default=2e-3, help="Adam learning rate (default 2e-3)")
-    p.add_argument(
-        "--seed", type=_seed, default=0, help="random seed: data split, weights, batches, codebooks (default 0)"
+    add("--lr", type=_positive_float, default=2e-3, help="Adam learning rate (default 2e-3)")
+    add("--seed", type=_seed, default=0,
+        help="the first seed (default 0): it draws the digits' held-out split, and run i trains with seed "
+             "--seed + i (weights, codebooks, batches)")  # fmt: skip
+    add("--seeds", type=_positive_int, default=None,
+        help=f"seeds per configuration (default {_DEFAULTS['seeds']}; --full {_FULL['seeds']})")  # fmt: skip
+    add("--data", type=_data_list, default=None, metavar="digits,photos",
+        help="the data: digits (default), photos (16x16 patches of scikit-learn's photographs, a convolutional "
+             "model), or both (--full)")  # fmt: skip
+    add(
+        "--rate",
+        choices=("none", "default", "full"),
+        default=None,
+        help="extra runs of the rate-distortion plot: other codebook sizes and depths (default: default; --full: full)",
     )
-    p.add_argument("--out", default=os.path.join("reports", "demo"), help="report folder (default reports/demo)")
-    p.add_argument(
-        "--quick", action="store_true", help="a tiny run of a few seconds (smaller data, model and codebook)"
+    add(
+        "--jobs",
+        type=_positive_int,
+        default=None,
+        help="worker processes (default: the CPU cores, at most the number of runs); 1 trains in this process",
     )
-    p.add_argument("--quiet", action="store_true", help="print only the final table")
+    add("--out", default=os.path.join("reports", "demo"), help="report folder (default reports/demo)")
+    add("--full", action="store_true", help="the long version: more epochs and seeds, the photographs too")
+    add("--quick", action="store_true", help="a tiny run (smaller data, model and codebook; for tests)")
+    add("--quiet", action="store_true", help="print only the final table")
     return p
 
 
@@ -223,15 +255,18 @@ def parse_args(argv: list[str] | None) -> Settings:
     """
     parser = _parser()
     a = parser.parse_args(argv)
-    base = _QUICK if a.quick else _DEFAULTS
+    if a.quick and a.full:
+        parser.error("--quick and --full contradict each other; give one of them")
+    base = _QUICK if a.quick else _FULL if a.full else _DEFAULTS
     pick = lambda name: getattr(a, name) if getattr(a, name) is not None else base[name]  # noqa: E731
+    preset = "--quick " if a.quick else "--full " if a.full else ""
 
     def option(name: str) -> str:
         """``--name value`` as given, or where a default came from (the user did not type it)."""
         flag = "--" + name.replace("_", "-")
         if getattr(a, name) is not None:
             return f"{flag} {getattr(a, name)}"
-        return f"the {'--quick ' if a.quick else ''}default {flag} {base[name]}"
+        return f"the {preset}default {flag} {base[name]}"
 
     available = DIGITS - TEST_IMAGES
     train_size = pick("train_size") or available
@@ -250,90 +285,47 @@ def parse_args(argv: list[str] | None) -> Settings:
         parser.error(
             f"{option('tokens')} x {option('token_dim')} = {latent} latent features; the demo allows at most 4096"
         )
-    epochs = None if a.steps is not None else pick("epochs")
+    data = a.data if a.data is not None else _data_list(base["data"])
     s = Settings(
-        configs=a.configs,
-        epochs=epochs,
-        steps=a.steps,
-        batch_size=batch_size,
-        codebook_size=pick("codebook_size"),
-        train_size=train_size,
-        hidden=pick("hidden"),
-        tokens=pick("tokens"),
-        token_dim=pick("token_dim"),
-        lr=a.lr,
-        seed=a.seed,
-        out=a.out,
-        quick=a.quick,
-        quiet=a.quiet,
-        argv=list(sys.argv[1:] if argv is None else argv),
-    )
+        configs=a.configs, epochs=None if a.steps is not None else pick("epochs"), steps=a.steps,
+        batch_size=batch_size, codebook_size=pick("codebook_size"), train_size=train_size, hidden=pick("hidden"),
+        tokens=pick("tokens"), token_dim=pick("token_dim"), lr=a.lr, seed=a.seed, out=a.out, quick=a.quick,
+        quiet=a.quiet, seeds=list(range(a.seed, a.seed + pick("seeds"))), data=data, rate=pick("rate"),
+        full=a.full, photo_hidden=base["photo_hidden"], photo_batch=base["photo_batch"],
+        photo_steps=base["photo_steps"], evals=base["evals"], argv=list(sys.argv[1:] if argv is None else argv),
+    )  # fmt: skip
     need, culprit = memory_needed(s)
-    have = _physical_memory()
+    have = physical_memory()
     if have is not None and need > have:
         parser.error(
-            f"these sizes need about {_gib(need)} of memory, more than this machine's {_gib(have)}; "
+            f"these sizes need about {gib(need)} of memory, more than this machine's {gib(have)}; "
             f"{option(culprit)} is the largest part: choose a smaller one"
         )
-    for name in s.configs:
+    runs = _plan(s)
+    s.jobs = a.jobs if a.jobs is not None else default_jobs(len(runs))
+    if have is not None:  # each worker holds one run
+        s.jobs = max(1, min(s.jobs, have // need))
+    for run in {(r.dataset, r.config, r.codebook_size, r.depths): r for r in runs}.values():
         try:
-            build_model(name, s.training())
+            make_model(run.dataset, run.config, replace(s.training(run.dataset), codebook_size=run.codebook_size,
+                                                        depths=run.depths))  # fmt: skip
         except (ValueError, TypeError) as e:
             parser.error(
-                f"configuration {name!r} cannot be built with these options ({e}); change them or leave it out"
+                f"configuration {run.config!r} cannot be built with these options ({e}); change them or leave it out"
             )
         except MemoryError:
-            parser.error(f"configuration {name!r} does not fit into memory with these sizes; choose smaller ones")
+            parser.error(f"configuration {run.config!r} does not fit into memory with these sizes; choose smaller ones")
     return s
 
 
-# --------------------------------------------------------------------------------------------
-# What the options cost
-# --------------------------------------------------------------------------------------------
-
-# Bytes per number, measured as peak memory on --steps 2 runs (see memory_needed) and rounded up.
-_PER_WEIGHT = 80  # float64 draw, float32 weight, gradient, Adam's two moments, copies
-_PER_CODE_VALUE = 64  # codebook, EMA statistics, gradient and moments, copies
-_PER_SCORE = 12  # a (rows, K) block of distances and the argmin's temporaries
-_PER_GRAM = 8  # the orthogonal regulariser's (K, K) products
-_BASE = 160 << 20  # Python, numpy, the data
-
-
-def memory_needed(s: Settings) -> tuple[int, str]:
-    """About how many bytes a run with these options holds at its peak, and the option that
-    weighs most (``"hidden"`` or ``"codebook_size"``).
-
-    An estimate, measured rather than derived (peak resident memory of two-step runs with one
-    size made large at a time): the encoder and decoder weights with their gradients and Adam
-    moments; the codebooks (two depths for the residual configurations) with their statistics;
-    the blocks of token-to-code distances (the nearest-code search works in row chunks of at
-    most 2^24 scores); the orthogonal regulariser's (K, K) matrices.  It is only used to refuse
-    sizes that cannot fit, before anything is trained.
-    """
-    from ..ops.distance import default_chunk_size
-
-    latent = s.tokens * s.token_dim
-    weights = (PIXELS + 1) * s.hidden + (s.hidden + 1) * latent + (latent + 1) * s.hidden + (s.hidden + 1) * PIXELS
-    rows = max(s.batch_size, TEST_IMAGES)  # images at once: a batch, or the held-out set in an evaluation
-    model = _PER_WEIGHT * weights + 6 * 8 * rows * s.hidden  # and the activations
-    K, depths = s.codebook_size, DEPTHS if any(c.startswith("residual") for c in s.configs) else 1
-    block = K * min(rows * s.tokens, default_chunk_size(K, s.token_dim))  # (rows, K) distances
-    codes = _PER_CODE_VALUE * K * s.token_dim * depths + _PER_SCORE * block
-    if "orthogonal" in s.configs:
-        codes += _PER_GRAM * K * K
-    return _BASE + model + codes, "hidden" if model > codes else "codebook_size"
-
-
-def _physical_memory() -> int | None:
-    """The machine's memory in bytes, where the system says (POSIX); otherwise None."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # pragma: no cover - Windows
-        return None
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.3g} GiB" if n < 2**40 else f"{n / 2**40:.3g} TiB"
+def _plan(s: Settings) -> list[Run]:
+    """The runs of these options (:func:`vqref.demo.runs.plan`); the photos get the default
+    rate-distortion points even with ``--rate full`` (their runs are the expensive ones)."""
+    runs = []
+    for data in s.data:
+        rate = s.rate if data == "digits" or s.rate == "none" else "default"
+        runs += plan([data], s.configs, s.seeds, s.codebook_size, s.depths, rate=rate)
+    return runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,46 +347,20 @@ def progress_bar(label: str, total: int, *, quiet: bool = False, stream: TextIO 
     return tqdm(total=total, desc=label, file=stream, disable=not live, leave=False, unit="step", mininterval=0.1)
 
 
-def _train_with_progress(name: str, label: str, s: Settings, train: Any, test: Any, show: Any) -> RunResult:
-    """:func:`train_one` under a progress bar, then the run's summary line on stderr (unless quiet)."""
-    settings = s.training()
-    with progress_bar(label, total_steps(settings, train.shape[0]), quiet=s.quiet) as bar:
+def _summary_line(label: str, r: RunResult) -> str:
+    return (
+        f"{label} held-out MSE {r.test_mse:.4f}  perplexity {r.perplexity:6.1f}  "
+        f"codes used {100 * r.codes_used:5.1f}%  {r.train_time:5.1f} s"
+    )
 
-        def progress(step: int, loss: float) -> None:
-            bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
-            bar.update(step - bar.n)
 
-        r = train_one(name, settings, train, test, show, progress=None if bar.disable else progress)
-    if not s.quiet:
-        print(
-            f"{label} held-out MSE {r.test_mse:.4f}  perplexity {r.perplexity:6.1f}  "
-            f"codes used {100 * r.codes_used:5.1f}%  {r.train_time:5.1f} s",
-            file=sys.stderr,
-            flush=True,
-        )
-    return r
+def _label(i: int, n: int, run: Run, width: int) -> str:
+    return f"[{i + 1}/{n}] {run.dataset} {run.label:<{width}} seed {run.seed}"
 
 
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
-
-
-def _single_threaded_blas():
-    """Limit BLAS to one thread for the run, when threadpoolctl (a scikit-learn dependency) exists.
-
-    The matrices here are tiny (at most batch x 256), so threads cannot pay off, and when the
-    cores are busy OpenBLAS's spinning worker threads slowed a training step about 50-fold in
-    our measurements.  One thread also makes the sums, hence the numbers, independent of the
-    machine's core count.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - scikit-learn brings it
-        import contextlib
-
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,72 +394,64 @@ def _echo(text: str) -> None:
     print(text.encode(encoding, "backslashreplace").decode(encoding), flush=True)
 
 
-def _missing_dependencies() -> str | None:
-    """Why the demo's dependencies cannot be imported, or None when they can."""
-    missing, broken = [], []
-    for module, package in _NEEDS.items():
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(package)
-        except Exception as e:  # noqa: BLE001 - a broken install or environment raises anything
-            broken.append(f"importing {module} failed ({type(e).__name__}: {e}); check its installation and settings")
-    if missing:
-        return (
-            f'needs {" and ".join(missing)} (pip install -e ".[demo]" from a checkout, '
-            f"pip install {' '.join(_NEEDS.values())}, or `make demo`)"
-        )
-    return broken[0] if broken else None
-
-
-def _check_report_folder(out: str) -> str | None:
-    """Create the report folder and try writing into it, before any training; None when it works.
-
-    A report that cannot be written after minutes of training would lose the results.
-    """
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        return f"cannot create the report folder {out!r}: {e.strerror or e}; choose another --out"
-    for name in REPORT_FILES:
-        path = os.path.join(out, name)
-        if os.path.lexists(path) and not (os.path.isfile(path) and os.access(path, os.W_OK)):
-            return f"cannot write {path!r} (it is not a writable file); remove it or choose another --out"
-    try:
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        return f"cannot write into the report folder {out!r}: {e.strerror or e}; choose another --out"
-    return None
-
-
 def _run(s: Settings) -> int:
     """The work of :func:`main` once the options are valid: checks, data, training, report."""
-    problem = _missing_dependencies() or _check_report_folder(s.out)
+    problem = missing_dependencies() or check_report_folder(s.out, s.data)
     if problem:
         return _fail(problem)
 
     t0 = time.perf_counter()
-    train, test, labels = load_data(s.seed, s.train_size)
-    show = showcase(labels)
+    datasets = {name: load_dataset(name, s.seed, *s.sizes_for(name)) for name in s.data}
+    runs = _plan(s)
     if not s.quiet:
         length = f"{s.steps} steps" if s.steps is not None else f"{s.epochs} epochs"
+        sizes = ", ".join(
+            f"{d.train.shape[0]} training / {d.test.shape[0]} held-out {d.name}" for d in datasets.values()
+        )
         print(
-            f"vqref demo: {len(s.configs)} configuration(s), {train.shape[0]} training / {test.shape[0]} held-out digits, "
-            f"K = {s.codebook_size}, {length}, seed {s.seed}",
+            f"vqref demo: {len(runs)} runs ({len(s.configs)} configuration(s) x {len(s.seeds)} seed(s) and "
+            f"{sum(not r.table for r in runs)} rate-distortion runs) in {s.jobs} process(es); {sizes}; "
+            f"K = {s.codebook_size}, {length}, seeds {s.seeds[0]}..{s.seeds[-1]}",
             file=sys.stderr,
         )
-    results = []
-    width = max(len(n) for n in s.configs)
-    with _single_threaded_blas():
-        for i, name in enumerate(s.configs):
-            label = f"[{i + 1}/{len(s.configs)}] {name:<{width}}"
-            results.append(_train_with_progress(name, label, s, train, test, show))
+    width = max(len(r.label) for r in runs)
+
+    def serial(i: int, run: Run) -> RunResult:
+        """One run in this process, under a progress bar."""
+        steps = total_steps(s.training(run.dataset), datasets[run.dataset].train.shape[0])
+        with progress_bar(_label(i, len(runs), run, width), steps, quiet=s.quiet) as bar:
+
+            def progress(step: int, loss: float) -> None:
+                bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+                bar.update(step - bar.n)
+
+            settings, sizes = s.training(run.dataset), s.sizes_for(run.dataset)
+            return train_run(run, settings, s.seed, sizes, progress=None if bar.disable else progress)
+
+    def done(i: int, run: Run, r: RunResult) -> None:
+        if not s.quiet:
+            print(_summary_line(_label(i, len(runs), run, width), r), file=sys.stderr, flush=True)
+
+    with single_threaded_blas():
+        results = execute(
+            runs,
+            lambda run: s.training(run.dataset),
+            s.seed,
+            lambda run: s.sizes_for(run.dataset),
+            jobs=s.jobs,
+            serial=serial,
+            done=done,
+        )
     total = time.perf_counter() - t0  # data, training and evaluation
+    sections = []
+    for name, data in datasets.items():
+        picked = [(run, r) for run, r in zip(runs, results) if run.dataset == name]
+        sections.append((data, summarise([p[0] for p in picked], [p[1] for p in picked])))
     try:
-        paths = write_report(results, s, train, test, test[show], total)
+        paths = write_report(sections, s, total)
     except OSError as e:
         return _fail(f"training finished but the report could not be written into {s.out!r}: {e}")
-    print(format_table(results, s.codebook_size))
+    for data, summaries in sections:
+        print(("" if len(sections) == 1 else f"{data.name}:\n") + format_table(summaries))
     _echo(f"\nreport: {paths['report']} (figures in {s.out}); {time.perf_counter() - t0:.0f} s in total")
     return 0

@@ -1,31 +1,39 @@
-"""The demo's training loop: one small VQ-VAE per quantizer configuration, on real images.
+"""The demo's training loop: one small VQ-VAE per quantizer configuration and seed, on real images.
 
-This file is the part of ``vqref demo`` worth reading on its own: the data, the eight
-quantizer configurations, the Adam loop and the evaluation.  The command line lives in
-:mod:`vqref.demo.cli`, the report (markdown, HTML, JSON, figures) in :mod:`vqref.demo.report`.
+This file is the part of ``vqref demo`` worth reading on its own: the data, the quantizer
+configurations and the Adam loop.  What a run measures is :mod:`vqref.demo.evaluation`; which
+runs are made (seeds, the extra runs of the rate-distortion plot) :mod:`vqref.demo.runs`; the
+photographs and their convolutional model :mod:`vqref.demo.datasets`; the command line
+:mod:`vqref.demo.cli`; the report :mod:`vqref.demo.report` and :mod:`vqref.demo.claims`.
 
 The data are scikit-learn's bundled handwritten digits (1797 images of 8x8 pixels, no
-download); a fifth of them is held out.  Every configuration starts from the same
-encoder/decoder weights, sees the same batches in the same order, and differs from the
-baseline in one technique only:
+download); a fifth of them is held out, the same fifth for every run of a command.  With one
+seed, every configuration starts from the same encoder/decoder weights and sees the same
+batches in the same order; it differs from the baseline in the quantizer only:
 
-===================  ========================================================================
-``ema``              baseline: straight-through estimator, EMA codebook, random initial codes
-``learnable``        codebook trained by gradient (VQ-VAE paper loss: codebook + 0.25 commitment)
-``kmeans``           baseline + codebook initialised by k-means on the first batch
-``cosine``           baseline + l2-normalised tokens and codes (cosine-similarity lookup)
-``orthogonal``       ``learnable`` + the orthogonal regulariser on the codebook
-``rotation``         baseline with the rotation trick in place of the straight-through estimator
-``residual``         baseline quantizer applied residually in 2 depths (one codebook per depth)
-``residual-shared``  ``residual`` with one codebook shared by both depths
-===================  ========================================================================
+=====================  ======================================================================
+``ema``                baseline: straight-through estimator, EMA codebook, random initial codes
+``learnable``          codebook trained by gradient (VQ-VAE paper loss: codebook + 0.25 commitment)
+``kmeans``             baseline + codebook initialised by k-means on the first batch
+``cosine``             baseline + l2-normalised tokens and codes (cosine-similarity lookup)
+``orthogonal``         ``learnable`` + the orthogonal regulariser on the codebook
+``rotation``           baseline with the rotation trick in place of the straight-through estimator
+``rotation-learnable`` ``learnable`` with the rotation trick (the rotation trick's paper trains
+                       its codebook by gradient; the claims table compares both settings)
+``residual``           baseline quantizer applied residually in Q = 2 depths (a codebook per depth)
+``residual-shared``    ``residual`` with one codebook shared by the depths
+``fsq``                finite scalar quantization: no codebook, a grid of prod(levels) ~ K points
+``lfq``                lookup-free quantization: the 2^b sign patterns of b = log2 K bits
+``gumbel``             ``learnable`` with codes sampled by Gumbel-max and the straight-through
+                       Gumbel-softmax estimator, the temperature annealed over training
+=====================  ======================================================================
 
-Symbols: N images (B in a batch), 64 pixels per image, T tokens per image of d features each,
-K codes per codebook, Q residual depths.
+Symbols: N images (B in a batch), P pixels per image, T tokens per image of d features each,
+K codes per codebook, Q residual depths, tau the Gumbel temperature.
 
-The model (see :mod:`vqref.nn.vqvae`): encoder MLP 64 -> hidden -> T*d, the latent cut into T
-tokens of d features, each token quantized with K codes, decoder MLP T*d -> hidden -> 64.
-Every gradient is computed by vqref's hand-written backward passes; there is no autograd.
+The model (see :mod:`vqref.nn.vqvae`): encoder MLP P -> hidden -> T*d, the latent cut into T
+tokens of d features, each token quantized, decoder MLP T*d -> hidden -> P.  Every gradient is
+computed by vqref's hand-written backward passes; there is no autograd.
 """
 
 from __future__ import annotations
@@ -33,25 +41,29 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from .. import ResidualVQ, VectorQuantize
+from .. import FSQ, LFQ, ResidualVQ, VectorQuantize
 from ..nn import VQVAE, Adam
+from .evaluation import bits_per_image, depths_of, evaluate, quantization_error, tokens_per_image
 
 __all__ = [
     "CONFIGS",
     "DIGITS",
     "TEST_IMAGES",
+    "Config",
     "RunResult",
     "TrainSettings",
     "TrainingDiverged",
     "build_model",
-    "code_usage",
-    "evaluate",
+    "build_quantizer",
+    "AnnealedQuantizer",
+    "fsq_levels",
+    "gumbel_temperature",
+    "lfq_codebook_size",
     "load_data",
-    "perplexity",
     "showcase",
     "total_steps",
     "train_one",
@@ -67,6 +79,55 @@ DECAY = 0.8
 BETA = 0.25
 ORTHOGONAL_WEIGHT = 1.0
 DEPTHS = 2
+# The Gumbel temperature falls geometrically from TAU_START to TAU_END over the run (see
+# gumbel_temperature).  It divides the logits, minus the token-to-code distances, so it must be
+# small next to their gaps: between a token's nearest and second-nearest code, a median of about
+# 0.006 at initialisation and 0.07 after 300 steps in this model's latent space.  DALL-E's range
+# 1 -> 1/16 (arXiv 2102.12092), made for logits that are free encoder outputs, samples codes
+# almost uniformly here: the codes carry no information and the decoder learns the mean image.
+TAU_START, TAU_END = 0.03, 0.003
+
+# arXiv 2309.15505 (section 4.1) recommends these levels for these implicit codebook sizes.
+FSQ_PAPER_LEVELS = {
+    2**8: (8, 6, 5),
+    2**10: (8, 5, 5, 5),
+    2**12: (7, 5, 5, 5, 5),
+    2**14: (8, 8, 8, 6, 5),
+    2**16: (8, 8, 8, 5, 5, 5),
+}
+
+
+def fsq_levels(K: int) -> list[int]:
+    """FSQ levels whose grid has about ``K`` points: the paper's levels for the sizes it lists,
+    otherwise ``n = round(log6 K)`` channels of ``a = floor(K^(1/n))`` or ``a + 1`` levels (at
+    least 3, the paper's grid refuses 2), the mix whose product is closest to K in log scale.
+
+    ``fsq_levels(256) == [8, 6, 5]`` (240 codes), ``fsq_levels(16) == [4, 4]``, ``fsq_levels(64) == [8, 8]``.
+    """
+    if K in FSQ_PAPER_LEVELS:
+        return list(FSQ_PAPER_LEVELS[K])
+    n = max(1, round(math.log(max(K, 2)) / math.log(6)))  # about six levels per channel
+    a = max(3, int(K ** (1 / n) + 1e-9))
+    mixes = [[a + 1] * j + [a] * (n - j) for j in range(n + 1)]  # j channels get one level more
+    return min(mixes, key=lambda levels: abs(math.log(math.prod(levels) / K)))
+
+
+def lfq_codebook_size(K: int) -> int:
+    """``K`` rounded to a power of two in log scale (LFQ's codes are the 2^b sign patterns), at least 2."""
+    return 2 ** max(1, round(math.log2(max(K, 1))))
+
+
+def gumbel_temperature(step: int, total: int) -> float:
+    """The Gumbel temperature of training step ``step`` (0-based) of ``total``:
+    ``tau = TAU_START * (TAU_END / TAU_START) ** (step / total)``, a geometric decay by a factor
+    of 10 (0.03 -> 0.003): soft, exploring samples early, nearly the nearest code at the end."""
+    return TAU_START * (TAU_END / TAU_START) ** (step / max(total, 1))
+
+
+class Config(NamedTuple):
+    description: str
+    build: Callable[..., Any]  # (d, K, Q, seed) -> quantizer with dim d, about K codes, Q depths
+    anneal: bool = False  # Gumbel: each training step passes gumbel_temperature(step, total)
 
 
 def _vq(d: int, K: int, seed: Any, **options: Any):
@@ -77,33 +138,54 @@ def _learnable(**extra: Any) -> dict:
     return dict(decay=DECAY, ema_update=False, learnable_codebook=True, codebook_weight=1.0, **extra)
 
 
-def _rvq(d: int, K: int, seed: Any, **options: Any):
+def _rvq(d: int, K: int, Q: int, seed: Any, **options: Any):
     return ResidualVQ(
-        dim=d, codebook_size=K, num_quantizers=DEPTHS, commitment_weight=BETA, decay=DECAY, seed=seed, **options
+        dim=d, codebook_size=K, num_quantizers=Q, commitment_weight=BETA, decay=DECAY, seed=seed, **options
     )
 
 
-# name -> (one-line description, factory(d, K, seed) -> quantizer)
-CONFIGS: dict[str, tuple[str, Callable[..., Any]]] = {
-    "ema": ("STE + EMA codebook (baseline)", lambda d, K, s: _vq(d, K, s, decay=DECAY)),
-    "learnable": (
+_GUMBEL = dict(stochastic_sample_codes=True, straight_through=True, sample_codebook_temp=TAU_START)
+
+CONFIGS: dict[str, Config] = {
+    "ema": Config("STE + EMA codebook (baseline)", lambda d, K, Q, s: _vq(d, K, s, decay=DECAY)),
+    "learnable": Config(
         "codebook learned by gradient (codebook + 0.25 commitment loss)",
-        lambda d, K, s: _vq(d, K, s, **_learnable()),
+        lambda d, K, Q, s: _vq(d, K, s, **_learnable()),
     ),
-    "kmeans": ("baseline + k-means initialised codebook", lambda d, K, s: _vq(d, K, s, decay=DECAY, kmeans_init=True)),
-    "cosine": ("baseline + cosine-similarity codebook", lambda d, K, s: _vq(d, K, s, decay=DECAY, use_cosine_sim=True)),
-    "orthogonal": (
+    "kmeans": Config(
+        "baseline + k-means initialised codebook", lambda d, K, Q, s: _vq(d, K, s, decay=DECAY, kmeans_init=True)
+    ),
+    "cosine": Config(
+        "baseline + cosine-similarity codebook", lambda d, K, Q, s: _vq(d, K, s, decay=DECAY, use_cosine_sim=True)
+    ),
+    "orthogonal": Config(
         f"learnable + orthogonal regulariser (weight {ORTHOGONAL_WEIGHT:g})",
-        lambda d, K, s: _vq(d, K, s, **_learnable(orthogonal_reg_weight=ORTHOGONAL_WEIGHT)),
+        lambda d, K, Q, s: _vq(d, K, s, **_learnable(orthogonal_reg_weight=ORTHOGONAL_WEIGHT)),
     ),
-    "rotation": (
+    "rotation": Config(
         "baseline with the rotation trick instead of the STE",
-        lambda d, K, s: _vq(d, K, s, decay=DECAY, rotation_trick=True),
+        lambda d, K, Q, s: _vq(d, K, s, decay=DECAY, rotation_trick=True),
     ),
-    "residual": (f"ResidualVQ, {DEPTHS} depths, one codebook per depth", lambda d, K, s: _rvq(d, K, s)),
-    "residual-shared": (
-        f"ResidualVQ, {DEPTHS} depths, one shared codebook",
-        lambda d, K, s: _rvq(d, K, s, shared_codebook=True),
+    "rotation-learnable": Config(
+        "learnable with the rotation trick instead of the STE",
+        lambda d, K, Q, s: _vq(d, K, s, **_learnable(rotation_trick=True)),
+    ),
+    "residual": Config("ResidualVQ, Q depths, one codebook per depth", lambda d, K, Q, s: _rvq(d, K, Q, s)),
+    "residual-shared": Config(
+        "ResidualVQ, Q depths, one shared codebook", lambda d, K, Q, s: _rvq(d, K, Q, s, shared_codebook=True)
+    ),
+    "fsq": Config(
+        "FSQ, levels with prod ~ K (fsq_levels), projections d -> len(levels) -> d",
+        lambda d, K, Q, s: FSQ(fsq_levels(K), dim=d, seed=s),
+    ),
+    "lfq": Config(
+        "LFQ, log2 K bits per token (K rounded to a power of 2), entropy loss weight 0.1",
+        lambda d, K, Q, s: LFQ(dim=d, codebook_size=lfq_codebook_size(K), seed=s),
+    ),
+    "gumbel": Config(
+        f"learnable + straight-through Gumbel-softmax, tau {TAU_START:g} -> {TAU_END:g} (geometric)",
+        lambda d, K, Q, s: _vq(d, K, s, **_learnable(**_GUMBEL)),
+        anneal=True,
     ),
 }
 
@@ -141,42 +223,6 @@ def showcase(labels: np.ndarray, n: int = 10) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------
-
-
-def code_usage(indices: np.ndarray, K: int, shared: bool) -> list[np.ndarray]:
-    """Counts per codebook: one ``(K,)`` array per depth, or one pooled array when shared.
-
-    ``indices`` is ``(N, T)`` for one quantizer, ``(N, T, Q)`` for residual VQ.
-    """
-    idx = indices if indices.ndim == 3 else indices[..., None]  # (N, T, Q)
-    if shared:
-        return [np.bincount(idx.reshape(-1), minlength=K)]
-    return [np.bincount(idx[..., q].reshape(-1), minlength=K) for q in range(idx.shape[-1])]
-
-
-def perplexity(counts: np.ndarray) -> float:
-    """``exp(H(p))`` of the code frequencies: the effective number of codes in use (1..K)."""
-    p = counts / max(counts.sum(), 1)
-    return float(np.exp(-np.sum(p * np.log(p + 1e-10))))
-
-
-def evaluate(model: Any, test: np.ndarray, K: int, shared: bool) -> tuple[float, float, float, list, np.ndarray]:
-    """Held-out reconstruction MSE, perplexity, fraction of codes used, per-codebook counts and
-    the reconstructions ``(N, 64)``.
-
-    Residual VQ: perplexity and codes used are means over its codebooks (per depth), or over the
-    pooled depths for the shared codebook.
-    """
-    recon, indices, losses = model.reconstruct(test)
-    usage = code_usage(np.asarray(indices), K, shared)
-    ppl = float(np.mean([perplexity(c) for c in usage]))
-    used = float(np.mean([(c > 0).mean() for c in usage]))
-    return float(losses.reconstruction), ppl, used, usage, recon
-
-
-# --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
 
@@ -186,14 +232,16 @@ class TrainSettings:
     """What one training run needs: model size, optimizer, length (``epochs`` or ``steps``), seed."""
 
     codebook_size: int  # K
-    hidden: int  # hidden units of encoder and decoder
-    tokens: int  # T
+    hidden: int  # hidden units of encoder and decoder (channels of the convolutional model)
+    tokens: int  # T (the MLP model; the convolutional model has one token per 4x4 pixels)
     token_dim: int  # d
     batch_size: int  # B
     lr: float  # Adam's initial learning rate (cosine decay to lr / 10)
-    seed: int
+    seed: int  # weights, codebooks, batches (the data split is the caller's)
     epochs: int | None = None
     steps: int | None = None  # instead of epochs
+    depths: int = DEPTHS  # Q, for the residual configurations
+    evals: int = 25  # held-out evaluations during the run (the points of the training curves)
 
 
 @dataclass
@@ -208,6 +256,11 @@ class RunResult:
     curves: dict = field(default_factory=dict)  # step, test_mse, perplexity, codes_used, train_loss
     usage: list = field(default_factory=list)  # per codebook, counts on the held-out tokens
     recon: list = field(default_factory=list)  # reconstructions of the showcase held-out images
+    seed: int = 0
+    codebook_size: int = 0  # the quantizer's codes per codebook (FSQ: prod(levels), LFQ: 2^b)
+    depths: int = 1  # Q for residual quantizers, else 1
+    bits: float = 0.0  # bits_per_image
+    quantization_error: float = 0.0  # quantization_error on the held-out images
 
 
 class TrainingDiverged(RuntimeError):
@@ -219,9 +272,12 @@ class TrainingDiverged(RuntimeError):
     """
 
     def __init__(self, name: str, epoch: int, loss: float, reason: str = ""):
-        self.name, self.epoch, self.loss = name, epoch, loss
+        self.name, self.epoch, self.loss, self.reason = name, epoch, loss, reason
         detail = f"; {reason}" if reason else ""
         super().__init__(f"training diverged at epoch {epoch} of config {name} (loss = {loss:.4g}{detail})")
+
+    def __reduce__(self):  # rebuilt from its arguments when it crosses a process boundary
+        return (type(self), (self.name, self.epoch, self.loss, self.reason))
 
 
 def total_steps(s: TrainSettings, train_size: int) -> int:
@@ -230,19 +286,61 @@ def total_steps(s: TrainSettings, train_size: int) -> int:
     return s.steps if s.steps is not None else s.epochs * per_epoch
 
 
+def build_quantizer(name: str, s: TrainSettings) -> Any:
+    """Configuration ``name``'s quantizer for these settings, its draws seeded by ``s.seed``."""
+    return CONFIGS[name].build(s.token_dim, s.codebook_size, s.depths, np.random.default_rng([s.seed, 1]))
+
+
 def build_model(name: str, s: TrainSettings, in_dim: int = PIXELS) -> VQVAE:
     """Configuration ``name``'s VQ-VAE before training: ``in_dim -> hidden -> T*d`` and back.
 
     The same seeds in every configuration: same initial weights, same codebook draw (and
     :func:`train_one` draws the same batches), so the table compares techniques and not luck.
     """
-    quantizer = CONFIGS[name][1](s.token_dim, s.codebook_size, np.random.default_rng([s.seed, 1]))
+    quantizer = build_quantizer(name, s)
     return VQVAE(quantizer, in_dim=in_dim, hidden=s.hidden, num_tokens=s.tokens, rng=np.random.default_rng([s.seed, 2]))
 
 
-def _train_step(model: VQVAE, opt: Adam, xb: np.ndarray, lr: float, name: str, epoch: int) -> float:
-    """One training step on the batch ``xb``: forward, backward, an Adam update with learning rate
-    ``lr``.  Returns the step's loss.
+class AnnealedQuantizer:
+    """A Gumbel-sampling :class:`vqref.VectorQuantize` for a model whose forward passes no
+    temperature: each call uses ``sample_codebook_temp=self.temperature``, which the training
+    loop sets before the step.  (:class:`vqref.nn.VQVAE`'s forward takes the temperature itself;
+    :class:`vqref.nn.ConvVQVAE`'s does not.)  Everything else is the quantizer's own.
+    """
+
+    def __init__(self, quantizer: Any, temperature: float = TAU_START):
+        self.quantizer = quantizer
+        self.temperature = float(temperature)
+
+    def __call__(self, tokens: Any):
+        return self.quantizer(tokens, sample_codebook_temp=self.temperature)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name == "quantizer":  # private, or not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.quantizer, name)
+
+    def train(self, mode: bool = True) -> "AnnealedQuantizer":
+        self.quantizer.train(mode)
+        return self
+
+    def eval(self) -> "AnnealedQuantizer":
+        return self.train(False)
+
+
+def _forward(model: Any, xb: np.ndarray, tau: float | None) -> Any:
+    """The model's training forward, with the Gumbel temperature ``tau`` of this step when not None."""
+    if tau is None:
+        return model.forward(xb)
+    if isinstance(model.quantizer, AnnealedQuantizer):
+        model.quantizer.temperature = tau  # the convolutional model: through the wrapper
+        return model.forward(xb)
+    return model.forward(xb, sample_codebook_temp=tau)  # the per-call temperature
+
+
+def _train_step(model: Any, opt: Adam, xb: np.ndarray, lr: float, tau: float | None, name: str, epoch: int) -> float:
+    """One training step on the batch ``xb``: forward (with the Gumbel temperature ``tau`` when
+    not None), backward, an Adam update with learning rate ``lr``.  Returns the step's loss.
 
     Raises :class:`TrainingDiverged` when the loss is not finite, or when vqref refuses the step:
     the data and the options were checked before training, so what it refuses here is a number
@@ -251,7 +349,7 @@ def _train_step(model: VQVAE, opt: Adam, xb: np.ndarray, lr: float, name: str, e
     """
     loss = math.nan
     try:
-        _, _, losses = model.forward(xb)
+        _, _, losses = _forward(model, xb, tau)
         loss = float(losses.total)
         if math.isfinite(loss):
             model.backward(1.0)
@@ -270,23 +368,23 @@ def train_one(
     test: np.ndarray,
     show: np.ndarray,
     progress: Callable[[int, float], None] | None = None,
+    model: Any = None,
 ) -> RunResult:
     """Train configuration ``name``, evaluate it on the held-out images; keep ``test[show]``'s reconstructions.
 
     ``progress(step, loss)``, when given, is called after every step with the mean training loss
-    of the last (at most 20) steps; the command line draws its progress bar with it.
+    of the last (at most 20) steps; the command line draws its progress bar with it.  ``model``
+    (default: :func:`build_model`) is the untrained model, for other data and architectures.
     """
-    description = CONFIGS[name][0]
-    K = s.codebook_size
-    model = build_model(name, s, in_dim=train.shape[1])
-    shared = bool(getattr(model.quantizer, "shared_codebook", False))
+    config = CONFIGS[name]
+    model = build_model(name, s, in_dim=train.shape[1]) if model is None else model
+    quantizer = model.quantizer
     opt = Adam(model.params, lr=s.lr)
     batches = np.random.default_rng([s.seed, 3])
 
     per_epoch = train.shape[0] // s.batch_size  # the last partial batch is dropped
     total = total_steps(s, train.shape[0])
-    n_evals = 25
-    eval_at = set(np.unique(np.linspace(0, total, n_evals + 1).round().astype(int))[1:].tolist())
+    eval_at = set(np.unique(np.linspace(0, total, s.evals + 1).round().astype(int))[1:].tolist())
     curves: dict[str, list] = {
         "step": [],
         "test_mse": [],
@@ -303,13 +401,14 @@ def train_one(
         while step < total:
             order = batches.permutation(train.shape[0])
             for b in range(per_epoch):
-                xb = train[order[b * s.batch_size : (b + 1) * s.batch_size]]  # (B, 64)
+                xb = train[order[b * s.batch_size : (b + 1) * s.batch_size]]  # (B, P)
                 # cosine decay of the learning rate from lr to lr/10 over the run
                 lr = s.lr * (0.55 + 0.45 * math.cos(math.pi * step / total))
-                window.append(_train_step(model, opt, xb, lr, name, epoch=step // per_epoch + 1))
+                tau = gumbel_temperature(step, total) if config.anneal else None
+                window.append(_train_step(model, opt, xb, lr, tau, name, epoch=step // per_epoch + 1))
                 step += 1
                 if step in eval_at:
-                    mse, ppl, used, _, _ = evaluate(model, test, K, shared)
+                    mse, ppl, used, _, _ = evaluate(model, test)
                     curves["step"].append(step)
                     curves["test_mse"].append(mse)
                     curves["perplexity"].append(ppl)
@@ -322,10 +421,10 @@ def train_one(
                 if step >= total:
                     break
     elapsed = time.perf_counter() - t0
-    mse, ppl, used, usage, recon = evaluate(model, test, K, shared)
+    mse, ppl, used, usage, recon = evaluate(model, test)
     return RunResult(
         name=name,
-        description=description,
+        description=config.description,
         test_mse=mse,
         perplexity=ppl,
         codes_used=used,
@@ -334,4 +433,9 @@ def train_one(
         curves=curves,
         usage=[c.tolist() for c in usage],
         recon=np.asarray(recon)[show].tolist(),
+        seed=s.seed,
+        codebook_size=int(quantizer.codebook_size),
+        depths=depths_of(quantizer),
+        bits=bits_per_image(quantizer, tokens_per_image(model, test)),
+        quantization_error=quantization_error(model, test),
     )

@@ -30,6 +30,23 @@ The quantizer's estimator is a surrogate: with the codes held fixed, the true de
 reconstruction with respect to the encoder is zero.  So a finite-difference check of the whole
 model must freeze ``sg[q - z]`` at its value (the straight-through identity), which is what the
 tests and notebook 9 do.
+
+**Quantizers without a codebook.**  :class:`vqref.VectorQuantize` and :class:`vqref.ResidualVQ`
+already speak the interface above.  FSQ (arXiv 2309.15505) and LFQ (arXiv 2310.05737), and their
+residual stacks, return different tuples; :class:`QuantizerAdapter` gives them the same one, so
+the model code has one path:
+
+==================  ==============================  ==========================================
+quantizer           its call                        adapted to ``zq, indices, L_vq``
+==================  ==============================  ==========================================
+FSQ, ResidualFSQ    ``zq, indices = q(tokens)``     ``L_vq = 0`` (0-d, the tokens' dtype): FSQ
+                                                    has no loss, so its backward takes no dL
+LFQ, ResidualLFQ    ``zq, indices, aux = q(t)``     ``L_vq = aux`` (``(Q,)`` for a stack), with
+                                                    weight 1 in ``L``: its upstream gradient is dL
+==================  ==============================  ==========================================
+
+Decoding from indices uses ``get_output_from_indices`` where the quantizer has it (the stacks)
+and ``indices_to_codes`` otherwise (FSQ, LFQ), which include the projections back to ``d``.
 """
 
 from __future__ import annotations
@@ -42,12 +59,100 @@ import numpy as np
 from .. import backend as B
 from ..backend import Array
 from ..params import NamedArrays
+from ..quantizers import FSQ, LFQ, ResidualFSQ, ResidualLFQ
 from ..quantizers.files import check_state_entries
 from ..validation import check_dtype_name, check_real
 from .functional import MSELossCache, mse_loss_backward, mse_loss_forward
 from .layers import MLP, MLPCache, check_batch
 
-__all__ = ["VQVAELosses", "VQVAE"]
+__all__ = ["VQVAELosses", "VQVAE", "QuantizerAdapter", "adapt_quantizer"]
+
+
+class QuantizerAdapter:
+    """FSQ or LFQ (or their residual stacks) behind :class:`vqref.VectorQuantize`'s interface.
+
+    ``zq, indices, loss = adapter(tokens)``, ``dtokens = adapter.backward(dzq, dloss)`` and
+    ``adapter.get_output_from_indices(indices)``, what :class:`VQVAE` and
+    :class:`vqref.nn.ConvVQVAE` call.  Everything else (``dim``, ``params``, ``grads``,
+    ``train``, ``state_dict``, ...) is the wrapped quantizer's own.
+
+    Parameters
+    ----------
+    quantizer : :class:`vqref.FSQ`, :class:`vqref.ResidualFSQ`, :class:`vqref.LFQ` or
+        :class:`vqref.ResidualLFQ`
+
+    Notes
+    -----
+    FSQ's loss is a 0-d zero of the tokens' dtype and library: the quantizer adds nothing to
+    the objective, and its backward ignores ``dloss`` (the derivative of a constant is zero).
+    LFQ's auxiliary loss (entropy penalty, and commitment when weighted) is the loss, so the
+    upstream gradient of the total, ``dloss``, is its upstream gradient.
+    """
+
+    def __init__(self, quantizer: Any):
+        if not isinstance(quantizer, (FSQ, ResidualFSQ, LFQ, ResidualLFQ)):
+            raise TypeError(
+                f"QuantizerAdapter wraps FSQ, ResidualFSQ, LFQ or ResidualLFQ, got {type(quantizer).__name__}; "
+                "VectorQuantize and ResidualVQ need no adapter"
+            )
+        self.quantizer = quantizer
+        self.has_loss = isinstance(quantizer, (LFQ, ResidualLFQ))  # FSQ's family has none
+
+    def __repr__(self) -> str:
+        return f"QuantizerAdapter({self.quantizer!r})"
+
+    def __call__(self, tokens: Array) -> tuple[Array, Array, Array]:
+        """``tokens (N, T, d)`` -> ``zq (N, T, d)``, ``indices (N, T[, Q])``, ``loss`` (0-d, or (Q,))."""
+        if not self.has_loss:
+            zq, indices = self.quantizer(tokens)
+            xp = B.get_namespace(tokens)
+            return zq, indices, xp.zeros((), dtype=tokens.dtype, device=B.get_device(tokens))  # no loss
+        return self.quantizer(tokens)  # LFQ's aux loss is the loss
+
+    forward = __call__
+
+    def backward(self, dzq: Array, dloss: Any = 1.0) -> Array:
+        """``dtokens (N, T, d)`` for the last training call; ``dloss`` is the loss's upstream gradient."""
+        if not self.has_loss:
+            return self.quantizer.backward(dzq)  # a constant loss sends nothing back
+        return self.quantizer.backward(dzq, dloss)
+
+    def get_output_from_indices(self, indices: Array) -> Array:
+        """``zq (N, T, d)`` for ``indices (N, T[, Q])``: the eval forward's output for those codes."""
+        if isinstance(self.quantizer, (ResidualFSQ, ResidualLFQ)):
+            return self.quantizer.get_output_from_indices(indices)
+        return self.quantizer.indices_to_codes(indices)
+
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped quantizer's public attributes (``dim``, ``params``, ``grads``, ``stats``,
+        ``codebook_size``, ...), read through; its private ones stay private."""
+        if name.startswith("_") or name == "quantizer":  # "quantizer": not set yet (while unpickling)
+            raise AttributeError(name)
+        return getattr(self.quantizer, name)
+
+    def train(self, mode: bool = True) -> "QuantizerAdapter":
+        self.quantizer.train(mode)
+        return self
+
+    def eval(self) -> "QuantizerAdapter":
+        return self.train(False)
+
+    def state_dict(self) -> dict:
+        return self.quantizer.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.quantizer.load_state_dict(state)
+
+    def state_spec(self) -> dict:
+        return self.quantizer.state_spec()
+
+
+def adapt_quantizer(quantizer: Any) -> Any:
+    """``quantizer`` with the VQ interface: FSQ and LFQ (and stacks) wrapped in a
+    :class:`QuantizerAdapter`, anything else (VectorQuantize, ResidualVQ, an adapter) as it is."""
+    if isinstance(quantizer, (FSQ, ResidualFSQ, LFQ, ResidualLFQ)):
+        return QuantizerAdapter(quantizer)
+    return quantizer
 
 
 class VQVAELosses(NamedTuple):
@@ -71,8 +176,10 @@ class VQVAE:
     ----------
     quantizer : a :class:`vqref.VectorQuantize` or :class:`vqref.ResidualVQ` with ``dim = d``
         Any configuration: EMA or learnable codebook, k-means init, cosine, orthogonal
-        regulariser, rotation trick, residual depths, shared codebook.  The model owns it from
-        now on (its training/eval mode follows the model's).
+        regulariser, rotation trick, Gumbel sampling, residual depths, shared codebook.  Or an
+        :class:`vqref.FSQ`, :class:`vqref.LFQ` (or their residual stacks), which the model calls
+        through a :class:`QuantizerAdapter`.  The model owns it from now on (its training/eval
+        mode follows the model's).
     in_dim : P, features per input (64 for the 8x8 digits)
     hidden : H, hidden units of the encoder and of the decoder (one hidden layer each), or a
         list of sizes for deeper MLPs
@@ -118,6 +225,7 @@ class VQVAE:
         device: Any = None,
     ):
         self.quantizer = quantizer
+        self._quantize = adapt_quantizer(quantizer)  # the VQ interface: (zq, indices, loss), backward(dzq, dL)
         self.token_dim = int(quantizer.dim)
         self.num_tokens = int(num_tokens)
         if self.num_tokens < 1:
@@ -180,12 +288,15 @@ class VQVAE:
 
     # ------------------------------------------------------------------ forward / backward
 
-    def forward(self, x: Array) -> tuple[Array, Array, VQVAELosses]:
+    def forward(self, x: Array, *, sample_codebook_temp: float | None = None) -> tuple[Array, Array, VQVAELosses]:
         """Encode, quantize, decode.
 
         Parameters
         ----------
         x : (N, P) float
+        sample_codebook_temp : optional, the Gumbel temperature tau of this call, passed on to a
+            :class:`vqref.VectorQuantize` / :class:`vqref.ResidualVQ` quantizer (for annealing
+            it during training); None (default) uses the quantizer's own
 
         Returns
         -------
@@ -208,12 +319,20 @@ class VQVAE:
         changes no gradient.
         """
         check_batch("the VQVAE input x", x, self.encoder.xp, self.in_dim)
+        options = {}
+        if sample_codebook_temp is not None:
+            if isinstance(self._quantize, QuantizerAdapter):
+                raise TypeError(
+                    f"sample_codebook_temp is a Gumbel-sampling option of VectorQuantize and ResidualVQ; "
+                    f"{type(self.quantizer).__name__} samples nothing: leave it out"
+                )
+            options["sample_codebook_temp"] = sample_codebook_temp
         xp = B.get_namespace(x)
         N, T, d = x.shape[0], self.num_tokens, self.token_dim
         z, enc_cache = self.encoder.apply(x)  # (N, E)
         tokens = xp.reshape(z, (N, T, d))  # (N, T, d)
         self.quantizer.train(self.training)
-        zq, indices, vq_loss = self.quantizer(tokens)  # (N, T, d), (N, T[, Q]), () or (Q,)
+        zq, indices, vq_loss = self._quantize(tokens, **options)  # (N, T, d), (N, T[, Q]), () or (Q,)
         recon, dec_cache = self.decoder.apply(xp.reshape(zq, (N, T * d)))  # (N, P)
         rec_loss, mse_cache = mse_loss_forward(recon, x)  # ()
         vq_total = xp.sum(vq_loss) if vq_loss.ndim else vq_loss  # ()
@@ -261,7 +380,7 @@ class VQVAE:
         dzq = xp.reshape(dh, (N, T, d))  # (N, T, d)
         # The quantizer's loss enters the total with weight 1 (every depth's, for residual VQ),
         # so its upstream gradient is dloss itself.
-        dtokens = self.quantizer.backward(dzq, dloss)  # (N, T, d)
+        dtokens = self._quantize.backward(dzq, dloss)  # (N, T, d)
         dx, enc_grads = self.encoder.gradients(xp.reshape(dtokens, (N, T * d)), cache.encoder)  # (N, P)
         self.decoder.store_grads(dec_grads)  # the commit: nothing below can fail
         self.encoder.store_grads(enc_grads)
@@ -296,7 +415,7 @@ class VQVAE:
     def decode_indices(self, indices: Array) -> Array:
         """Images ``(N, P)`` from code indices ``(N, T)`` (``(N, T, Q)`` with residual VQ)."""
         xp = B.get_namespace(indices)
-        zq = self.quantizer.get_output_from_indices(indices)  # (N, T, d)
+        zq = self._quantize.get_output_from_indices(indices)  # (N, T, d)
         recon, _ = self.decoder.apply(xp.reshape(zq, (zq.shape[0], self.latent_dim)))  # changes nothing
         return recon
 

@@ -27,8 +27,27 @@ class ResidualVQ(VectorQuantize):
 
     Parameters
     ----------
-    dim, num_quantizers : D and Q
-    codebook_size : K per depth (alias ``n_embed``)
+    dim, num_quantizers : D and Q (Q may be left out when ``codebook_size`` gives one size per depth)
+    codebook_size : K per depth (alias ``n_embed``), or a sequence of Q sizes ``(K_0, ..., K_{Q-1})``:
+        each depth its own (not with ``shared_codebook``)
+    codebook_dim : d, the width of the codes (default dim).  With ``d != dim`` the stack learns
+        ``project_in`` (dim -> d), applied once before the first depth, and ``project_out``
+        (d -> dim), applied once to the sum of the codes; their gradients are in ``grads``
+    quantize_dropout : in training, stop after a random depth ``l*`` uniform in
+        ``[quantize_dropout_cutoff_index, Q)`` (SoundStream, arXiv 2107.03312; vector-quantize-pytorch's
+        names): the later depths return the index -1, no loss, no EMA statistics, no gradient,
+        and the output is the sum of the first ``l* + 1`` codes.  ``quantize_dropout_multiple_of``
+        m rounds ``l* + 1`` up to a multiple of m (EnCodec).  One ``l*`` per batch, or with
+        ``quantize_dropout_per_sample=True`` (vqref) one per sample (the input's first axis), as
+        DAC (arXiv 2306.06546); a depth's commitment term then sums over the rows that reach it
+        and divides by all rows.  ``get_output_from_indices`` of the first n depths' indices
+        gives the coarser reconstruction
+    beam_size, eval_beam_size : encode by beam search of this width in training and in eval
+        (vector-quantize-pytorch's names; eval defaults to beam_size; None or 1: greedy), see
+        :mod:`vqref.core.beam`.  The codes are constants for the gradient, as greedy ones are
+    beam_score : ``"cumulative"`` (vector-quantize-pytorch: the weighted sum of the per-depth errors
+        along a path, weights ``beam_score_quantizer_weights``) or ``"error"`` (vqref: the final
+        reconstruction error, FAISS's, with a per-row greedy safeguard so it never loses to greedy)
     shared_codebook : one codebook for every depth (RQ-VAE).  Its EMA statistics take one step
         per depth within a forward and the codes are recomputed once after the last depth, so
         every depth of a forward sees the same codebook (vector-quantize-pytorch's design).  The
@@ -63,8 +82,8 @@ class ResidualVQ(VectorQuantize):
         self,
         *,
         dim: int,
-        num_quantizers: int,
-        codebook_size: int | None = None,
+        num_quantizers: int | None = None,
+        codebook_size: Any = None,
         n_embed: int | None = None,
         shared_codebook: bool = False,
         gradient_routing: str = "per_depth",

@@ -1,25 +1,29 @@
 """``VectorQuantize``: the VQ-VAE quantizer with vector-quantize-pytorch's API and manual gradients.
 
 Symbols: N tokens (all leading axes of the input flattened), D = dim, K = codebook_size,
-Q = num_quantizers (residual depths; 1 for plain VQ).
+Q = num_quantizers (residual depths; 1 for plain VQ), d = codebook_dim, H = heads.
 
 ``quantized, indices, loss = vq(x)``, then ``dx = vq.backward(dquantized, dloss)``.  This file
-only validates, calls the pure functions of :mod:`vqref.core` in order, and commits the new state
-in one assignment (the transaction of :mod:`vqref.quantizers.base`).  A training forward is:
+validates, calls :func:`vqref.quantizers.vq_step.forward_step` (which calls the pure functions
+of :mod:`vqref.core` in order) and commits the new state in one assignment (the transaction of
+:mod:`vqref.quantizers.base`).  A training forward is:
 
-    1. [k-means on the first batch]           core.state.residual_kmeans_init
-    2. quantize with the committed codebook    core.residual.residual_forward  (Q = 1: one depth;
-       (nearest or sampled codes)               Gumbel noise from the generators when sampling)
-    3. EMA step, dead-code restarts            core.state.residual_training_update
-       and the usage statistics                core.residual.usage_stats
-    4. [orthogonal regulariser, evaluated on   core.residual.residual_add_orthogonal
-        the codebook step 3 left behind]
-    5. commit state, generators, cache, stats  self._commit(...)
+    0. [quantize dropout: each sample's last depth]  vq_step.draw_dropout (its own generator)
+    1. kept rows (mask), project in, heads           core.layer
+    2. [k-means on the first batch]                  core.state.residual_kmeans_init
+    3. quantize with the committed codebook          core.residual.residual_forward  (Q = 1: one depth;
+       (nearest, sampled, or beam-searched codes)     Gumbel noise from the generators when sampling)
+    4. EMA step, dead-code restarts                  core.state.residual_training_update
+       and the usage statistics                      core.residual.usage_stats
+    5. [orthogonal regulariser, evaluated on         core.residual.residual_add_orthogonal
+        the codebook step 4 left behind]
+    6. merge heads, project out, scatter rows        core.layer
+    7. commit state, generators, cache, stats        self._commit(...)
 
-An eval forward runs steps 2 and 4 with the nearest codes and commits only the usage statistics
-(``vq.stats``).  With ``num_quantizers = Q > 1`` the
-same steps quantize residually in Q depths (the module is then a residual stack; outputs gain a
-depth axis, see :class:`vqref.ResidualVQ`).
+An eval forward runs steps 1, 3, 5 and 6 with the nearest (or eval-beam) codes and commits only
+the usage statistics (``vq.stats``).  With ``num_quantizers = Q > 1`` the same steps quantize
+residually in Q depths (the module is then a residual stack; outputs gain a depth axis, see
+:class:`vqref.ResidualVQ`).
 """
 
 from __future__ import annotations
@@ -30,21 +34,22 @@ import numpy as np
 
 from .. import backend as B
 from ..backend import Array
-from ..core.ema import EMAState
-from ..core.residual import (
-    codebook_gradients,
-    orthogonal_code_subsets,
-    residual_add_orthogonal,
-    residual_backward,
-    residual_forward,
-    usage_stats,
-)
-from ..core.state import initial_codebook, residual_kmeans_init, residual_training_update
+from ..core.state import initial_codebook
 from ..validation import check_dtype_name, check_fits, check_real, check_seed, fits
 from . import files
 from .base import Quantizer
-from .options import CONFIG_DEFAULTS, CONFIG_KEYS, check_options, check_temperature, state_prefixes, state_spec
+from .lfq_options import check_mask, linear_init
+from .options import (
+    CONFIG_DEFAULTS,
+    CONFIG_KEYS,
+    check_options,
+    check_temperature,
+    codebook_sizes,
+    state_prefixes,
+    state_spec,
+)
 from .views import CodebookViews
+from .vq_step import backward_step, draw_dropout, forward_step
 
 __all__ = ["VectorQuantize"]
 
@@ -97,7 +102,20 @@ class VectorQuantize(CodebookViews, Quantizer):
         to the loss (docs/math.md §9)
     num_quantizers : Q > 1 quantizes residually in Q depths, as :class:`vqref.ResidualVQ` (the
         module stays a ``VectorQuantize``; its outputs gain the depth axis)
-    shared_codebook, gradient_routing : residual options, see :class:`vqref.ResidualVQ`
+    shared_codebook, gradient_routing, quantize_dropout, quantize_dropout_cutoff_index,
+        quantize_dropout_multiple_of, quantize_dropout_per_sample, beam_size, eval_beam_size,
+        beam_score_quantizer_weights, beam_score : residual options, see :class:`vqref.ResidualVQ`
+    codebook_dim : d, the width of the codes (default dim).  With ``heads * d != dim`` the module
+        learns ``project_in`` (dim -> H d) and ``project_out`` (H d -> dim), affine maps whose
+        gradients appear in ``grads`` (``project_in.W``, ``project_in.b``, ...); the codes live
+        in the low dimension (factorised codes, ViT-VQGAN arXiv 2110.04627), l2-normalised there
+        with ``use_cosine_sim``
+    heads : H, cut each (projected) vector into H pieces of d entries, each quantized on its own;
+        indices ``(..., H)``; the loss is the mean over the pieces.  ``separate_codebook_per_head``:
+        a codebook per head (product quantization; state ``(H, K, d)``), else one codebook for
+        every piece (not with a residual stack)
+    return_zeros_for_masked_padding : with a ``mask`` in forward, absent rows return zeros
+        (default, as vector-quantize-pytorch) or the input itself
     seed : seed or numpy Generator for every random choice (init, k-means, sampling, restarts).  A
         Generator is used for the initial codebook and then copied: later draws do not touch it
     dtype : dtype of the stored state (default "float32"); inputs may be float32 or float64, and
@@ -140,9 +158,21 @@ class VectorQuantize(CodebookViews, Quantizer):
         soft_assignment: bool = False,
         codebook_diversity_loss_weight: float = 0.0,
         codebook_diversity_temperature: float = 100.0,
-        num_quantizers: int = 1,
+        num_quantizers: int | None = 1,
         shared_codebook: bool = False,
         gradient_routing: str = "per_depth",
+        codebook_dim: int | None = None,
+        heads: int = 1,
+        separate_codebook_per_head: bool = False,
+        return_zeros_for_masked_padding: bool = True,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0,
+        quantize_dropout_multiple_of: int = 1,
+        quantize_dropout_per_sample: bool = False,
+        beam_size: int | None = None,
+        eval_beam_size: int | None = None,
+        beam_score_quantizer_weights: Any = None,
+        beam_score: str = "cumulative",
         seed: Any = None,
         dtype: Any = "float32",
         xp: Any = None,
@@ -160,27 +190,56 @@ class VectorQuantize(CodebookViews, Quantizer):
             gradient_routing=gradient_routing, chunk_size=chunk_size, stochastic_sample_codes=stochastic_sample_codes,
             sample_codebook_temp=sample_codebook_temp, straight_through=straight_through,
             soft_assignment=soft_assignment, codebook_diversity_loss_weight=codebook_diversity_loss_weight,
-            codebook_diversity_temperature=codebook_diversity_temperature,
+            codebook_diversity_temperature=codebook_diversity_temperature, codebook_dim=codebook_dim, heads=heads,
+            separate_codebook_per_head=separate_codebook_per_head,
+            return_zeros_for_masked_padding=return_zeros_for_masked_padding, quantize_dropout=quantize_dropout,
+            quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
+            quantize_dropout_multiple_of=quantize_dropout_multiple_of,
+            quantize_dropout_per_sample=quantize_dropout_per_sample, beam_size=beam_size,
+            eval_beam_size=eval_beam_size, beam_score_quantizer_weights=beam_score_quantizer_weights,
+            beam_score=beam_score, stacked=self._stacked,
         )  # fmt: skip
         for key, value in options.items():
             setattr(self, key, value)
+        self.codebook_sizes = codebook_sizes(options)
+        if self.codebook_dim is None:
+            self.codebook_dim = self.dim
+        if self.eval_beam_size is None:
+            self.eval_beam_size = self.beam_size  # as vector-quantize-pytorch
         self._dtype_name = check_dtype_name("dtype", dtype)
         rng = check_seed("seed", seed)
         namespace = B.namespace_from_module(xp)
-
-        # One generator per codebook: a stack gives each depth its own stream.
-        n = self.num_codebooks
-        rngs = rng.spawn(n) if self.is_stack else [rng]
-        arrays, initted = {}, {}
-        for prefix, gen in zip(self._prefixes(), rngs):
-            codebook = initial_codebook(
-                self.codebook_size, self.dim, rng=gen, kmeans_init=self.kmeans_init, use_cosine_sim=self.use_cosine_sim
-            )
-            arrays.update({prefix + "codebook": codebook, prefix + "cluster_size": np.ones(self.codebook_size)})
-            arrays[prefix + "embed_avg"] = codebook
-            initted[prefix + "initted"] = not self.kmeans_init
         self.training = True
+        arrays, initted, rngs = self._initial_state(rng)
         self._init_state(arrays, initted, tuple(rngs), xp=namespace, device=device)
+
+    def _initial_state(self, rng: np.random.Generator) -> tuple[dict, dict, list]:
+        """Host arrays, flags and generators of a new module.  One generator per codebook (a stack
+        gives each depth its own stream, a codebook per head each head); the projections are drawn
+        from a further child of ``rng`` and quantize dropout draws from one of its own."""
+        n = self.num_codebooks
+        gens = rng.spawn(n) if (self.is_stack or self.separate_codebook_per_head) else [rng]
+        d, opts = self.codebook_dim, dict(kmeans_init=self.kmeans_init, use_cosine_sim=self.use_cosine_sim)
+        arrays, initted = {}, {}
+        if self.separate_codebook_per_head:  # one (H, K, d) entry, a generator per head
+            books = [initial_codebook(self.codebook_sizes[0], d, rng=g, **opts) for g in gens]
+            arrays.update(codebook=np.stack(books), embed_avg=np.stack(books))
+            arrays["cluster_size"] = np.ones((self.heads, self.codebook_sizes[0]))
+            initted["initted"] = not self.kmeans_init
+        else:
+            for level, (prefix, gen) in enumerate(zip(self.codebook_prefixes(), gens)):
+                codebook = initial_codebook(self.codebook_sizes[level], d, rng=gen, **opts)
+                arrays.update({prefix + "codebook": codebook, prefix + "cluster_size": np.ones(codebook.shape[0]),
+                               prefix + "embed_avg": codebook})  # fmt: skip
+                initted[prefix + "initted"] = not self.kmeans_init
+        if self.has_projections:
+            proj = rng.spawn(1)[0]
+            E = self.heads * d
+            for name, (din, dout) in (("project_in", (self.dim, E)), ("project_out", (E, self.dim))):
+                arrays.update({f"{name}.{k}": v for k, v in linear_init(proj, din, dout, True).items()})
+        if self.quantize_dropout and self.num_quantizers > 1:
+            gens = list(gens) + rng.spawn(1)
+        return arrays, initted, list(gens)
 
     # ---------------------------------------------------------------- configuration
 
@@ -191,10 +250,21 @@ class VectorQuantize(CodebookViews, Quantizer):
 
     @property
     def num_codebooks(self) -> int:
+        """The number of codebooks: Q for a stack (1 if shared), H with a codebook per head, else 1."""
+        if self.separate_codebook_per_head:
+            return self.heads
         return 1 if (self.shared_codebook or not self.is_stack) else self.num_quantizers
 
-    def _prefixes(self) -> list:
+    @property
+    def has_projections(self) -> bool:
+        """True when ``heads * codebook_dim != dim``: the module learns ``project_in`` and ``project_out``."""
+        return self.heads * self.codebook_dim != self.dim
+
+    def codebook_prefixes(self) -> list:
+        """The prefixes of the codebooks' state entries: ``[""]`` or ``["0.", "1.", ...]`` per depth."""
         return state_prefixes(self.num_quantizers, shared=self.shared_codebook, stacked=self._stacked)
+
+    _prefixes = codebook_prefixes
 
     def config(self) -> dict:
         cfg = {k: getattr(self, k) for k in self.CONFIG_KEYS if k != "dtype"}
@@ -204,8 +274,9 @@ class VectorQuantize(CodebookViews, Quantizer):
     @classmethod
     def check_config(cls, config: dict) -> dict:
         options = check_options(
-            cls.__name__, n_embed=None, commitment=None, **{k: config[k] for k in CONFIG_KEYS if k != "dtype"}
-        )
+            cls.__name__, n_embed=None, commitment=None, stacked=cls._stacked,
+            **{k: config[k] for k in CONFIG_KEYS if k != "dtype"},
+        )  # fmt: skip
         options["dtype"] = check_dtype_name("dtype", config["dtype"])
         return options
 
@@ -230,7 +301,9 @@ class VectorQuantize(CodebookViews, Quantizer):
         return self.learnable_codebook or self.orthogonal_reg_weight > 0
 
     def learnable_names(self) -> tuple:
-        return tuple(p + "codebook" for p in self._prefixes()) if self.codebook_is_learnable else ()
+        """The projections (if any), then the codebooks when they are learnable."""
+        names = ("project_in.W", "project_in.b", "project_out.W", "project_out.b") if self.has_projections else ()
+        return names + (tuple(p + "codebook" for p in self._prefixes()) if self.codebook_is_learnable else ())
 
     # ---------------------------------------------------------------- the state, read-only
 
@@ -243,11 +316,11 @@ class VectorQuantize(CodebookViews, Quantizer):
         as initialised (no k-means on the next batch).  Single-codebook modules; any array
         library; checked like :meth:`load_state_dict`.
         """
-        if self._prefixes() != [""]:
+        if self._prefixes() != [""] or self.separate_codebook_per_head:
             raise TypeError(
-                f"init_codebook sets one codebook, and this stack has {self.num_codebooks}; use load_state_dict"
+                f"init_codebook sets one codebook, and this module has {self.num_codebooks}; use load_state_dict"
             )
-        K, D = self.codebook_size, self.dim
+        K, D = self.codebook_sizes[0], self.codebook_dim
         for name, a in (("codebook", codebook), ("cluster_size", cluster_size)):
             if a is not None and not B.is_array(a):
                 raise TypeError(f"{name} must be an array, got {type(a).__name__}")
@@ -266,7 +339,9 @@ class VectorQuantize(CodebookViews, Quantizer):
                 f"codebook * cluster_size (the EMA sums embed_avg) exceeds the {self._dtype_name} range of this "
                 "module's state; use smaller counts or dtype='float64'"
             )
-        self.load_state_dict({"codebook": cb, "cluster_size": cs, "embed_avg": embed_avg, "initted": True})
+        state = self.state_dict()  # the projections, if any, as they are
+        state.update({"codebook": cb, "cluster_size": cs, "embed_avg": embed_avg, "initted": True})
+        self.load_state_dict(state)
 
     # ---------------------------------------------------------------- forward / backward
 
@@ -288,22 +363,31 @@ class VectorQuantize(CodebookViews, Quantizer):
             chunk_size=self.chunk_size,
         )
 
-    def forward(self, x: Array, *, sample_codebook_temp: float | None = None):
+    def forward(self, x: Array, *, mask: Array = None, sample_codebook_temp: float | None = None):
         """Quantize ``x``.
 
         Parameters
         ----------
         x : (..., dim) float32 or float64 array of the module's library
+        mask : optional (...) bool array of the module's library, the tokens that are present
+            (False: padding).  Absent tokens are left out of everything -- codes, losses, EMA
+            statistics, k-means and dead-code samples, ``stats`` -- and get the output 0 (or x,
+            with ``return_zeros_for_masked_padding=False``), the index -1 and no gradient
         sample_codebook_temp : tau for this call only (default: the module's); see the class
 
         Returns
         -------
-        quantized : (..., dim), x's dtype; its rows are (sums of) codebook rows (the soft codes
-            ``softmax(l / tau) C`` with ``soft_assignment`` in training)
-        indices : (...) int64, or (..., Q) for a stack
+        quantized : (..., dim), x's dtype; its rows are (sums of) codebook rows (mapped by
+            ``project_out`` when projected; the soft codes ``softmax(l / tau) C`` with
+            ``soft_assignment`` in training)
+        indices : (...) int64, (..., H) with heads, or (..., Q) for a stack (-1: absent token, or
+            a depth a quantize dropout skipped)
         loss : 0-d ``commitment_weight * mse(x, sg[q])`` plus the enabled terms; (Q,) for a stack
         """
         self.check_input("x", x, last_dim=self.dim)
+        lead = tuple(x.shape[:-1])
+        if mask is not None:
+            check_mask(mask, self._like(), lead)
         tau = self.sample_codebook_temp
         if sample_codebook_temp is not None:
             tau = check_real("sample_codebook_temp", sample_codebook_temp, 0.0)
@@ -315,85 +399,34 @@ class VectorQuantize(CodebookViews, Quantizer):
         # the diversity loss averages over the rows at each position of (..., P, dim), as vqp
         positions = x.shape[-2] if x.ndim >= 3 else 1
         with self._exclusive():
-            return self._forward(x, training, self._options(training, tau, positions))
+            return self._forward(x, mask, training, self._options(training, tau, positions))
 
-    def _forward(self, x: Array, training: bool, opts: dict):
-        xp, Q, prefixes = self.xp, self.num_quantizers, self._prefixes()
-        s = self._state
-        xf = xp.reshape(x, (-1, self.dim))  # (N, D)
+    def _forward(self, x: Array, mask: Any, training: bool, opts: dict):
+        xp = self.xp
+        gens = self._rngs()  # copies: the committed generators are never drawn from
+        n = self.num_codebooks
+        last = draw_dropout(self, gens[n], tuple(x.shape[:-1])) if training and len(gens) > n else None
+        step = forward_step(self, self._state, x, mask=mask, training=training, opts=opts, gens=gens[:n],
+                            last_depths=last)  # fmt: skip
         if training:
-            # The backward cache refers to the input; a private copy, so that changing x in place
-            # between forward and backward cannot change a gradient.
-            xf = xp.asarray(xf, copy=True)
-        states = [EMAState(*(s.arrays[p + k] for k in ("codebook", "cluster_size", "embed_avg"))) for p in prefixes]
-        initted = [s.flags[p + "initted"] for p in prefixes]
-        rngs = self._rngs()  # copies: the committed generators are never drawn from
-
-        # 1. k-means on the first training batch, depth by depth
-        if training and not all(initted):
-            states, initted = residual_kmeans_init(
-                xf, states, initted, num_depths=Q, shared=len(prefixes) == 1, iters=self.kmeans_iters, rngs=rngs,
-                eps=self.eps, use_cosine_sim=self.use_cosine_sim, dtype=self.dtype, quantize_options=opts,
-            )  # fmt: skip
-            self._check_finite(prefixes, states, "k-means initialisation")
-        # 2. quantize with the codebooks as they are now (Q = 1: plain VQ)
-        codebooks = [xp.astype(states[0 if len(states) == 1 else level].codebook, x.dtype) for level in range(Q)]
-        sampling = rngs if training and self.stochastic_sample_codes else None  # noise from the generators
-        out, cache = residual_forward(xf, codebooks, routing=self.gradient_routing, rngs=sampling, **opts)
-        # 3. EMA step and dead-code restarts on what each depth quantized; the codes' usage
-        stats = usage_stats(
-            out.indices, self.codebook_size, [st.cluster_size for st in states],
-            threshold=self.threshold_ema_dead_code, decay=self.decay if training else None,
-        )  # fmt: skip
-        stats = stats if self.is_stack else {k: v[0] for k, v in stats.items()}  # numbers for one codebook
-        if training:
-            data = [
-                xp.astype(out.residuals[level] if c.x_norm is None else c.x_norm.y, self.dtype)
-                for level, c in enumerate(cache.depths)
-            ]  # Q arrays (N, D), normalised for cosine codebooks
-            states = residual_training_update(
-                states, data, [out.indices[:, level] for level in range(Q)], shared=len(states) == 1 and Q > 1,
-                rngs=rngs, decay=self.decay, eps=self.eps, ema=self.ema_update,
-                dead_code_threshold=self.threshold_ema_dead_code, normalize=self.use_cosine_sim,
-            )  # fmt: skip
-            self._check_finite(prefixes, states, "EMA update and dead-code restarts")
-        # 4. the orthogonal regulariser, on the codebook parameter as this forward leaves it
-        if self.orthogonal_reg_weight > 0:
-            code_ids = orthogonal_code_subsets(
-                out.indices, self.codebook_size, active_only=self.orthogonal_reg_active_codes_only,
-                max_codes=self.orthogonal_reg_max_codes, rngs=rngs,
-            )  # fmt: skip
-            out, cache = residual_add_orthogonal(
-                out, cache, self._orthogonal_points(states, codebooks, x.dtype),
-                weight=self.orthogonal_reg_weight, code_ids=code_ids,
-            )  # fmt: skip
-        # 5. commit (training only): one assignment
-        if training:
-            arrays = {}
-            for p, st in zip(prefixes, states):
-                arrays.update(
-                    {p + "codebook": st.codebook, p + "cluster_size": st.cluster_size, p + "embed_avg": st.embed_avg}
-                )
-            pending = (cache, tuple(x.shape), x.dtype)
-            new = self._updated(arrays=arrays, flags={p + "initted": i for p, i in zip(prefixes, initted)},
-                                rngs=tuple(rngs), cache=pending, stats=stats)  # fmt: skip
+            pending = (step.cache, tuple(x.shape), x.dtype)
+            new = self._updated(arrays=step.arrays, flags=step.flags, rngs=tuple(gens), cache=pending,
+                                stats=step.stats)  # fmt: skip
         else:
-            new = self._updated(stats=stats)  # eval: the usage statistics, nothing else
+            new = self._updated(stats=step.stats)  # eval: the usage statistics, nothing else
         self._commit(new)
         # diagnostics of the last call in either mode (not state): unweighted loss terms, residuals
-        terms = {"commitment": out.commitments, "orthogonal": out.orthogonals, "diversity": out.diversities}
-        self.last_losses = {k: v if self.is_stack or v is None else v[0] for k, v in terms.items()}
+        self.last_losses = step.terms
         # The outputs share memory with the backward cache (the codes, the indices): they are handed
         # out read-only (numpy) or as copies (other libraries), see Quantizer.shield.
         shield = self.shield if training else (lambda a: a)
-        self.last_residuals = tuple(shield(r) for r in out.residuals)
+        self.last_residuals = tuple(shield(r) for r in step.residuals)
         lead = tuple(x.shape[:-1])
-        quantized = shield(xp.reshape(out.quantized, tuple(x.shape)))
-        if self.is_stack:
-            return quantized, shield(xp.reshape(out.indices, lead + (Q,))), out.losses
-        return quantized, shield(xp.reshape(out.indices[:, 0], lead)), out.losses[0, ...]
+        quantized = shield(xp.reshape(step.quantized, tuple(x.shape)))
+        indices = shield(xp.reshape(step.indices, lead + tuple(step.indices.shape[1:])))
+        return quantized, indices, step.losses
 
-    def _check_finite(self, prefixes: list, states: list, step: str) -> None:
+    def check_finite(self, prefixes: list, states: list, step: str) -> None:
         """Refuse a training step whose new state is not finite.
 
         Values within the state dtype's range can still overflow in the state's arithmetic (the
@@ -407,18 +440,6 @@ class VectorQuantize(CodebookViews, Quantizer):
                         f"x would make {p + key} non-finite in the {step}: its values are too large for this "
                         f"module's {self._dtype_name} state; scale the data or build the module with dtype='float64'"
                     )
-
-    def _orthogonal_points(self, states: list, codebooks: list, dtype: Any) -> list:
-        """The codebook value each depth's regulariser is evaluated on.
-
-        Separate codebooks: after this step's update (in eval: unchanged), as
-        vector-quantize-pytorch.  A shared codebook's update waits for the last depth, and
-        vector-quantize-pytorch evaluates every depth's term on the codebook the depths quantized
-        with; so does vqref (see docs/deviations.md).
-        """
-        if self.shared_codebook and self.is_stack:
-            return codebooks
-        return [self.xp.astype(st.codebook, dtype) for st in states]
 
     def backward(self, dquantized: Array, dloss: Array = 1.0) -> Array:
         """Gradient for the input of the last training forward.
@@ -464,20 +485,22 @@ class VectorQuantize(CodebookViews, Quantizer):
             dloss = check_real(dloss_name, dloss)
             check_fits(dloss_name, dloss, dtype_name, "the forward's input", _FIT_FIX)
         dq = xp.astype(xp.reshape(dquantized, (-1, self.dim)), dtype)
-        dx, dcodebooks = residual_backward(dq, dloss, cache)
+        dx, core_grads = backward_step(dq, dloss, cache, self)
         grads = {}
-        if self.codebook_is_learnable:
-            per_codebook = codebook_gradients(dcodebooks, shared=len(self._prefixes()) == 1)
-            for name, g in zip(self.learnable_names(), per_codebook):
-                if g is None:  # no term reached this codebook
-                    g = xp.zeros((self.codebook_size, self.dim), dtype=self.dtype, device=B.get_device(dx))
-                # checked before the cast to the state dtype, which would turn a large float64 value into inf
-                if not (B.all_finite(g) and fits(g, self._dtype_name)):
-                    raise ValueError(
-                        f"the gradient of {name} overflows the module's {self._dtype_name} state; "
-                        "scale the upstream gradients"
-                    )
-                grads[name] = xp.astype(g, self.dtype)
+        for name in self.learnable_names():
+            g = core_grads.get(name)
+            if isinstance(g, list):  # a codebook per head: (H, K, d), zeros where nothing reached a head
+                kd = (self.codebook_sizes[0], self.codebook_dim)
+                g = xp.stack([xp.zeros(kd, dtype=dx.dtype, device=B.get_device(dx)) if h is None else h for h in g])
+            if g is None:  # no term reached this codebook
+                g = xp.zeros(self.state_spec()[name], dtype=self.dtype, device=B.get_device(dx))
+            # checked before the cast to the state dtype, which would turn a large float64 value into inf
+            if not (B.all_finite(g) and fits(g, self._dtype_name)):
+                raise ValueError(
+                    f"the gradient of {name} overflows the module's {self._dtype_name} state; "
+                    "scale the upstream gradients"
+                )
+            grads[name] = xp.astype(g, self.dtype)
         self._commit(self._updated(cache=None))
         self.grads.clear()  # in place: views of this dict stay valid
         self.grads.update(grads)

@@ -23,7 +23,7 @@ import numpy as np
 from .. import backend as B
 from ..backend import Array
 from ..ops.l2norm import l2norm_forward
-from ..validation import check_index_array
+from ..ops.linear import linear_forward
 
 __all__ = ["CodebookView", "CodebookViews"]
 
@@ -47,6 +47,10 @@ class CodebookView:
         self.level = level
 
     def __getattr__(self, name: str) -> Array:
+        if name == "codebook_size":  # this depth's K_l
+            return self._module.codebook_sizes[self.level]
+        if name == "dim":  # the codes' width (the module's dim without projections)
+            return self._module.codebook_dim
         if name in _OPTIONS:
             return getattr(self._module, name)
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
@@ -85,24 +89,31 @@ class CodebookView:
     def generator(self) -> np.random.Generator:
         """A copy of the random generator this codebook draws from."""
         rngs = self._module.state.rngs  # copies
-        return rngs[0 if len(rngs) == 1 else self.level]
+        return rngs[0 if self._module.num_codebooks == 1 else self.level]
 
     def config(self) -> dict:
-        """The options of a single ``VectorQuantize`` configured like this depth."""
-        cfg = {k: v for k, v in self._module.config().items() if k not in ("shared_codebook", "gradient_routing")}
-        cfg["num_quantizers"] = 1
+        """The options of a single ``VectorQuantize`` configured like this depth (its codebook
+        size, its codes' width and no projection; the stack's own options left out)."""
+        stack_only = ("shared_codebook", "gradient_routing", "quantize_dropout", "quantize_dropout_cutoff_index",
+                      "quantize_dropout_multiple_of", "quantize_dropout_per_sample", "beam_size", "eval_beam_size",
+                      "beam_score_quantizer_weights", "beam_score")  # fmt: skip
+        cfg = {k: v for k, v in self._module.config().items() if k not in stack_only}
+        cfg.update(num_quantizers=1, codebook_size=self.codebook_size, dim=self.dim, codebook_dim=self.dim)
         return cfg
 
     def get_codes(self, indices: Array) -> Array:
-        """Codes ``(..., dim)`` for integer ``indices (...)`` (unit codes for cosine codebooks)."""
+        """Codes ``(..., d)`` for integer ``indices (...)`` (unit codes for cosine codebooks); an
+        index -1 (an absent token, a skipped depth) gives the zero vector."""
         module = self._module
-        module.check_indices("indices", indices)
+        module.check_indices("indices", indices, self.codebook_size)
         xp = module.xp
         codebook = self.codebook
         if module.use_cosine_sim:
             codebook, _ = l2norm_forward(codebook)
         flat = xp.reshape(indices, (-1,))
-        return xp.reshape(xp.take(codebook, flat, axis=0), tuple(indices.shape) + (module.dim,))
+        codes = xp.take(codebook, xp.where(flat < 0, xp.zeros_like(flat), flat), axis=0)  # (M, d)
+        codes = xp.where((flat < 0)[:, None], xp.zeros_like(codes), codes)
+        return xp.reshape(codes, tuple(indices.shape) + (codebook.shape[-1],))
 
     def __repr__(self) -> str:
         return f"CodebookView(level={self.level}, codebook={tuple(self.codebook.shape)}, initted={self.initted})"
@@ -145,27 +156,88 @@ class CodebookViews:
         return B.clone_generator(self._state.rngs[0])
 
     def get_codes_from_indices(self, indices: Array) -> Array:
-        """Codes for ``indices``: ``(..., dim)`` for ``(...)``, or ``(Q, ..., dim)`` for a stack's
-        ``(..., Q)`` (unit codes for cosine codebooks)."""
-        if not self.is_stack:
+        """Codes for ``indices``, in the codes' space (before ``project_out``).
+
+        * plain VQ: ``(...)`` -> ``(..., d)``;
+        * heads: ``(..., H)`` -> ``(..., H d)``, the heads' codes side by side;
+        * a stack: ``(..., Q')`` with ``Q' <= Q`` (the first Q' depths, as a quantize dropout
+          leaves them) -> ``(Q, ..., d)``, zero codes for the depths not given.
+
+        An index -1 (an absent token, a depth a dropout skipped) gives a zero code.  Codes of a
+        cosine codebook are its unit rows.
+        """
+        xp = self.xp
+        if self.is_stack:
+            Q = self.num_quantizers
+            if not B.is_array(indices) or indices.ndim < 1 or not 1 <= indices.shape[-1] <= Q:
+                got = tuple(indices.shape) if B.is_array(indices) else type(indices).__name__
+                raise ValueError(
+                    f"indices must be an integer array of shape (..., {Q}), or (..., Q') with 1 <= Q' < {Q} for "
+                    f"the first Q' depths, got {got}"
+                )
+            given = indices.shape[-1]
+            codes = [layer.get_codes(indices[..., layer.level]) for layer in self.layers[:given]]
+            zeros = xp.zeros(tuple(indices.shape[:-1]) + (self.codebook_dim,), dtype=self.dtype, device=self.device)
+            return xp.stack(codes + [zeros] * (Q - given), axis=0)
+        if self.heads > 1:
+            H = self.heads
+            if not B.is_array(indices) or indices.ndim < 1 or indices.shape[-1] != H:
+                got = tuple(indices.shape) if B.is_array(indices) else type(indices).__name__
+                raise ValueError(f"indices must be an integer array of shape (..., {H}) (one per head), got {got}")
+            return xp.concat([self._head_codes(indices[..., h], h) for h in range(H)], axis=-1)
+        return self.layers[0].get_codes(indices)
+
+    def _head_codes(self, indices: Array, head: int) -> Array:
+        """Head ``head``'s codes ``(..., d)`` (its own codebook, or the shared one)."""
+        if not self.separate_codebook_per_head:
             return self.layers[0].get_codes(indices)
-        if not B.is_array(indices) or indices.ndim < 1 or indices.shape[-1] != self.num_quantizers:
-            got = tuple(indices.shape) if B.is_array(indices) else type(indices).__name__
-            raise ValueError(f"indices must be an integer array of shape (..., {self.num_quantizers}), got {got}")
-        return self.xp.stack([layer.get_codes(indices[..., layer.level]) for layer in self.layers], axis=0)
+        self.check_indices("indices", indices, self.codebook_sizes[0])
+        xp = self.xp
+        codebook = self.state_array("codebook")[head, ...]  # (K, d)
+        if self.use_cosine_sim:
+            codebook, _ = l2norm_forward(codebook)
+        flat = xp.reshape(indices, (-1,))
+        codes = xp.take(codebook, xp.where(flat < 0, xp.zeros_like(flat), flat), axis=0)  # (M, d)
+        codes = xp.where((flat < 0)[:, None], xp.zeros_like(codes), codes)
+        return xp.reshape(codes, tuple(indices.shape) + (self.codebook_dim,))
 
     def get_output_from_indices(self, indices: Array) -> Array:
-        """The quantized output for ``indices`` (the sum over depths, for a stack), shape ``(..., dim)``.
+        """The quantized output for ``indices``, shape ``(..., dim)``: the codes (summed over the
+        depths given, for a stack) mapped by ``project_out``.  A token whose indices are all -1 (a
+        token a mask left out) gives 0.
 
-        For indices that an eval-mode forward returned, this equals that forward's output."""
-        if not self.is_stack:
-            return self.get_codes_from_indices(indices)
+        For indices that an eval-mode forward returned, this equals that forward's output; a
+        prefix of a stack's depths gives the coarser reconstruction of those depths."""
+        xp = self.xp
         codes = self.get_codes_from_indices(indices)
-        out = codes[0, ...]
-        for level in range(1, self.num_quantizers):
-            out = out + codes[level, ...]
-        return out
+        if self.is_stack:
+            total = codes[0, ...]
+            for level in range(1, self.num_quantizers):
+                total = total + codes[level, ...]
+            absent = xp.all(indices < 0, axis=-1)  # (...)
+        else:
+            total = codes
+            absent = xp.all(indices < 0, axis=-1) if self.heads > 1 else indices < 0
+        if self.has_projections:
+            W, b = self.state_array("project_out.W"), self.state_array("project_out.b")
+            flat = xp.reshape(total, (-1, total.shape[-1]))
+            total = xp.reshape(linear_forward(flat, W, b)[0], tuple(total.shape[:-1]) + (self.dim,))
+            total = xp.where(absent[..., None], xp.zeros_like(total), total)
+        return total
 
-    def check_indices(self, name: str, indices: Array) -> Array:
-        """Refuse anything but integer indices of the module's library in [0, K)."""
-        return check_index_array(name, indices, self._like(), self.codebook_size)
+    def check_indices(self, name: str, indices: Array, num_codes: int | None = None) -> Array:
+        """Refuse anything but integer indices of the module's library in [0, K) or -1 (no code)."""
+        like = self._like()
+        K = self.codebook_sizes[0] if num_codes is None else num_codes
+        if B.is_array(indices) and B.library_name(indices) != B.library_name(like):
+            raise TypeError(
+                f"{name} is a {B.library_name(indices)} array but this module holds {B.library_name(like)} arrays; "
+                "move one of them"
+            )
+        xp = self.xp
+        if not B.is_array(indices) or not xp.isdtype(indices.dtype, "integral"):
+            raise TypeError(f"{name} must be an integer array")
+        flat = xp.reshape(indices, (-1,))
+        if flat.shape[0] and (int(xp.min(flat)) < -1 or int(xp.max(flat)) >= K):
+            raise ValueError(f"{name} must lie in [0, {K}), or be -1 (no code)")
+        return indices
