@@ -2,9 +2,9 @@
 
 The smooth steps (the bounds, the scales, the soft clamp, the noise's clamp) are checked against
 float64 finite differences; every backward that goes through a rounding (a surrogate) against a
-torch autograd reference written here from the equations, with ``.detach()`` where the math has
-sg[.]; the module against that reference with every option.  vector-quantize-pytorch itself is
-compared in tests/conformance/test_fsq_conformance.py.
+torch autograd reference written from the equations (vqref.testing.torch_reference.fsq), with
+``.detach()`` where the math has sg[.]; the module against that reference with every option.
+vector-quantize-pytorch itself is compared in tests/conformance/test_fsq_conformance.py.
 
 Symbols: N = 11 rows, d = 5 channels (LEVELS), C codebooks, dim = 7 when projected.
 """
@@ -35,6 +35,8 @@ from vqref.ops.fsq import (
     symmetric_scale_forward,
 )
 from vqref.testing import check_vjp, rel_error
+from vqref.testing.torch_reference.fsq import fsq_layer_grads as torch_layer
+from vqref.testing.torch_reference.fsq import fsq_rows_torch as torch_rows
 
 LEVELS = (8, 5, 3, 4, 7)  # odd and even; d = 5
 SYM_LEVELS = (2, 5, 3, 4, 8)  # the symmetric grid allows a level of 2
@@ -65,48 +67,6 @@ def _hits_every_code(levels: tuple, symmetric: bool = False) -> np.ndarray:
         return np.arctanh(np.clip(2 * k / (L - 1) - 1, -0.999, 0.999))  # tanh(z) at the point (ends saturated)
     half_l, offset, shift = bound_constants(levels)
     return np.arctanh((k - L // 2 + offset) / half_l) - shift  # (K, d)
-
-
-def torch_rows(z, levels, *, symmetric=False, hard=False, noise=None):
-    """Reference: FSQ of (M, d) torch rows from equations (1)-(6), sg[.] as .detach()."""
-    import torch
-
-    L = torch.tensor(levels, dtype=z.dtype)
-    phi = (lambda u: u.clamp(-1.0, 1.0)) if hard else torch.tanh
-    if symmetric:
-        v = (L - 1) * (phi(z) + 1) / 2 + 0.5
-        q = (v + (torch.floor(v) - v).detach()) * (2 / (L - 1)) - 1
-    else:
-        half_l = (L - 1) * (1 + 1e-3) / 2
-        offset = (torch.remainder(L, 2) == 0).to(z.dtype) * 0.5
-        shift = offset / half_l if hard else torch.atanh(offset / half_l)
-        b = phi(z + shift) * half_l - offset
-        q = (b + (torch.round(b) - b).detach()) / torch.floor(L / 2)
-    if noise is not None:
-        mask, n = (torch.as_tensor(a) for a in noise)
-        q = torch.where(mask, q + n.to(z.dtype), q).clamp(-1.0, 1.0)
-    return q
-
-
-def torch_layer(x, levels, g, *, C=1, W_in=None, b_in=None, W_out=None, b_out=None, R=None, **kw):
-    """Reference: the whole FSQ layer in float64 torch; returns (quantized, dx, {name: grad})."""
-    import torch
-
-    t = lambda a: None if a is None else torch.tensor(np.asarray(a, dtype=np.float64), requires_grad=True)  # noqa: E731
-    xt, Wi, bi, Wo, bo = t(x), t(W_in), t(b_in), t(W_out), t(b_out)
-    z = xt if Wi is None else xt @ Wi + (0 if bi is None else bi)
-    rows = z.reshape(-1, len(levels))
-    Rt = None if R is None else torch.tensor(np.asarray(R, dtype=np.float64))
-    if Rt is not None:
-        rows = rows @ Rt
-    q = torch_rows(rows, levels, **kw)
-    if Rt is not None:
-        q = q @ Rt.T
-    q = q.reshape(x.shape[0], -1)
-    out = q if Wo is None else q @ Wo + (0 if bo is None else bo)
-    (out * torch.tensor(g)).sum().backward()
-    names = {"project_in.W": Wi, "project_in.b": bi, "project_out.W": Wo, "project_out.b": bo}
-    return out.detach().numpy(), xt.grad.numpy(), {k: v.grad.numpy() for k, v in names.items() if v is not None}
 
 
 # ---------------------------------------------------------------- the grids and the indices
@@ -582,13 +542,3 @@ def test_bad_input_is_rejected(rng):
         fsq(np.ones((N, 5), dtype=np.int64))
     with pytest.raises(ValueError, match="NaN"):
         fsq(np.full((N, 5), np.nan))
-
-
-def test_the_readme_fsq_snippet_runs_as_written():
-    import pathlib
-    import re
-
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "from vqref import FSQ" in b]
-    assert len(blocks) == 1
-    exec(blocks[0], {"__name__": "readme_snippet"})

@@ -3,9 +3,9 @@
 The smooth steps (soft clamp, scores against every code, softmax, clamped entropy, the entropy
 penalty, softplus, the cosine projection) are checked against float64 finite differences with a
 random upstream gradient, each with a negative control; the whole backward (straight through the
-sign, a surrogate) against a torch autograd reference written below with ``.detach()``; the fast
-path of the scores against the definition.  Sizes are distinct: N = 11 tokens, C = 2 codebooks
-of d = 3 bits (K = 8 codes), dim = 5.
+sign, a surrogate) against the torch autograd reference of vqref.testing.torch_reference.lfq,
+written with ``.detach()``; the fast path of the scores against the definition.  Sizes are
+distinct: N = 11 tokens, C = 2 codebooks of d = 3 bits (K = 8 codes), dim = 5.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from vqref.ops.lfq import (
     soft_clamp_forward,
 )
 from vqref.testing import check_vjp, rel_error
+from vqref.testing.torch_reference.lfq import lfq_grads as torch_lfq
 
 N, C, d, DIM = 11, 2, 3, 5
 K = 2**d
@@ -50,66 +51,6 @@ def host_codes(d: int, value: float) -> np.ndarray:
     k = np.arange(2**d)
     bits = np.array([[(int(i) >> (d - 1 - j)) & 1 for j in range(d)] for i in k], dtype=np.float64)
     return value * (2 * bits - 1)  # (K, d)
-
-
-# ---------------------------------------------------------------- the torch reference
-
-
-def torch_lfq(x, *, C, d, g, daux=1.0, s=1.0, spherical=False, clamp=None, w_ent=0.1, w_commit=0.0, gamma=1.0,
-              tau=100.0, softplus=None, W_in=None, b_in=None, W_out=None, b_out=None, cosine=None, R=None,
-              rows=None, mask_rows=None):  # fmt: skip
-    """LFQ in float64 torch, sg[.] written as .detach(); returns a dict of numpy results and gradients."""
-    import torch
-    import torch.nn.functional as F
-
-    t = {k: None if v is None else torch.tensor(np.asarray(v, dtype=np.float64), requires_grad=True)
-         for k, v in dict(x=x, W_in=W_in, b_in=b_in, W_out=W_out, b_out=b_out).items()}  # fmt: skip
-    X = t["x"]
-    n_tok = X.shape[0]
-    h = X
-    if W_in is not None:
-        if cosine is not None:
-            h = cosine * F.normalize(X, dim=-1) @ F.normalize(t["W_in"], dim=0)
-        else:
-            h = X @ t["W_in"] + (t["b_in"] if b_in is not None else 0.0)
-    if clamp is not None:
-        h = clamp * torch.tanh(h / clamp)
-    z = h.reshape(n_tok * C, d)
-    if R is not None:
-        z = z @ torch.tensor(R)
-    if spherical:
-        z = s * F.normalize(z, dim=-1)
-    q = torch.where(z > 0, torch.tensor(s, dtype=z.dtype), torch.tensor(-s, dtype=z.dtype))
-    if spherical:
-        q = s * F.normalize(q, dim=-1)
-    o = z + (q - z).detach()
-    v = s / math.sqrt(d) if spherical else s
-    codes = torch.tensor(host_codes(d, v))  # (K, d)
-    zt = z.reshape(n_tok, C, d)
-    ze = zt if rows is None else zt[torch.as_tensor(rows)]
-    p = torch.softmax(tau * 2 * ze @ codes.T, dim=-1)  # (n, C, K)
-
-    def H(p):
-        return -(p * p.clamp(min=1e-5).log()).sum(-1)
-
-    per, batch = H(p).mean(), H(p.mean(0)).mean()
-    ent = per - gamma * batch
-    if softplus is not None:
-        ent = F.softplus(ent + softplus, threshold=1e9)  # the exact softplus
-    commit = torch.zeros(())
-    if w_commit > 0:
-        mr = slice(None) if mask_rows is None else torch.as_tensor(mask_rows)
-        commit = F.mse_loss(zt[mr], q.reshape(n_tok, C, d)[mr].detach())
-    aux = w_ent * ent + w_commit * commit
-    if R is not None:
-        o = o @ torch.tensor(R).T
-    y = o.reshape(n_tok, C * d)
-    if W_out is not None:
-        y = y @ t["W_out"] + t["b_out"]
-    ((y * torch.tensor(g)).sum() + daux * aux).backward()
-    out = {"quantized": y.detach().numpy(), "aux": aux.item(), "per": per.item(), "batch": batch.item()}
-    out.update({"d" + k: v.grad.numpy() for k, v in t.items() if v is not None})
-    return out
 
 
 # ---------------------------------------------------------------- ops: codes and indices

@@ -1,8 +1,9 @@
 """Residual FSQ: the soft clamp, the residual recursion over FSQ depths, quantize dropout, decoding.
 
 The backward (straight through every depth's rounding, a surrogate) is checked against a torch
-autograd reference written here from the equations of vqref/core/residual_fsq.py, with
-``.detach()`` where the math has sg[.]; the soft clamp (smooth) against finite differences.
+autograd reference written from the equations of vqref/core/residual_fsq.py
+(vqref.testing.torch_reference.fsq), with ``.detach()`` where the math has sg[.]; the soft clamp
+(smooth) against finite differences.
 vector-quantize-pytorch itself is compared in tests/conformance/test_fsq_conformance.py.
 
 Symbols: N = 11 rows, d = 3 channels (LEVELS), dim = 7 when projected, Q = 4 depths.
@@ -15,38 +16,15 @@ import pickle
 
 import numpy as np
 import pytest
-from test_fsq import torch_rows
 
 from vqref import ResidualFSQ
 from vqref.core.residual_fsq import residual_fsq_forward
 from vqref.ops.fsq import soft_clamp_backward, soft_clamp_forward
 from vqref.testing import check_vjp, rel_error
+from vqref.testing.torch_reference.fsq import residual_fsq_grads as torch_residual
 
 LEVELS = (8, 5, 2)  # the symmetric grid of every depth allows a level of 2
 N, Q = 11, 4
-
-
-def torch_residual(x, g, levels, Q, *, state, soft=None, hard=True, active=None, noise=None):
-    """Reference: residual FSQ in float64 torch; returns (quantized, dx, {name: grad})."""
-    import torch
-
-    params = {k: torch.tensor(np.asarray(v, dtype=np.float64), requires_grad=True) for k, v in state.items()}
-    xt = torch.tensor(x, requires_grad=True)
-    L = torch.tensor(levels, dtype=torch.float64)
-    z = xt @ params["project_in.W"] + params["project_in.b"] if params else xt
-    if soft is not None:
-        c = torch.tensor(np.asarray(soft, dtype=np.float64))
-        z = torch.tanh(z / c) * c
-    residual, total = z, 0
-    for level in range(Q if active is None else active):
-        s = L ** (-level)
-        q = torch_rows(residual / s, levels, symmetric=True, hard=hard, noise=None if noise is None else noise[level])
-        q = q * s
-        residual = residual - q.detach()
-        total = total + q
-    out = total @ params["project_out.W"] + params["project_out.b"] if params else total
-    (out * torch.tensor(g)).sum().backward()
-    return out.detach().numpy(), xt.grad.numpy(), {k: v.grad.numpy() for k, v in params.items()}
 
 
 def test_soft_clamp_matches_finite_differences_and_saturates(bk64, rng):

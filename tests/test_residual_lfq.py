@@ -6,14 +6,13 @@ Sizes: N = 11 tokens, dim = 5, d = 3 bits per depth (K = 8), Q = 3 depths with s
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
 from vqref import ResidualLFQ
 from vqref.core.lfq import LFQOptions, LFQParams, residual_lfq_backward, residual_lfq_forward
 from vqref.testing import check_vjp, rel_error
+from vqref.testing.torch_reference.lfq import residual_lfq_grads as torch_residual_lfq
 
 N, DIM, d, Q = 11, 5, 3, 3
 K = 2**d
@@ -22,53 +21,6 @@ K = 2**d
 def host_codes(d: int, value: float) -> np.ndarray:
     bits = np.array([[(k >> (d - 1 - j)) & 1 for j in range(d)] for k in range(2**d)], dtype=np.float64)
     return value * (2 * bits - 1)  # (K, d) in index order
-
-
-def torch_residual_lfq(x, g, dlosses, *, params, Q, d, spherical=False, clamp=None, w_commit=0.0, softplus=None,
-                       rotations=None, rows=None, tau=100.0):  # fmt: skip
-    """Residual LFQ in float64 torch with sg[.] as .detach(), written from the definition."""
-    import torch
-    import torch.nn.functional as F
-
-    X = torch.tensor(x, requires_grad=True)
-    P = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
-    h = X @ P["project_in.W"] + P["project_in.b"] if P else X
-    residual, total, losses = h, 0.0, []
-    for level in range(Q):
-        s = 2.0**-level
-        z = residual
-        if clamp is not None:
-            z = clamp * s * torch.tanh(z / (clamp * s))
-        if rotations is not None:
-            z = z @ torch.tensor(rotations[level])
-        if spherical:
-            z = s * F.normalize(z, dim=-1)
-        q = torch.where(z > 0, torch.tensor(s, dtype=z.dtype), torch.tensor(-s, dtype=z.dtype))
-        if spherical:
-            q = s * F.normalize(q, dim=-1)
-        o = z + (q - z).detach()
-        v = s / math.sqrt(d) if spherical else s
-        ze = z if rows is None else z[torch.as_tensor(rows[level])]
-        p = torch.softmax(tau * 2 * ze @ torch.tensor(host_codes(d, v)).T, dim=-1)  # (n, K)
-
-        def H(p):
-            return -(p * p.clamp(min=1e-5).log()).sum(-1)
-
-        ent = H(p).mean() - H(p.mean(0))
-        if softplus is not None:
-            ent = F.softplus(ent + softplus, threshold=1e9)
-        loss = 0.1 * ent + (w_commit * F.mse_loss(z, q.detach()) if w_commit > 0 else 0.0)
-        if rotations is not None:
-            o = o @ torch.tensor(rotations[level]).T
-        residual = residual - o.detach()
-        total = total + o
-        losses.append(loss)
-    y = total @ P["project_out.W"] + P["project_out.b"] if P else total
-    L = torch.stack(losses)
-    ((y * torch.tensor(g)).sum() + (L * torch.tensor(dlosses)).sum()).backward()
-    out = {"quantized": y.detach().numpy(), "losses": L.detach().numpy(), "dx": X.grad.numpy()}
-    out.update({k: v.grad.numpy() for k, v in P.items()})
-    return out
 
 
 CONFIGS = {

@@ -33,7 +33,7 @@ from .orthogonal import orthogonal_loss
 from .residual import residual_vq
 from .vq import vq_layer
 
-__all__ = ["linear", "relu", "tanh", "mse_loss", "mlp", "vqvae", "ACTIVATIONS"]
+__all__ = ["linear", "relu", "tanh", "mse_loss", "mlp", "vqvae", "autoencoder", "ACTIVATIONS"]
 
 sg = jax.lax.stop_gradient
 
@@ -129,3 +129,16 @@ def vqvae(
             vq_total = vq_total + orthogonal_reg_weight * orthogonal_loss(C)
     recon = mlp(jnp.reshape(zq, (N, -1)), decoder, activation=activation)  # (N, P)
     return recon, mse_loss(recon, x) + vq_total
+
+
+def autoencoder(x, encoder: Sequence, decoder: Sequence, quantize, *, token_dim: int, activation: str = "relu"):
+    """``(recon (N, P), total ())`` of the VQ-VAE around any quantizer (FSQ, LFQ, ...).
+
+    ``quantize(tokens (N T, d)) -> (zq (N T, d), loss)``, loss 0-d or one per depth (summed);
+    the rest is :func:`vqvae`'s: ``total = mse(recon, sg[x]) + sum(loss)``.
+    """
+    N = x.shape[0]
+    z = mlp(x, encoder, activation=activation)  # (N, E)
+    zq, loss = quantize(jnp.reshape(z, (-1, token_dim)))  # (N T, d)
+    recon = mlp(jnp.reshape(zq, (N, -1)), decoder, activation=activation)  # (N, P)
+    return recon, mse_loss(recon, x) + jnp.sum(loss)

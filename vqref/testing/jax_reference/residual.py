@@ -12,6 +12,10 @@ and the two places the gradient estimator can sit (docs/math.md section 2.4):
     routing "sum"        quantized = est(x, sg[sum_l o_l])        (RQ-VAE: one estimator on the total)
 
 A shared codebook is one array used at every depth: JAX adds its per-depth gradients by itself.
+
+:func:`residual_stack` is the same recursion for any quantizer at each depth (residual FSQ and
+residual LFQ are built on it in vqref): ``depths[l](r_l) -> (o_l, loss_l)``, the output
+``sum_l o_l`` and the losses stacked.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import jax.numpy as jnp
 
 from .vq import estimator, vq_layer
 
-__all__ = ["residual_vq"]
+__all__ = ["residual_vq", "residual_stack"]
 
 sg = jax.lax.stop_gradient
 
@@ -35,6 +39,7 @@ def residual_vq(
     *,
     routing: str = "per_depth",
     code_ids: Sequence | None = None,
+    noises: Sequence | None = None,
     **layer_options,
 ):
     """``(quantized (N, D), losses (Q,))`` of residual VQ with the codes ``indices`` (N, Q) fixed.
@@ -47,6 +52,7 @@ def residual_vq(
     indices : (N, Q) int
     routing : ``"per_depth"`` or ``"sum"``
     code_ids : optional per-depth code subsets of the orthogonal regulariser
+    noises : optional per-depth Gumbel noise (N, K) of the straight-through Gumbel estimator
     layer_options : the options of :func:`vq_layer` (commitment_weight, learnable_codebook,
         use_cosine_sim, rotation_trick, orthogonal_reg_weight, ...), the same at every depth
     """
@@ -61,7 +67,7 @@ def residual_vq(
         # with routing "sum" a depth's estimator output is only read through sg[.]: any estimator will do
         o, loss = vq_layer(
             residual, C, indices[:, level], rotation_trick=rotation and routing == "per_depth",
-            orthogonal_code_ids=ids, **layer_options,
+            orthogonal_code_ids=ids, noise=None if noises is None else noises[level], **layer_options,
         )  # fmt: skip
         outs.append(o)
         losses.append(loss)
@@ -69,3 +75,18 @@ def residual_vq(
     total = sum(outs[1:], outs[0])  # (N, D)
     quantized = total if routing == "per_depth" else estimator(x, sg(total), rotation=rotation)
     return quantized, jnp.stack(losses)
+
+
+def residual_stack(x, depths: Sequence):
+    """``(quantized (N, D), losses (Q,))`` of the residual recursion with any quantizer per depth.
+
+    ``depths[l]`` maps the residual ``r_l`` (N, D) to ``(o_l (N, D), loss_l ())``; then
+    ``r_{l+1} = r_l - sg[o_l]``, and the output is ``sum_l o_l``.
+    """
+    residual, total, losses = x, 0.0, []
+    for depth in depths:
+        o, loss = depth(residual)
+        residual = residual - sg(o)  # (N, D)
+        total = total + o
+        losses.append(loss)
+    return total, jnp.stack(losses)
