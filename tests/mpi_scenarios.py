@@ -12,7 +12,9 @@ Symbols: R ranks, N rows of the global batch, K codes, D features, Q depths.
 
 from __future__ import annotations
 
+import collections
 import importlib
+import re
 from typing import Any, Callable
 
 import numpy as np
@@ -281,3 +283,77 @@ def refusals(comm) -> dict:
     attempt("restart_seeds_differ", lambda: expire_dead_codes(state, x, threshold=9.0, rng=comm.rank, comm=comm))
     attempt("fine_afterwards", lambda: kmeans(x, K, rng=0, comm=comm))
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# the quantizer modules: each rank its samples of every batch
+# ------------------------------------------------------------------------------------------
+
+MODULES = {  # kind -> (class name, options)
+    "residual": ("ResidualVQ", dict(num_quantizers=2, codebook_dim=3, kmeans_init=True, kmeans_iters=2,
+                                    threshold_ema_dead_code=1.5)),
+    "shared": ("ResidualVQ", dict(num_quantizers=2, shared_codebook=True, use_cosine_sim=True,
+                                  orthogonal_reg_weight=0.5, orthogonal_reg_active_codes_only=True)),
+    "sampled": ("ResidualVQ", dict(num_quantizers=3, learnable_codebook=True, ema_update=False,
+                                   stochastic_sample_codes=True, codebook_diversity_loss_weight=0.3,
+                                   quantize_dropout=True, quantize_dropout_per_sample=True, rotation_trick=True)),
+    "heads": ("VectorQuantize", dict(heads=2, codebook_dim=3, separate_codebook_per_head=True,
+                                     threshold_ema_dead_code=1.0, kmeans_init=True, kmeans_iters=2)),
+    "beam": ("ResidualVQ", dict(num_quantizers=3, beam_size=3, quantize_dropout=True, codebook_size=(K, 4, 6))),
+}  # fmt: skip
+
+
+def module(comm, lib, sizes, *, kind="residual", steps=2, tokens=3):
+    """Training steps of a quantizer module, each rank given ``sizes[r]`` samples (of ``tokens``
+    tokens, some masked) of every batch: the gathered outputs and dx, the losses, the usage
+    statistics, the state and the summed parameter gradients against one process's."""
+    import vqref
+
+    name, options = MODULES[kind]
+    options = {"codebook_size": K, **options}
+    S = sum(sizes)
+
+    def build(c):
+        m = getattr(vqref, name)(dim=D, seed=9, dtype=lib.dtype_name, xp=lib.xp, comm=c, **options)
+        return m
+
+    mine, one = build(comm), build(None)
+    got, want, names = [], [], []
+    for step in range(steps):
+        gen = np.random.default_rng(100 + step)
+        x = clustered(101 + step, S * tokens).reshape(S, tokens, D)
+        mask = gen.random((S, tokens)) < 0.8
+        dq = gen.standard_normal((S, tokens, D))
+        Q = mine.num_quantizers if mine.is_stack else 1
+        dloss = lib(gen.uniform(0.5, 1.5, Q)) if mine.is_stack else 0.7
+        q, idx, loss = mine(lib(part(x, sizes, comm.rank)), mask=lib(part(mask, sizes, comm.rank)))
+        dx = mine.backward(lib(part(dq, sizes, comm.rank)), dloss)
+        # the rows of every rank gathered, the parameter gradients summed over the ranks
+        got += [np.concatenate(comm.allgather(np.asarray(B.to_numpy(a))), axis=0) for a in (q, idx, dx)]
+        got += [loss] + [comm.allreduce_sum(mine.grads[k]) for k in sorted(mine.grads)] + _stats(mine)
+        q1, idx1, loss1 = one(lib(x), mask=lib(mask))
+        dx1 = one.backward(lib(dq), dloss)
+        want += [q1, idx1, dx1, loss1] + [one.grads[k] for k in sorted(one.grads)] + _stats(one)
+        names += [f"{n}_{step}" for n in ["quantized", "indices", "dx", "loss", *sorted(one.grads), *sorted(one.stats)]]
+    state = sorted(one.state_dict())
+    got += [mine.state_dict()[k] for k in state]
+    want += [one.state_dict()[k] for k in state]
+    names += state
+    fields = collections.namedtuple("ModuleStep", [re.sub(r"\W", "_", f"f_{n}") for n in names])
+    exact = tuple(f for f in fields._fields if f.startswith(("f_indices", "f_used_codes")))  # integers
+    return fields(*got), tuple(want), exact
+
+
+def _stats(m) -> list:
+    """The usage statistics as arrays (every rank's codes: the same on every rank)."""
+    return [np.asarray(m.stats[k], dtype=np.float64) for k in sorted(m.stats)]
+
+
+SCENARIOS["module"] = module
+MPI_CASES += [
+    ("module", (2, 3), {"kind": "residual"}),
+    ("module", (0, 4), {"kind": "shared"}),
+    ("module", (3, 2), {"kind": "sampled"}),
+    ("module", (1, 3), {"kind": "heads"}),
+    ("module", (2, 2), {"kind": "beam"}),
+]

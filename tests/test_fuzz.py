@@ -4,13 +4,16 @@ Hypothesis draws a configuration (metric, codebook training mode, k-means, ortho
 regulariser and its code subsets, dead-code restarts, rotation trick, Gumbel sampling, the
 straight-through Gumbel-softmax and soft estimators, the diversity loss, residual depth 1-4 with
 either gradient routing, shared codebook, state and input dtypes, numpy or array_api_strict,
-chunked search) and an input batch built from hostile pieces (zeros, duplicated rows, antipodal
-pairs, per-row magnitudes from 1e-30 to 1e15, a single token, K > N), optionally with a loaded
+chunked search; the structural options: projections, heads, quantize dropout per batch or per
+sample, per-depth codebook sizes, beam search) and an input batch built from hostile pieces
+(zeros, duplicated rows, antipodal pairs, per-row magnitudes from 1e-30 to 1e15, a single token,
+K > N), with or without a mask (none, some or all tokens present), optionally with a loaded
 codebook that is itself hostile (antipodal to the inputs, all codes equal, zero codes, huge
 codes, zero EMA counts).  For every example:
 
 * a few training steps: forward, backward with a random upstream gradient; every output,
-  gradient and state entry is finite and has the documented shape and dtype;
+  gradient and state entry is finite and has the documented shape and dtype; absent tokens have
+  the index -1 at every depth, the output 0 and no gradient;
 * an eval forward leaves the state bit-identical, and ``get_output_from_indices(indices)``
   equals the eval output (bit-exactly when the input dtype is the state dtype);
 * invalid option combinations raise a ``ValueError`` that names the options, and nothing else
@@ -172,10 +175,25 @@ def configurations(draw, residual: bool):
         kw["soft_assignment"] = draw(st.booleans())
         kw["codebook_diversity_loss_weight"] = draw(st.sampled_from([0.0, 0.5]))
         kw["codebook_diversity_temperature"] = draw(st.sampled_from([0.0, 1.0, 100.0]))
+    if draw(st.booleans()):  # codes in another dimension: learnable projections
+        kw["codebook_dim"] = draw(st.integers(1, 4))
     if residual:
-        kw["num_quantizers"] = draw(st.integers(1, 4))
+        kw["num_quantizers"] = Q = draw(st.integers(1, 4))
         kw["shared_codebook"] = draw(st.booleans())
         kw["gradient_routing"] = draw(st.sampled_from(["per_depth", "sum"]))
+        if not kw["shared_codebook"] and draw(st.booleans()):
+            kw["codebook_size"] = [draw(st.integers(1, 9)) for _ in range(Q)]
+        if draw(st.booleans()):
+            kw["quantize_dropout"] = True
+            kw["quantize_dropout_per_sample"] = draw(st.booleans())
+            kw["quantize_dropout_cutoff_index"] = draw(st.integers(0, Q - 1))
+            kw["quantize_dropout_multiple_of"] = draw(st.integers(1, 3))
+        if draw(st.booleans()):
+            kw["beam_size"] = draw(st.integers(1, 3))
+            kw["beam_score"] = draw(st.sampled_from(["cumulative", "error"]))
+    elif draw(st.booleans()):
+        kw["heads"] = draw(st.integers(2, 3))
+        kw["separate_codebook_per_head"] = draw(st.booleans())
     return kw
 
 
@@ -187,7 +205,7 @@ def invalid_reason(kw: dict) -> str | None:
         return "use_cosine_sim"
     if kw.get("codebook_weight") is not None and not kw["learnable_codebook"]:
         return "codebook_weight"
-    if kw["rotation_trick"] and kw["dim"] == 1:
+    if kw["rotation_trick"] and (kw.get("codebook_dim") or kw["dim"]) == 1:  # the codes' width
         return "rotation_trick"
     soft = kw.get("straight_through") or kw.get("soft_assignment")
     if sum(bool(kw.get(k)) for k in ("rotation_trick", "straight_through", "soft_assignment")) > 1:
@@ -198,6 +216,10 @@ def invalid_reason(kw: dict) -> str | None:
         return "needs sample_codebook_temp > 0"
     if soft and kw.get("gradient_routing") == "sum":
         return "gradient_routing"
+    if kw.get("beam_size", 1) > 1 and (soft or kw.get("stochastic_sample_codes")):
+        return "beam_size chooses the codes"
+    if kw.get("heads", 1) > 1 and kw.get("num_quantizers", 1) > 1:
+        return "with a residual stack"
     return None
 
 
@@ -206,6 +228,13 @@ def build(kw: dict, backend: str, seed: int):
     if "num_quantizers" in kw:
         return ResidualVQ(seed=seed, xp=backend, **kw)
     return VectorQuantize(kw.pop("dim"), kw.pop("codebook_size"), seed=seed, xp=backend, **kw)
+
+
+def _codebook_entries(module) -> list:
+    """The prefixes of a module's codebook entries (one per codebook)."""
+    if module.is_stack and not module.shared_codebook:
+        return [f"{i}." for i in range(module.num_quantizers)]
+    return [""]
 
 
 # ------------------------------------------------------------------ checks
@@ -231,35 +260,45 @@ def _assert_same_state(a: dict, b: dict) -> None:
 
 
 def _load_override(module, override: dict, initted: bool) -> None:
-    xp = module.layers[0].xp if module.is_stack else module.xp
-    state = {k: B.from_numpy(v, xp) for k, v in override.items()}
-    state["initted"] = initted
-    if module.is_stack:
-        prefixes = [""] if module.shared_codebook else [f"{i}." for i in range(module.num_quantizers)]
-        state = {p + k: v for p in prefixes for k, v in state.items()}
+    """Load a hostile codebook state into every codebook whose shape it fits (the others, the
+    projections and a codebook per head, keep theirs)."""
+    xp = module.xp
+    state = {k: B.from_numpy(np.asarray(B.to_numpy(v)), xp) for k, v in module.state_dict().items()}
+    spec = module.state_spec()
+    for p in _codebook_entries(module):
+        if spec[p + "codebook"] == override["codebook"].shape:
+            state.update({p + k: B.from_numpy(v, xp) for k, v in override.items()})
+            state[p + "initted"] = initted
     module.load_state_dict(state)
 
 
-def exercise(module, x_host: np.ndarray, in_dtype: str, seed: int, *, Q: int | None) -> None:
+def exercise(module, x_host: np.ndarray, in_dtype: str, seed: int, *, Q: int | None, mask=None) -> None:
     """Train a few steps, then eval and decode; assert finiteness, shapes, dtypes, equality."""
-    xp = module.layers[0].xp if module.is_stack else module.xp
-    state_dtype = module.layers[0].dtype if module.is_stack else module.dtype
-    K = module.codebook_size
-    D = module.dim
+    xp = module.xp
+    state_dtype = module.dtype
+    sizes = np.asarray(module.codebook_sizes)
+    spec = module.state_spec()
     dt = getattr(xp, in_dtype)
     x = B.from_numpy(x_host, xp, dtype=dt)
     lead = tuple(x_host.shape[:-1])
-    idx_shape = lead if Q is None else lead + (Q,)
+    H = module.heads
+    idx_shape = lead + ((Q,) if Q is not None else (H,) if H > 1 else ())
     loss_shape = () if Q is None else (Q,)
+    m = None if mask is None else B.from_numpy(mask, xp)
+    absent = np.zeros(lead, dtype=bool) if mask is None else ~mask
     gen = np.random.default_rng(seed)
     module.train()
     for step in range(2):
-        q, idx, loss = module(x)
+        q, idx, loss = module(x, mask=m)
         assert tuple(q.shape) == tuple(x_host.shape) and q.dtype == dt
         assert tuple(idx.shape) == idx_shape and idx.dtype == xp.int64
         assert tuple(loss.shape) == loss_shape and loss.dtype == dt
-        h_idx = _host(idx)
-        assert np.all((h_idx >= 0) & (h_idx < K)), h_idx
+        h_idx = _host(idx).reshape(lead + (-1,))
+        limit = sizes[None, :] if Q is not None else sizes[:1]
+        assert np.all(((h_idx >= 0) & (h_idx < limit)) | (h_idx == -1)), h_idx
+        assert np.all(h_idx[absent] == -1) and np.all(_host(q)[absent] == 0)
+        if Q is None or not module.quantize_dropout:
+            assert np.all(h_idx[~absent] >= 0)  # every present token has every code
         _assert_finite(f"quantized (step {step})", q)
         _assert_finite(f"loss (step {step})", loss)
         dq = B.from_numpy(gen.standard_normal(x_host.shape), xp, dtype=dt)
@@ -269,8 +308,9 @@ def exercise(module, x_host: np.ndarray, in_dtype: str, seed: int, *, Q: int | N
             dx = module.backward(dq, dlosses=B.from_numpy(gen.uniform(0.1, 2.0, Q), xp, dtype=dt))
         assert tuple(dx.shape) == tuple(x_host.shape) and dx.dtype == dt
         _assert_finite(f"dx (step {step})", dx)
+        assert np.all(_host(dx)[absent] == 0)
         for name, g in module.grads.items():
-            assert tuple(g.shape) == (K, D) and g.dtype == state_dtype, name
+            assert tuple(g.shape) == spec[name] and g.dtype == state_dtype, name
             _assert_finite(f"grads[{name}]", g)
         for name, v in module.state_dict().items():
             _assert_finite(f"state_dict[{name}]", v)
@@ -278,7 +318,7 @@ def exercise(module, x_host: np.ndarray, in_dtype: str, seed: int, *, Q: int | N
     module.eval()
     before = _snapshot(module)
     rng_before = [l.generator.bit_generator.state for l in getattr(module, "layers", [module])]
-    q, idx, loss = module(x)
+    q, idx, loss = module(x, mask=m)
     _assert_finite("eval quantized", q)
     _assert_finite("eval loss", loss)
     _assert_same_state(before, _snapshot(module))
@@ -294,6 +334,9 @@ def exercise(module, x_host: np.ndarray, in_dtype: str, seed: int, *, Q: int | N
         # in the input's; they agree to the rounding of the coarser one (relative to the codes'
         # scale, which is what a residual sum's cancellation error is measured against).
         scale = max(np.max(np.abs(_host(module.get_codes_from_indices(idx)))), 1e-300)
+        if module.has_projections:  # the decoding's rounding passes through project_out too
+            scale *= 1 + float(np.sum(np.abs(_host(module.state_array("project_out.W")))))
+            scale = max(scale, float(np.max(np.abs(_host(module.state_array("project_out.b"))))))
         np.testing.assert_allclose(_host(out), _host(q), rtol=0, atol=1e-5 * scale * (Q or 1))
 
 
@@ -312,13 +355,22 @@ def _fuzz_one(data, residual: bool) -> None:
         return
     module = build(kw, backend, seed)
     x = data.draw(batches(kw["dim"]), label="x")
-    override = data.draw(codebook_overrides(kw["codebook_size"], kw["dim"], x), label="codebook")
+    K0, d = module.codebook_sizes[0], module.codebook_dim
+    override = data.draw(codebook_overrides(K0, d, x[..., :d] if d <= x.shape[-1] else np.tile(x, d)[..., :d]),
+                         label="codebook")  # fmt: skip
     if override is not None:
         _load_override(module, override, initted=data.draw(st.booleans(), label="initted"))
     in_dtype = data.draw(st.sampled_from([kw["dtype"], kw["dtype"], "float32", "float64"]), label="input dtype")
+    mask = None
+    kind = data.draw(st.sampled_from(["none", "none", "some", "all", "nothing"]), label="mask")
+    if kind != "none":
+        lead = x.shape[:-1]
+        mask = {"all": np.ones(lead, bool), "nothing": np.zeros(lead, bool)}.get(kind)
+        if mask is None:
+            mask = np.random.default_rng(seed % 2**32).random(lead) < 0.5
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an overflow or invalid-value warning is a failure too
-        exercise(module, x, in_dtype, seed, Q=kw["num_quantizers"] if residual else None)
+        exercise(module, x, in_dtype, seed, Q=kw["num_quantizers"] if residual else None, mask=mask)
 
 
 @given(data=st.data())
@@ -338,10 +390,10 @@ def test_residual_vq_fuzz(data):
 def test_invalid_combinations_are_refused_by_name(kw, residual, Q):
     """Exactly the documented combinations are refused, with a message naming the options;
     ``VectorQuantize(num_quantizers=Q)`` builds the equivalent ResidualVQ."""
-    reason = invalid_reason(kw)
     args = dict(kw)
     if residual:
         args["num_quantizers"] = Q
+    reason = invalid_reason(args)
     if reason is not None:
         with pytest.raises(ValueError, match=reason):
             VectorQuantize(args.pop("dim"), args.pop("codebook_size"), seed=0, **args)

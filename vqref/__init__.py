@@ -11,11 +11,12 @@ __version__ = "0.1.0"
 
 from .cluster import ResidualClustering, VQClustering
 from .core.kmeans import KMeansResult, kmeans
-from .quantizers import FSQ, LFQ, ResidualFSQ, ResidualLFQ, ResidualVQ, VectorQuantize
+from .quantizers import FSQ, LFQ, GroupedResidualVQ, ResidualFSQ, ResidualLFQ, ResidualVQ, VectorQuantize
 
 __all__ = [
     "VectorQuantize",
     "ResidualVQ",
+    "GroupedResidualVQ",
     "FSQ",
     "ResidualFSQ",
     "LFQ",

@@ -31,7 +31,7 @@ def vqp_seed_for(r, samples: int, drawn: list | None = None) -> int:
     """A seed with which vqp's ``random.Random(seed).randrange(cutoff, Q)`` (and its rounding to the
     multiple) gives the depth vqref's next training forward draws (appended to ``drawn``)."""
     gen = r.state.rngs[-1]  # a copy of the dropout generator
-    m, cutoff = r.quantize_dropout_multiple_of, r.quantize_dropout_cutoff_index
+    m, cutoff, Q = r.quantize_dropout_multiple_of, r.quantize_dropout_cutoff_index, r.num_quantizers
     want = int(dropout_last_depths(gen, samples, Q, cutoff=cutoff, multiple_of=m, per_sample=False)[0])
     if drawn is not None:
         drawn.append(want)

@@ -318,10 +318,35 @@ def test_residual_layers_must_share_one_configuration():
 
 
 def test_other_classes_are_rejected():
+    from vector_quantize_pytorch import RandomProjectionQuantizer
+
     with pytest.raises(TypeError, match="VectorQuantize or ResidualVQ"):
-        from_vector_quantize_pytorch(GroupedResidualVQ(dim=D, codebook_size=K, num_quantizers=2, groups=2))
+        from_vector_quantize_pytorch(RandomProjectionQuantizer(dim=D, codebook_size=K, codebook_dim=4))
     with pytest.raises(TypeError):
         to_vector_quantize_pytorch(object())
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(codebook_dim=5, quantize_dropout=True, codebook_size=(K, 7)),
+                                    dict(shared_codebook=True, use_cosine_sim=True, beam_size=2)],
+                         ids=["plain", "projection-dropout-sizes", "shared-beam"])  # fmt: skip
+def test_grouped_residual_vq_round_trips(kwargs, rng):
+    kwargs = {"codebook_size": K, **kwargs}
+    t = trained_vqp(lambda: GroupedResidualVQ(dim=D, groups=2, num_quantizers=2, rotation_trick=False, **kwargs), rng)
+    r = from_vector_quantize_pytorch(t)
+    assert type(r) is vqref.GroupedResidualVQ and r.groups == 2
+    back = to_vector_quantize_pytorch(r)
+    assert type(back) is GroupedResidualVQ
+    assert_states_equal(torch_state(back), torch_state(t))
+    assert_states_equal(export_state_dict(r), torch_state(t))
+    assert from_vector_quantize_pytorch(back).config() == r.config()
+
+
+def test_grouped_groups_must_share_one_configuration():
+    t = GroupedResidualVQ(dim=D, groups=2, codebook_size=K, num_quantizers=2)
+    for layer in t.rvqs[1].layers:
+        layer._codebook.decay = 0.5
+    with pytest.raises(ValueError, match="group 1 configured differently from group 0 .decay"):
+        from_vector_quantize_pytorch(t)
 
 
 def test_vqref_options_without_a_vqp_equivalent_are_rejected():
@@ -350,3 +375,16 @@ def test_importing_vqref_interop_does_not_import_torch():
     subprocess.run(
         [sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(vqref.__file__).parents[1])
     )
+
+
+def test_synchronisation_options_convert():
+    # vqp resolves sync_codebook into use_ddp at construction (a process group or not); vqref keeps
+    # sync_codebook (None: synchronise over a multi-rank comm) and sync_kmeans
+    t = TorchVQ(dim=D, codebook_size=K, sync_codebook=True, sync_kmeans=False)
+    r = from_vector_quantize_pytorch(t)
+    assert r.sync_codebook is True and r.sync_kmeans is False
+    back = to_vector_quantize_pytorch(r)
+    assert back._codebook.use_ddp and back._codebook.kmeans_all_reduce_fn is not torch.distributed.all_reduce
+    plain = from_vector_quantize_pytorch(TorchVQ(dim=D, codebook_size=K))
+    assert plain.sync_codebook is None and plain.sync_kmeans is True
+    assert not to_vector_quantize_pytorch(plain)._codebook.use_ddp  # no process group here

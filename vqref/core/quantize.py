@@ -233,7 +233,7 @@ class GroupedDiversityCache(NamedTuple):
 
 
 def grouped_diversity_forward(
-    logits: Array, groups: Array, num_groups: int, *, inverse_temperature: float = 100.0
+    logits: Array, groups: Array, num_groups: int, *, inverse_temperature: float = 100.0, comm: Any = None
 ) -> tuple[Array, GroupedDiversityCache]:
     """The codebook diversity loss over the rows that are present, each at its own position.
 
@@ -255,6 +255,9 @@ def grouped_diversity_forward(
     groups : (N,) int in [0, P), the position of each row
     num_groups : P
     inverse_temperature : T >= 0
+    comm : communicator (``None``: one process): the rows are this rank's, and the sums and
+        counts of every position are added over the ranks, so every rank gets the loss of the
+        whole batch and its rows' share of the gradient (each row's own)
 
     Returns
     -------
@@ -265,7 +268,10 @@ def grouped_diversity_forward(
     T = float(inverse_temperature)
     p, sm = softmax_forward(_shifted(logits) * T)  # (N, K)
     counts = xp.astype(B.bincount(groups, num_groups), p.dtype)  # (P,) B_n
-    pbar = B.segment_sum(p, groups, num_groups) / xp.clip(counts, min=1.0)[:, None]  # (P, K)
+    sums = B.segment_sum(p, groups, num_groups)  # (P, K)
+    if comm is not None:  # every rank's rows at each position
+        counts, sums = comm.allreduce_sum(counts), comm.allreduce_sum(sums)
+    pbar = sums / xp.clip(counts, min=1.0)[:, None]  # (P, K)
     h, ent = clamped_entropy_forward(pbar)  # (P,)
     present = xp.clip(xp.sum(xp.astype(counts > 0, p.dtype)), min=1.0)  # () P'
     loss = -xp.sum(h) / present  # () the absent positions have h = 0
@@ -315,6 +321,7 @@ def quantize_forward(
     codebook_diversity_temperature: float = 100.0,
     diversity_positions: int = 1,
     diversity_groups: Array = None,
+    diversity_comm: Any = None,
     orthogonal_reg_weight: float = 0.0,
     orthogonal_code_ids: Any = None,
     indices: Array = None,
@@ -346,6 +353,8 @@ def quantize_forward(
     diversity_groups : optional (N,) int in [0, P), each row's position, for rows that are not
         the full ``(B, P)`` grid (a mask or a quantize dropout left some out); the loss is then
         :func:`grouped_diversity_forward`
+    diversity_comm : communicator of :func:`grouped_diversity_forward` (data-parallel training;
+        with ``diversity_groups``)
     orthogonal_reg_weight : weight of the orthogonal regulariser on the codebook (>= 0)
     orthogonal_code_ids : optional (n,) int, the codes the regulariser sees (default: all)
     indices : optional (N,) int, use these codes instead of the nearest or sampled ones (to hold
@@ -404,7 +413,11 @@ def quantize_forward(
             )  # ()
         else:
             diversity, diversity_cache = grouped_diversity_forward(
-                logits, diversity_groups, diversity_positions, inverse_temperature=codebook_diversity_temperature
+                logits,
+                diversity_groups,
+                diversity_positions,
+                inverse_temperature=codebook_diversity_temperature,
+                comm=diversity_comm,
             )  # ()
         loss = xp.asarray(loss + codebook_diversity_loss_weight * diversity)
 

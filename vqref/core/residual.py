@@ -27,6 +27,11 @@ the estimator sits:
 The commitment terms reach x through every residual in both cases.  With a shared codebook,
 its gradient is the sum of the per-depth scatter-adds.
 
+Quantize dropout (docs/math.md §11.3) runs a depth on the rows that reach it only: the
+depth gathers those rows of its residual, quantizes them, and scatters its codes back (0 for the
+other rows, whose residual then stays); its backward is the adjoint, so a row's gradient comes
+from the depths it used.  Its commitment term sums over its rows and divides by all N rows.
+
 The Gumbel straight-through and soft estimators (docs/math.md §9) act per depth only: their
 gradient goes to the depth's logits, which the total has no counterpart of, so routing ``"sum"``
 refuses them.  With the soft estimator ``o_l`` is the soft code ``y_l C_l``, and
@@ -36,8 +41,6 @@ refuses them.  With the soft estimator ``o_l`` is the soft code ``y_l C_l``, and
 from __future__ import annotations
 
 from typing import Any, NamedTuple, Sequence
-
-import numpy as np
 
 from .. import backend as B
 from ..backend import Array
@@ -51,6 +54,7 @@ from .quantize import (
     quantize_forward,
 )
 from .rows import put_indices, put_rows, sampling_noise, take_rows
+from .stack_driver import orthogonal_code_subsets, usage_stats  # noqa: F401  (their home before)
 
 __all__ = [
     "ResidualOutput",
@@ -101,6 +105,8 @@ def residual_forward(
     noise: Sequence[Any] | None = None,
     depth_rows: Sequence[Any] | None = None,
     diversity_groups: Array = None,
+    total_rows: int | None = None,
+    skip: Sequence[bool] | None = None,
     **quantize_options: Any,
 ) -> tuple[ResidualOutput, ResidualCache]:
     """Quantize ``x`` residually, one codebook per depth.
@@ -121,13 +127,19 @@ def residual_forward(
         (:func:`vqref.core.rows.sampling_noise`), or None entries for depths that do not sample
     depth_rows : optional, quantize dropout: per depth None (every row) or a (n_l,) int array of
         the rows that reach depth l, ascending, each depth's a subset of the one before (an
-        empty array: no row reaches it).  A row stops at its last depth: its later indices are
+        empty array: no row reaches it; the depth is skipped unless ``skip`` says otherwise).  A row stops at its last depth: its later indices are
         -1, its later codes 0, and its residual stays.  A depth's commitment (and codebook) term
         is ``(1 / (N D)) sum_{rows that reach it} ||r^_l - c_l||^2``, the per-row loss summed
         over the depths each row uses and averaged over all N rows (DAC's quantizer dropout);
         with every row present it is the mean.  A depth no row reaches has loss 0 and no cache.
     diversity_groups : optional (N,) int, each row's position for the diversity loss (see
         :func:`vqref.core.quantize.quantize_forward`); taken per depth for the rows it reaches
+    total_rows : the rows the commitment terms average over (default N).  In data-parallel
+        training x is one rank's part of a batch of ``total_rows`` rows, and each depth's term is
+        this rank's share ``(1 / (total_rows D)) sum_{its rows} ||r^_l - c_l||^2``
+    skip : optional, per depth whether it is skipped (no computation, no cache: its loss 0, its
+        indices -1).  Default: the depths whose ``depth_rows`` entry is empty.  A data-parallel
+        step runs a depth that another rank's rows reach on this rank's none
     **quantize_options : passed to every depth's :func:`vqref.core.quantize.quantize_forward`
         (commitment_weight, learnable_codebook, use_cosine_sim, rotation_trick, straight_through,
         sample_codebook_temp, ...)
@@ -158,6 +170,8 @@ def residual_forward(
     if noise is None and rngs is not None and quantize_options.get("sample_codebook_temp", 1.0) > 0:
         noise = sampling_noise(rngs, N, [c.shape[0] for c in codebooks], like=x)
     depth_rows = [None] * Q if depth_rows is None else list(depth_rows)
+    if skip is None:
+        skip = [r is not None and r.shape[0] == 0 for r in depth_rows]
 
     residual = x
     residuals, codes, idx_list, losses, caches, commitments, diversities = [x], [], [], [], [], [], []
@@ -165,7 +179,7 @@ def residual_forward(
     total = None
     for level in range(Q):
         rows = depth_rows[level]
-        if rows is not None and rows.shape[0] == 0:  # no row reaches this depth
+        if skip[level]:  # no row reaches this depth
             zeros = xp.zeros_like(x)
             codes.append(zeros)
             idx_list.append(xp.full((N,), -1, dtype=xp.int64, device=B.get_device(x)))
@@ -178,8 +192,9 @@ def residual_forward(
             continue
         r, row_cache = take_rows(residual, rows)  # (n_l, D) the rows that reach this depth
         opts = dict(depth_options)
-        if rows is not None:  # DAC's normalisation: the sum over these rows, over all N rows
-            scale = rows.shape[0] / max(N, 1)
+        averaged = N if total_rows is None else total_rows  # the rows the commitment terms average over
+        if rows is not None or averaged != N:  # DAC's normalisation: the sum over these rows, over all rows
+            scale = r.shape[0] / max(averaged, 1)
             opts["commitment_weight"] = quantize_options.get("commitment_weight", 1.0) * scale
             if quantize_options.get("codebook_weight") is not None:
                 opts["codebook_weight"] = quantize_options["codebook_weight"] * scale
@@ -314,51 +329,6 @@ def residual_add_orthogonal(
     return out, cache._replace(depths=tuple(depths))
 
 
-def orthogonal_code_subsets(
-    indices: Array,
-    num_codes: Any,
-    *,
-    active_only: bool,
-    max_codes: int | None,
-    rngs: Sequence[Any],
-    ran: Sequence[bool] | None = None,
-) -> list | None:
-    """Per depth, the codes the orthogonal regulariser sees (``None``: all K at every depth).
-
-    ``active_only``: the codes depth l used in ``indices[:, l]`` (entries -1, rows a quantize
-    dropout stopped, are no code); ``max_codes``: at most that many, drawn at random from depth
-    l's generator (``rngs[l]``, or ``rngs[0]`` for a shared codebook).  See
-    :func:`vqref.ops.orthogonal.select_codes`.  A depth that did not run (``ran[l]`` False) gets
-    an empty subset and draws nothing.  A driver step: the used codes are read on the host.
-
-    Parameters
-    ----------
-    indices : (N, Q) int, this forward's codes
-    num_codes : K, or Q sizes K_l
-    ran : per depth, whether it ran (default: every depth)
-    """
-    from ..ops.orthogonal import select_codes
-
-    if not active_only and max_codes is None:
-        return None
-    Q = indices.shape[1]
-    sizes = [int(num_codes)] * Q if isinstance(num_codes, int) else [int(k) for k in num_codes]
-    ids = []
-    xp, device = B.get_namespace(indices), B.get_device(indices)
-    for level in range(Q):
-        if ran is not None and not ran[level]:
-            ids.append(xp.zeros((0,), dtype=xp.int64, device=device))
-            continue
-        used = None
-        if active_only:
-            col = np.asarray(B.to_numpy(indices[:, level]))
-            used = col[col >= 0]  # (n_l,) host
-        gen = rngs[0 if len(rngs) == 1 else level]
-        pick = select_codes(sizes[level], used_indices=used, max_codes=max_codes, rng=gen)
-        ids.append(B.from_numpy(pick, xp, device=device))
-    return ids
-
-
 def codebook_gradients(dcodebooks: Sequence[Any], *, shared: bool) -> list:
     """The gradient of each codebook from the per-depth ones of :func:`residual_backward`.
 
@@ -372,65 +342,6 @@ def codebook_gradients(dcodebooks: Sequence[Any], *, shared: bool) -> list:
         if g is not None:
             total = g if total is None else total + g  # (K, D)
     return [total]
-
-
-def usage_stats(
-    indices: Array,
-    num_codes: Any,
-    cluster_sizes: Sequence[Array],
-    *,
-    threshold: float,
-    decay: float | None,
-    ran: Sequence[bool] | None = None,
-) -> dict:
-    """What one forward's codes say about the use of each depth's codebook (docs/math.md §10).
-
-    Per depth l: :func:`vqref.metrics.code_usage` of ``indices[:, l]`` (``perplexity``, ``usage``,
-    ``used_codes``) and ``dead_fraction``, the fraction of codes whose EMA count is below
-    ``threshold``.  In a training step (``decay`` given) the counts are the ones this step's EMA
-    takes (``N + (1 - decay)(n - N)``, the formula of :func:`vqref.core.ema.accumulate_statistics`,
-    depth after depth for a shared codebook), before the restarts: so ``dead_fraction`` is the
-    fraction of codes the step restarts.  In eval (``decay=None``) they are the committed counts.
-    Entries -1 (a row that a quantize dropout stopped before depth l) are not counted, and a
-    depth that did not run (``ran[l]`` False) keeps its committed counts.  A reporting step: the
-    numbers are read on the host.
-
-    Parameters
-    ----------
-    indices : (N, Q) int, this forward's codes
-    num_codes : K, or Q sizes K_l (per-depth codebook sizes)
-    cluster_sizes : the committed counts ``N`` (K_l,), one per codebook (one for a shared codebook)
-    threshold : ``threshold_ema_dead_code`` (0: ``dead_fraction`` is 0.0)
-    decay : the EMA decay of a training step whose counts are updated, or None
-    ran : per depth, whether its state took this step (default: every depth)
-
-    Returns
-    -------
-    dict of tuples (one entry per depth): perplexity, usage (floats), used_codes (ints),
-    dead_fraction (floats)
-    """
-    from ..metrics import code_usage
-
-    xp = B.get_namespace(indices)
-    Q = indices.shape[1]
-    sizes = [int(num_codes)] * Q if isinstance(num_codes, int) else [int(k) for k in num_codes]
-    ran = [True] * Q if ran is None else list(ran)
-    counts = list(cluster_sizes)
-    stats: dict = {"perplexity": [], "usage": [], "used_codes": [], "dead_fraction": []}
-    for level in range(Q):
-        col = indices[:, level]
-        col = col[col >= 0] if ran[level] else col[:0]  # (n_l,) the rows that reached this depth
-        for key, value in code_usage(col, sizes[level]).items():
-            stats[key].append(value)
-        i = 0 if len(counts) == 1 else level
-        if decay is not None and threshold > 0 and ran[level]:
-            n = xp.astype(B.bincount(col, sizes[level]), counts[i].dtype)  # (K,) this batch's n_k
-            counts[i] = counts[i] + (1.0 - decay) * (n - counts[i])  # (K,) the EMA step's N_k
-        dead = float(xp.sum(xp.astype(counts[i] < threshold, xp.float64))) / sizes[level]
-        stats["dead_fraction"].append(dead)
-    if len(counts) == 1 and Q > 1:  # one shared codebook: its counts after the last depth's step
-        stats["dead_fraction"] = [stats["dead_fraction"][-1]] * Q
-    return {k: tuple(v) for k, v in stats.items()}
 
 
 # ---------------------------------------------------------------- the recursion for any quantizer

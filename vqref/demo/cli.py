@@ -12,12 +12,13 @@ two runs on one machine give the same tables except the times, with any ``--jobs
 
 The default run: every configuration on the digits with 3 seeds, and the extra runs of the
 rate-distortion plot (54 runs); the MLP model 64 -> 256 -> 32, the 32 latent features cut into
-T = 4 tokens of d = 8, K = 256 codes, decoder 32 -> 256 -> 64; 200 epochs of 22 batches of 64
-images (4400 Adam steps) per run, in one worker process per CPU core.  A step costs about 1.5 ms
-of one idle core (the per-configuration times of the single-seed demo this one replaces: 1.2 ms
-for the EMA baseline, up to 1.7x that for LFQ and K = 1024), so about 3 minutes on 2 cores; the
-time grows linearly with ``--epochs`` and ``--seeds``, and a busy machine multiplies it.
-``--full``: 400 epochs, 5 seeds, more rate-distortion points, and the photographs as well.
+T = 4 tokens of d = 8, K = 256 codes, decoder 32 -> 256 -> 64; 60 epochs of 22 batches of 64
+images (1320 Adam steps) per run, in one worker process per CPU core.  On the project's 2-core
+machine ``time make demo`` took 4 min 11 s (490 s of CPU time; 7 min 12 s while other jobs kept
+about 1.5 of the cores busy).  A step costs about 5-6 ms, almost all of it Python overhead (the
+matrices are tiny), so the time grows linearly with ``--epochs`` and ``--seeds``.  ``--full``:
+150 epochs, 5 seeds, more rate-distortion points, and the photographs as well (210 runs, about
+40 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -48,13 +49,14 @@ from .train import (
 
 __all__ = ["Settings", "main", "memory_needed", "parse_args", "progress_bar"]
 
-# The default run (about 3 minutes on 2 idle CPU cores, see the module notes), --full (about six
-# times longer), and --quick (a second or two per run, for tests).  The photographs' convolutional model has its own
-# sizes (photo_*); --steps applies to both data, --epochs to the digits only.
-_DEFAULTS = dict(epochs=200, batch_size=64, codebook_size=256, train_size=None, hidden=256, tokens=4, token_dim=8,
+# The default run (about 4 minutes on 2 idle CPU cores, see the module notes), --full (about
+# nine times longer), and --quick (a second or two per run, for tests).  The photographs'
+# convolutional model has its own sizes (photo_*); --steps applies to both data, --epochs to the
+# digits only.
+_DEFAULTS = dict(epochs=60, batch_size=64, codebook_size=256, train_size=None, hidden=256, tokens=4, token_dim=8,
                  seeds=3, data="digits", rate="default", evals=25,
                  photo_hidden=32, photo_batch=64, photo_steps=400)  # fmt: skip
-_FULL = dict(_DEFAULTS, epochs=400, seeds=5, data="digits,photos", rate="full")
+_FULL = dict(_DEFAULTS, epochs=150, seeds=5, data="digits,photos", rate="full")
 _QUICK = dict(epochs=10, batch_size=32, codebook_size=32, train_size=256, hidden=32, tokens=4, token_dim=4,
               seeds=2, data="digits", rate="default", evals=10,
               photo_hidden=8, photo_batch=16, photo_steps=8)  # fmt: skip
@@ -404,14 +406,16 @@ def _run(s: Settings) -> int:
     datasets = {name: load_dataset(name, s.seed, *s.sizes_for(name)) for name in s.data}
     runs = _plan(s)
     if not s.quiet:
-        length = f"{s.steps} steps" if s.steps is not None else f"{s.epochs} epochs"
+        length = {"digits": f"{s.epochs} epochs" if s.steps is None else f"{s.steps} steps"}
+        length["photos"] = f"{s.training('photos').steps} steps"
         sizes = ", ".join(
-            f"{d.train.shape[0]} training / {d.test.shape[0]} held-out {d.name}" for d in datasets.values()
+            f"{d.train.shape[0]} training / {d.test.shape[0]} held-out {d.name} ({length[d.name]})"
+            for d in datasets.values()
         )
         print(
             f"vqref demo: {len(runs)} runs ({len(s.configs)} configuration(s) x {len(s.seeds)} seed(s) and "
             f"{sum(not r.table for r in runs)} rate-distortion runs) in {s.jobs} process(es); {sizes}; "
-            f"K = {s.codebook_size}, {length}, seeds {s.seeds[0]}..{s.seeds[-1]}",
+            f"K = {s.codebook_size}, seeds {s.seeds[0]}..{s.seeds[-1]}",
             file=sys.stderr,
         )
     width = max(len(r.label) for r in runs)

@@ -41,6 +41,7 @@ VQP_VERSION = "1.32.0"
 CONVERTERS = {
     "VectorQuantize": "vq",
     "ResidualVQ": "vq",
+    "GroupedResidualVQ": "grouped",
     "FSQ": "fsq",
     "ResidualFSQ": "fsq",
     "LFQ": "lfq",

@@ -48,7 +48,8 @@ import numpy as np
 from .. import backend as B
 from .common import raise_unsupported, torch_to_host
 
-__all__ = ["from_vqp", "to_vqp", "export_state_dict"]
+__all__ = ["from_vqp", "to_vqp", "export_state_dict", "read_residual", "residual_state", "layer_state_arrays",
+           "vqp_options", "check_exportable"]  # fmt: skip
 
 # The options every quantizer (or every depth of a residual stack) carries, in vqref's names.
 _VQ_OPTIONS = (
@@ -71,6 +72,8 @@ _VQ_OPTIONS = (
     "codebook_diversity_loss_weight",
     "codebook_diversity_temperature",
     "return_zeros_for_masked_padding",
+    "sync_codebook",
+    "sync_kmeans",
 )
 _PROJECTIONS = ("project_in", "project_out")
 
@@ -130,7 +133,6 @@ def _read_vq_layer(vq: Any, *, in_shared_stack: bool = False) -> tuple[dict, lis
     need(bool(vq.freeze_codebook), "freeze_codebook=True")
     need(bool(cb.affine_param), "affine_param=True")
     need(cb.vq_bridge is not None, "vq_bridge (FVQ)")
-    need(bool(cb.use_ddp), "sync_codebook=True (distributed codebook synchronisation)")
     need(bool(cb.manual_ema_update) and not in_shared_stack, "manual_ema_update=True")
     need(
         cb.threshold_ema_dead_code > 0 and cb.reset_cluster_size != cb.threshold_ema_dead_code,
@@ -161,8 +163,18 @@ def _read_vq_layer(vq: Any, *, in_shared_stack: bool = False) -> tuple[dict, lis
         "straight_through": straight,
         "codebook_diversity_loss_weight": float(max(vq.codebook_diversity_loss_weight, 0.0)),
         "codebook_diversity_temperature": float(vq.codebook_diversity_temperature),
+        # vqp resolves its default (synchronise when a process group exists) at construction;
+        # not synchronising becomes vqref's default, which synchronises only over a multi-rank comm
+        "sync_codebook": True if cb.use_ddp else None,
+        "sync_kmeans": not cb.use_ddp or cb.kmeans_all_reduce_fn is not _vqp_noop(),
     }
     return config, unsupported
+
+
+def _vqp_noop():
+    from vector_quantize_pytorch.vector_quantize_pytorch import noop
+
+    return noop
 
 
 def torch_linear():
@@ -307,7 +319,8 @@ def residual_state(rvq: Any) -> dict:
 # ---------------------------------------------------------------------------- vqref -> torch
 
 
-def _check_exportable(module: Any) -> None:
+def check_exportable(module: Any) -> None:
+    """Refuse (ValueError naming each) the options of a vqref module vqp has no equivalent of."""
     from ..quantizers import VectorQuantize
 
     if not isinstance(module, VectorQuantize):
@@ -346,7 +359,7 @@ def _head_problems(separate: bool, active_codes: bool, diversity: float) -> list
     return out
 
 
-def _layer_state_arrays(layer: Any, dtype: Any, per_head: bool = False) -> dict:
+def layer_state_arrays(layer: Any, dtype: Any, per_head: bool = False) -> dict:
     """One vqref codebook's state in torch's keys and shapes (a leading head axis: 1, or H)."""
     lead = () if per_head else (None,)
     return {
@@ -389,15 +402,15 @@ def export_state_dict(module: Any, *, dtype: Any = "float32") -> dict:
     -------
     dict of str -> numpy.ndarray (host copies)
     """
-    _check_exportable(module)
+    check_exportable(module)
     dtype = np.dtype(dtype)
     out = _projection_arrays(module, dtype)
     if not module.is_stack:
-        out.update(_layer_state_arrays(module, dtype, per_head=module.separate_codebook_per_head))
+        out.update(layer_state_arrays(module, dtype, per_head=module.separate_codebook_per_head))
         return out
     for level in range(module.num_quantizers):
         layer = module.layers[level]
-        out.update({f"layers.{level}.{k}": v for k, v in _layer_state_arrays(layer, dtype).items()})
+        out.update({f"layers.{level}.{k}": v for k, v in layer_state_arrays(layer, dtype).items()})
     return out
 
 
@@ -407,7 +420,7 @@ def vqp_options(module: Any) -> dict:
     first = module.layers[0] if module.is_stack else module
     config = first.config()
     options = {k: config[k] for k in _VQ_OPTIONS}
-    options.update(sync_codebook=False, dim=module.dim, codebook_dim=module.codebook_dim)
+    options.update(dim=module.dim, codebook_dim=module.codebook_dim)
     if not module.is_stack:
         options.update(codebook_size=module.codebook_size, heads=module.heads,
                        separate_codebook_per_head=module.separate_codebook_per_head)  # fmt: skip
@@ -428,7 +441,7 @@ def to_vqp(module: Any):
     """The vector-quantize-pytorch module equivalent to a vqref ``VectorQuantize`` or ``ResidualVQ``.
 
     The torch module is built with the same options (``rotation_trick`` and ``ema_update``
-    explicitly, ``sync_codebook=False``) and loads the state of :func:`export_state_dict` in
+    explicitly, ``sync_codebook`` and ``sync_kmeans`` as they are) and loads the state of :func:`export_state_dict` in
     float32.  torch's global random state is left as it was (the random initial codebook and
     projections that the constructor draws are overwritten anyway).
 
@@ -445,7 +458,7 @@ def to_vqp(module: Any):
     import torch
 
     TorchVQ, TorchRVQ = _vqp_classes()
-    _check_exportable(module)
+    check_exportable(module)
     options = vqp_options(module)
     with torch.random.fork_rng(devices=[]):
         out = TorchRVQ(**options) if module.is_stack else TorchVQ(**options)

@@ -37,7 +37,7 @@ CONFIG_KEYS = (
     "codebook_diversity_loss_weight", "codebook_diversity_temperature", "codebook_dim", "heads",
     "separate_codebook_per_head", "return_zeros_for_masked_padding", "quantize_dropout",
     "quantize_dropout_cutoff_index", "quantize_dropout_multiple_of", "quantize_dropout_per_sample", "beam_size",
-    "eval_beam_size", "beam_score_quantizer_weights", "beam_score",
+    "eval_beam_size", "beam_score_quantizer_weights", "beam_score", "sync_codebook", "sync_kmeans",
 )  # fmt: skip
 
 # The options added after model files were first written, with the value that gives the behaviour
@@ -61,6 +61,8 @@ CONFIG_DEFAULTS = {
     "eval_beam_size": None,
     "beam_score_quantizer_weights": None,
     "beam_score": "cumulative",
+    "sync_codebook": None,
+    "sync_kmeans": True,
 }
 
 _FLAGS = (
@@ -78,6 +80,7 @@ _FLAGS = (
     "return_zeros_for_masked_padding",
     "quantize_dropout",
     "quantize_dropout_per_sample",
+    "sync_kmeans",
 )
 
 
@@ -136,11 +139,11 @@ def check_options(name: str, *, stacked: bool = False, **kw: Any) -> dict:
             "quantize_dropout_multiple_of", kw.get("quantize_dropout_multiple_of", 1), 1
         ),
         "beam_score": check_choice("beam_score", kw.get("beam_score", "cumulative"), BEAM_SCORES),
+        "sync_codebook": None if kw.get("sync_codebook") is None else check_bool("sync_codebook", kw["sync_codebook"]),
     }
     flags = {flag: kw.get(flag, CONFIG_DEFAULTS.get(flag)) for flag in _FLAGS}
     out.update({flag: check_bool(flag, value) for flag, value in flags.items()})
-    _check_beam(out, kw, stacked=stacked)
-    _check_structure(out, stacked=stacked)
+    _check_beam(out, kw, stacked=stacked)  # the values only; the combinations below, after the older checks
     _check_size(out)
     if out["ema_update"] and out["learnable_codebook"]:
         raise ValueError("learnable_codebook=True needs ema_update=False: the EMA would overwrite every gradient step")
@@ -151,6 +154,7 @@ def check_options(name: str, *, stacked: bool = False, **kw: Any) -> dict:
     if out["rotation_trick"] and _code_width(out) == 1:
         raise ValueError("rotation_trick needs dim > 1: in one dimension the only rotation is the identity")
     _check_estimator(out)
+    _check_structure(out, stacked=stacked)
     return out
 
 
@@ -238,10 +242,6 @@ def _check_estimator(out: dict) -> None:
             "use stochastic_sample_codes=False with it (or straight_through=True to sample)"
         )
     soft = [k for k in ("straight_through", "soft_assignment") if out[k]]
-    beam = any(w is not None and w > 1 for w in (out["beam_size"], out["eval_beam_size"]))
-    if beam and (soft or out["stochastic_sample_codes"]):
-        chosen = (soft or ["stochastic_sample_codes"])[0]
-        raise ValueError(f"beam_size chooses the codes by search and {chosen}=True by sampling; use one of them")
     if soft:
         check_temperature(out["sample_codebook_temp"], soft[0])
         if out["gradient_routing"] == "sum":
@@ -249,6 +249,10 @@ def _check_estimator(out: dict) -> None:
                 f"{soft[0]}=True acts at every depth (its gradient goes to each depth's logits); use "
                 "gradient_routing='per_depth' with it (gradient_routing='sum' puts one STE on the total)"
             )
+    beam = any(w is not None and w > 1 for w in (out["beam_size"], out["eval_beam_size"]))
+    if beam and (soft or out["stochastic_sample_codes"]):
+        chosen = (soft or ["stochastic_sample_codes"])[0]
+        raise ValueError(f"beam_size chooses the codes by search and {chosen}=True by sampling; use one of them")
 
 
 def check_temperature(value: float, estimator: str | None) -> float:

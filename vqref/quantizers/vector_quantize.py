@@ -35,7 +35,8 @@ import numpy as np
 from .. import backend as B
 from ..backend import Array
 from ..core.state import initial_codebook
-from ..validation import check_dtype_name, check_fits, check_real, check_seed, fits
+from ..distributed import SingleProcess, as_comm, refuse_together
+from ..validation import check_dtype_name, check_real, check_seed
 from . import files
 from .base import Quantizer
 from .lfq_options import check_mask, linear_init
@@ -49,12 +50,9 @@ from .options import (
     state_spec,
 )
 from .views import CodebookViews
-from .vq_step import backward_step, draw_dropout, forward_step
+from .vq_step import backward_step, draw_dropout, forward_step, state_gradients, upstream_gradients
 
 __all__ = ["VectorQuantize"]
-
-# a backward computes in its forward input's dtype
-_FIT_FIX = "scale the upstream gradient or run the forward on float64 input"
 
 
 class VectorQuantize(CodebookViews, Quantizer):
@@ -116,6 +114,13 @@ class VectorQuantize(CodebookViews, Quantizer):
         every piece (not with a residual stack)
     return_zeros_for_masked_padding : with a ``mask`` in forward, absent rows return zeros
         (default, as vector-quantize-pytorch) or the input itself
+    comm : a :mod:`vqref.distributed` communicator for data-parallel training (default: one
+        process): each rank passes its part of the batch, and the state, outputs, losses and
+        statistics are those of the whole batch (docs/distributed.md §10).  Not part of the
+        configuration (files, copies and pickles are single-process: assign ``vq.comm`` again)
+    sync_codebook : synchronise the state updates over ``comm`` (default None: whenever it has
+        more than one rank; False: every rank updates from its own rows, and the ranks part)
+    sync_kmeans : k-means over every rank's rows too (default True; False: each rank its own)
     seed : seed or numpy Generator for every random choice (init, k-means, sampling, restarts).  A
         Generator is used for the initial codebook and then copied: later draws do not touch it
     dtype : dtype of the stored state (default "float32"); inputs may be float32 or float64, and
@@ -173,32 +178,19 @@ class VectorQuantize(CodebookViews, Quantizer):
         eval_beam_size: int | None = None,
         beam_score_quantizer_weights: Any = None,
         beam_score: str = "cumulative",
+        sync_codebook: bool | None = None,
+        sync_kmeans: bool = True,
+        comm: Any = None,
         seed: Any = None,
         dtype: Any = "float32",
         xp: Any = None,
         device: Any = None,
         chunk_size: int | None = None,
     ):
-        options = check_options(
-            type(self).__name__, dim=dim, codebook_size=codebook_size, n_embed=n_embed, decay=decay, eps=eps,
-            commitment_weight=commitment_weight, commitment=commitment, codebook_weight=codebook_weight,
-            ema_update=ema_update, learnable_codebook=learnable_codebook, kmeans_init=kmeans_init,
-            kmeans_iters=kmeans_iters, use_cosine_sim=use_cosine_sim, orthogonal_reg_weight=orthogonal_reg_weight,
-            orthogonal_reg_active_codes_only=orthogonal_reg_active_codes_only,
-            orthogonal_reg_max_codes=orthogonal_reg_max_codes, threshold_ema_dead_code=threshold_ema_dead_code,
-            rotation_trick=rotation_trick, num_quantizers=num_quantizers, shared_codebook=shared_codebook,
-            gradient_routing=gradient_routing, chunk_size=chunk_size, stochastic_sample_codes=stochastic_sample_codes,
-            sample_codebook_temp=sample_codebook_temp, straight_through=straight_through,
-            soft_assignment=soft_assignment, codebook_diversity_loss_weight=codebook_diversity_loss_weight,
-            codebook_diversity_temperature=codebook_diversity_temperature, codebook_dim=codebook_dim, heads=heads,
-            separate_codebook_per_head=separate_codebook_per_head,
-            return_zeros_for_masked_padding=return_zeros_for_masked_padding, quantize_dropout=quantize_dropout,
-            quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
-            quantize_dropout_multiple_of=quantize_dropout_multiple_of,
-            quantize_dropout_per_sample=quantize_dropout_per_sample, beam_size=beam_size,
-            eval_beam_size=eval_beam_size, beam_score_quantizer_weights=beam_score_quantizer_weights,
-            beam_score=beam_score, stacked=self._stacked,
-        )  # fmt: skip
+        given = dict(locals())  # every option as passed: the constructor's arguments are the options
+        names = [k for k in CONFIG_KEYS if k != "dtype"] + ["n_embed", "commitment"]
+        options = check_options(type(self).__name__, stacked=self._stacked, **{k: given[k] for k in names})
+        self.comm = comm
         for key, value in options.items():
             setattr(self, key, value)
         self.codebook_sizes = codebook_sizes(options)
@@ -259,6 +251,27 @@ class VectorQuantize(CodebookViews, Quantizer):
     def has_projections(self) -> bool:
         """True when ``heads * codebook_dim != dim``: the module learns ``project_in`` and ``project_out``."""
         return self.heads * self.codebook_dim != self.dim
+
+    @property
+    def comm(self) -> Any:
+        """The communicator of data-parallel training (:class:`vqref.distributed.SingleProcess` by default)."""
+        return self._comm
+
+    @comm.setter
+    def comm(self, value: Any) -> None:
+        self._comm = as_comm(value)
+
+    def communicators(self) -> tuple:
+        """``(state, kmeans)``: the communicators the state updates and k-means use (one process
+        when they are not synchronised)."""
+        synced = self.sync_codebook if self.sync_codebook is not None else self._comm.size > 1
+        state = self._comm if synced else SingleProcess()
+        return state, (state if self.sync_kmeans else SingleProcess())
+
+    def __getstate__(self) -> dict:
+        d = super().__getstate__()
+        d["_comm"] = SingleProcess()  # a communicator is a connection, not state
+        return d
 
     def codebook_prefixes(self) -> list:
         """The prefixes of the codebooks' state entries: ``[""]`` or ``["0.", "1.", ...]`` per depth."""
@@ -345,7 +358,7 @@ class VectorQuantize(CodebookViews, Quantizer):
 
     # ---------------------------------------------------------------- forward / backward
 
-    def _options(self, training: bool, temperature: float, positions: int) -> dict:
+    def quantize_options(self, training: bool, temperature: float, positions: int) -> dict:
         """The options of :func:`vqref.core.quantize.quantize_forward` at every depth.  The soft
         estimators act in training only: an eval forward returns the nearest codes."""
         return dict(
@@ -384,30 +397,44 @@ class VectorQuantize(CodebookViews, Quantizer):
             a depth a quantize dropout skipped)
         loss : 0-d ``commitment_weight * mse(x, sg[q])`` plus the enabled terms; (Q,) for a stack
         """
-        self.check_input("x", x, last_dim=self.dim)
-        lead = tuple(x.shape[:-1])
+        training = self.training  # read once: train()/eval() from another thread cannot split a step
+        comm, kmeans_comm = self.communicators()
+        error = None
+        try:
+            tau = self._check_call(x, mask, sample_codebook_temp, training)
+        except (TypeError, ValueError) as e:
+            error = e
+        refuse_together(comm, error)  # with several ranks: every rank stops, none waits
+        # the diversity loss averages over the rows at each position of (..., P, dim), as vqp
+        positions = x.shape[-2] if x.ndim >= 3 else 1
+        with self._exclusive():
+            return self._forward(x, mask, training, self.quantize_options(training, tau, positions), comm, kmeans_comm)
+
+    def _check_call(self, x: Array, mask: Any, sample_codebook_temp: Any, training: bool) -> float:
+        """The checks of a forward's arguments; returns the temperature of the call.  With
+        several ranks a rank may hold no rows of a batch (its x empty)."""
+        empty_rank = self._comm.size > 1 and B.is_array(x) and x.ndim >= 1 and B.numel(tuple(x.shape)) == 0
+        self.check_input(
+            "x", x, **({"shape": tuple(x.shape[:-1]) + (self.dim,)} if empty_rank else {"last_dim": self.dim})
+        )
         if mask is not None:
-            check_mask(mask, self._like(), lead)
+            check_mask(mask, self._like(), tuple(x.shape[:-1]))
         tau = self.sample_codebook_temp
         if sample_codebook_temp is not None:
             tau = check_real("sample_codebook_temp", sample_codebook_temp, 0.0)
         soft = [k for k in ("straight_through", "soft_assignment") if getattr(self, k)]
         check_temperature(tau, soft[0] if soft else None)
-        training = self.training  # read once: train()/eval() from another thread cannot split a step
         if training:
             self.check_fits_state("x", x)
-        # the diversity loss averages over the rows at each position of (..., P, dim), as vqp
-        positions = x.shape[-2] if x.ndim >= 3 else 1
-        with self._exclusive():
-            return self._forward(x, mask, training, self._options(training, tau, positions))
+        return tau
 
-    def _forward(self, x: Array, mask: Any, training: bool, opts: dict):
+    def _forward(self, x: Array, mask: Any, training: bool, opts: dict, comm: Any, kmeans_comm: Any):
         xp = self.xp
         gens = self._rngs()  # copies: the committed generators are never drawn from
         n = self.num_codebooks
-        last = draw_dropout(self, gens[n], tuple(x.shape[:-1])) if training and len(gens) > n else None
+        last = draw_dropout(self, gens[n], tuple(x.shape[:-1]), comm) if training and len(gens) > n else None
         step = forward_step(self, self._state, x, mask=mask, training=training, opts=opts, gens=gens[:n],
-                            last_depths=last)  # fmt: skip
+                            last_depths=last, comm=comm, kmeans_comm=kmeans_comm)  # fmt: skip
         if training:
             pending = (step.cache, tuple(x.shape), x.dtype)
             new = self._updated(arrays=step.arrays, flags=step.flags, rngs=tuple(gens), cache=pending,
@@ -465,42 +492,12 @@ class VectorQuantize(CodebookViews, Quantizer):
         if self._state.cache is None:
             raise RuntimeError("backward() needs a training-mode forward first (and each forward allows one backward)")
         cache, shape, dtype = self._state.cache
-        xp, Q = self.xp, self.num_quantizers
-        # the backward computes in the forward input's dtype: the upstream gradients must fit it
-        dtype_name = "float32" if dtype == xp.float32 else "float64"
-        self.check_input("dquantized", dquantized, shape=shape)
-        check_fits("dquantized", dquantized, dtype_name, "the forward's input", _FIT_FIX)
-        if isinstance(dloss, np.generic):
-            dloss = dloss.item()  # a numpy scalar is the Python value it holds, on every backend
-        if B.is_array(dloss):
-            allowed = ((Q,), ()) if self.is_stack else ((),)
-            if tuple(dloss.shape) not in allowed:
-                raise ValueError(
-                    f"{dloss_name} must have shape {' or '.join(map(str, allowed))}, got {tuple(dloss.shape)}"
-                )
-            self.check_input(dloss_name, dloss, shape=tuple(dloss.shape))
-            check_fits(dloss_name, dloss, dtype_name, "the forward's input", _FIT_FIX)
-            dloss = xp.astype(dloss, dtype)
-        else:
-            dloss = check_real(dloss_name, dloss)
-            check_fits(dloss_name, dloss, dtype_name, "the forward's input", _FIT_FIX)
-        dq = xp.astype(xp.reshape(dquantized, (-1, self.dim)), dtype)
-        dx, core_grads = backward_step(dq, dloss, cache, self)
-        grads = {}
-        for name in self.learnable_names():
-            g = core_grads.get(name)
-            if isinstance(g, list):  # a codebook per head: (H, K, d), zeros where nothing reached a head
-                kd = (self.codebook_sizes[0], self.codebook_dim)
-                g = xp.stack([xp.zeros(kd, dtype=dx.dtype, device=B.get_device(dx)) if h is None else h for h in g])
-            if g is None:  # no term reached this codebook
-                g = xp.zeros(self.state_spec()[name], dtype=self.dtype, device=B.get_device(dx))
-            # checked before the cast to the state dtype, which would turn a large float64 value into inf
-            if not (B.all_finite(g) and fits(g, self._dtype_name)):
-                raise ValueError(
-                    f"the gradient of {name} overflows the module's {self._dtype_name} state; "
-                    "scale the upstream gradients"
-                )
-            grads[name] = xp.astype(g, self.dtype)
+        xp = self.xp
+        allowed = ((self.num_quantizers,), ()) if self.is_stack else ((),)
+        dq, dloss = upstream_gradients(self, dquantized, dloss, dloss_name, shape=shape, dtype=dtype,
+                                       loss_shapes=allowed)  # fmt: skip
+        dx, core_grads = backward_step(xp.reshape(dq, (-1, self.dim)), dloss, cache, self)
+        grads = state_gradients(self, core_grads, self.learnable_names(), dx)
         self._commit(self._updated(cache=None))
         self.grads.clear()  # in place: views of this dict stay valid
         self.grads.update(grads)

@@ -25,7 +25,7 @@ from ..backend import Array
 from ..ops.l2norm import l2norm_forward
 from ..ops.linear import linear_forward
 
-__all__ = ["CodebookView", "CodebookViews"]
+__all__ = ["CodebookView", "CodebookViews", "check_codes"]
 
 # the module's per-depth options a view shows as its own
 _OPTIONS = (
@@ -41,10 +41,11 @@ _OPTIONS = (
 class CodebookView:
     """Depth ``level``'s codebook of ``module`` (state entries ``prefix + "codebook"``, ...)."""
 
-    def __init__(self, module: Any, prefix: str, level: int):
+    def __init__(self, module: Any, prefix: str, level: int, generator_index: int | None = None):
         self._module = module
         self._prefix = prefix
         self.level = level
+        self._generator_index = generator_index
 
     def __getattr__(self, name: str) -> Array:
         if name == "codebook_size":  # this depth's K_l
@@ -56,7 +57,7 @@ class CodebookView:
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Array) -> None:
-        if name in ("_module", "_prefix", "level") and name not in self.__dict__:
+        if name in ("_module", "_prefix", "level", "_generator_index") and name not in self.__dict__:
             object.__setattr__(self, name, value)
             return
         raise AttributeError(f"a codebook view is read-only (tried to set {name!r}); change the module instead")
@@ -89,16 +90,19 @@ class CodebookView:
     def generator(self) -> np.random.Generator:
         """A copy of the random generator this codebook draws from."""
         rngs = self._module.state.rngs  # copies
+        if self._generator_index is not None:
+            return rngs[self._generator_index]
         return rngs[0 if self._module.num_codebooks == 1 else self.level]
 
     def config(self) -> dict:
         """The options of a single ``VectorQuantize`` configured like this depth (its codebook
-        size, its codes' width and no projection; the stack's own options left out)."""
+        size, its codes' width, one head, no projection; the stack's own options left out)."""
         stack_only = ("shared_codebook", "gradient_routing", "quantize_dropout", "quantize_dropout_cutoff_index",
                       "quantize_dropout_multiple_of", "quantize_dropout_per_sample", "beam_size", "eval_beam_size",
                       "beam_score_quantizer_weights", "beam_score")  # fmt: skip
         cfg = {k: v for k, v in self._module.config().items() if k not in stack_only}
-        cfg.update(num_quantizers=1, codebook_size=self.codebook_size, dim=self.dim, codebook_dim=self.dim)
+        cfg.update(num_quantizers=1, codebook_size=self.codebook_size, dim=self.dim, codebook_dim=self.dim, heads=1,
+                   separate_codebook_per_head=False)  # fmt: skip
         return cfg
 
     def get_codes(self, indices: Array) -> Array:
@@ -227,17 +231,21 @@ class CodebookViews:
 
     def check_indices(self, name: str, indices: Array, num_codes: int | None = None) -> Array:
         """Refuse anything but integer indices of the module's library in [0, K) or -1 (no code)."""
-        like = self._like()
-        K = self.codebook_sizes[0] if num_codes is None else num_codes
-        if B.is_array(indices) and B.library_name(indices) != B.library_name(like):
-            raise TypeError(
-                f"{name} is a {B.library_name(indices)} array but this module holds {B.library_name(like)} arrays; "
-                "move one of them"
-            )
-        xp = self.xp
-        if not B.is_array(indices) or not xp.isdtype(indices.dtype, "integral"):
-            raise TypeError(f"{name} must be an integer array")
-        flat = xp.reshape(indices, (-1,))
-        if flat.shape[0] and (int(xp.min(flat)) < -1 or int(xp.max(flat)) >= K):
-            raise ValueError(f"{name} must lie in [0, {K}), or be -1 (no code)")
-        return indices
+        return check_codes(name, indices, self._like(), self.codebook_sizes[0] if num_codes is None else num_codes)
+
+
+def check_codes(name: str, indices: Array, like: Array, num_codes: int) -> Array:
+    """Refuse anything but an integer array of ``like``'s library with values in [0, K) or -1
+    (no code: an absent token, a depth a dropout skipped)."""
+    if B.is_array(indices) and B.library_name(indices) != B.library_name(like):
+        raise TypeError(
+            f"{name} is a {B.library_name(indices)} array but this module holds {B.library_name(like)} arrays; "
+            "move one of them"
+        )
+    xp = B.get_namespace(like)
+    if not B.is_array(indices) or not xp.isdtype(indices.dtype, "integral"):
+        raise TypeError(f"{name} must be an integer array")
+    flat = xp.reshape(indices, (-1,))
+    if flat.shape[0] and (int(xp.min(flat)) < -1 or int(xp.max(flat)) >= num_codes):
+        raise ValueError(f"{name} must lie in [0, {num_codes}), or be -1 (no code)")
+    return indices

@@ -53,8 +53,14 @@ from ..core.residual import (
 )
 from ..core.rows import depth_rows, dropout_last_depths, put_indices, sample_of_rows, sampling_noise
 from ..core.state import residual_kmeans_init, residual_training_update
+from ..distributed import as_comm, check_same
+from ..validation import check_fits, check_real, fits
 
-__all__ = ["StepResult", "StepCache", "forward_step", "backward_step", "stream_states", "draw_dropout"]
+__all__ = ["StepResult", "StepCache", "Dropout", "forward_step", "backward_step", "stream_states", "draw_dropout",
+           "upstream_gradients", "state_gradients"]  # fmt: skip
+
+# a backward computes in its forward input's dtype
+_FIT_FIX = "scale the upstream gradient or run the forward on float64 input"
 
 _KEYS = ("codebook", "cluster_size", "embed_avg")
 
@@ -101,15 +107,34 @@ def stream_states(m: Any, arrays: Any, flags: Any, gens: list, prefix: str = "")
     return [_Stream(prefixes, states, [flags[p + "initted"] for p in prefixes], gens[: len(prefixes)], None)]
 
 
-def draw_dropout(m: Any, gen: np.random.Generator, lead: tuple) -> np.ndarray | None:
-    """Each sample's last depth ``l*`` for a training forward with quantize dropout (host), or None."""
+class Dropout(NamedTuple):
+    """A training step's quantize dropout (host values)."""
+
+    last: np.ndarray  # (S,) int, the last depth of each of this rank's samples
+    deepest: int  # the deepest last depth of every sample (of every rank): the depths that run
+
+
+def draw_dropout(m: Any, gen: np.random.Generator, lead: tuple, comm: Any = None) -> Dropout | None:
+    """Each sample's last depth ``l*`` for a training forward with quantize dropout, or None.
+
+    With a communicator of several ranks the draws are made for the samples of every rank (the
+    generators agree: checked) and this rank's are kept, as one process drawing for the batch.
+    Depths 0..deepest run (on the rows that reach them, on each rank maybe none), the others
+    are skipped.
+    """
     if not (m.quantize_dropout and m.num_quantizers > 1):
         return None
+    comm = as_comm(comm)
     samples = lead[0] if lead else 1
-    return dropout_last_depths(
-        gen, samples, m.num_quantizers, cutoff=m.quantize_dropout_cutoff_index,
+    counts = comm.allgather(samples) if comm.size > 1 else [samples]
+    check_same(comm, "dropout generator state", gen.bit_generator.state)
+    drawn = dropout_last_depths(
+        gen, sum(counts), m.num_quantizers, cutoff=m.quantize_dropout_cutoff_index,
         multiple_of=m.quantize_dropout_multiple_of, per_sample=m.quantize_dropout_per_sample,
     )  # fmt: skip
+    start = sum(counts[: comm.rank])
+    deepest = int(drawn.max()) if drawn.size else -1
+    return Dropout(drawn[start : start + samples], deepest)
 
 
 def _projection(arrays: Any, name: str, dtype: Any, xp: Any) -> Projection | None:
@@ -127,8 +152,10 @@ def forward_step(
     training: bool,
     opts: dict,
     gens: list,
-    last_depths: np.ndarray | None = None,
+    last_depths: Dropout | None = None,
     prefix: str = "",
+    comm: Any = None,
+    kmeans_comm: Any = None,
 ) -> StepResult:
     """One forward of module ``m`` from its committed ``state`` (nothing is committed).
 
@@ -141,9 +168,16 @@ def forward_step(
     training : a training forward (state updates, cache)
     opts : the options of :func:`vqref.core.quantize.quantize_forward`
     gens : copies of the codebooks' generators (drawn from; the caller commits them)
-    last_depths : (S,) host int, each sample's last depth under quantize dropout, or None
+    last_depths : the quantize dropout of this step (:func:`draw_dropout`), or None
     prefix : the state entries' prefix (a group of GroupedResidualVQ)
+    comm : communicator of a data-parallel step (``None``: one process).  x is this rank's part
+        of the batch; the state updates, the losses, the usage statistics and the random draws
+        per row are those of the whole batch (docs/distributed.md §10)
+    kmeans_comm : the communicator of k-means (default ``comm``; one process without
+        ``sync_kmeans``)
     """
+    comm = as_comm(comm)
+    kmeans_comm = comm if kmeans_comm is None else as_comm(kmeans_comm)
     xp = state.xp
     lead = tuple(x.shape[:-1])
     xf = xp.reshape(x, (-1, m.dim))  # (N, D)
@@ -156,19 +190,47 @@ def forward_step(
     p_out = _projection(arrays, prefix + "project_out", x.dtype, xp)
     inputs, in_cache = layer_in_forward(xf, p_in, fr)  # G streams
     streams = stream_states(m, arrays, state.flags, gens, prefix)
+    ranks = _ranks(comm, fr, lead, inputs[0].shape[0])
     total, noise_ids = stream_row_ids(lead, fr)
     positions = x.shape[-2] if x.ndim >= 3 else 1  # the diversity loss's positions, as vqp
     kept = np.arange(fr.num_rows, dtype=np.int64) if fr.rows is None else np.asarray(fr.rows)
     row_of = kept if fr.order is None else kept[fr.order // fr.heads]  # (rows,) the batch row of each stream row
-    last = None if last_depths is None else last_depths[sample_of_rows(lead, row_of)]  # (rows,)
-    groups = (row_of % positions) if (mask is not None or last is not None) else None  # (rows,) or the full grid
+    last = None if last_depths is None else last_depths.last[sample_of_rows(lead, row_of)]  # (rows,)
+    deepest = None if last_depths is None else last_depths.deepest
+    grouped = mask is not None or last is not None or ranks.size > 1
+    groups = ((row_of + ranks.row_offset) % positions) if grouped else None  # (rows,) or the full grid
+    ids = [np.arange(total, dtype=np.int64) + ranks.noise_offset if i is None else i + ranks.noise_offset
+           for i in noise_ids] if ranks.size > 1 else noise_ids  # fmt: skip
     results = [
-        _quantize_stream(m, z, st, training=training, opts=opts, plan=_Plan(last, groups, total, noise_ids[g]))
+        _quantize_stream(m, z, st, training=training, opts=opts, comm=comm, kmeans_comm=kmeans_comm,
+                         plan=_Plan(last, groups, ranks.noise_total if ranks.size > 1 else total, ids[g], ranks,
+                                    deepest))
         for g, (z, st) in enumerate(zip(inputs, streams))
-    ]
+    ]  # fmt: skip
     out, out_cache = layer_out_forward([r.out.quantized for r in results], xf, p_out, fr)  # (N, D)
     return _assemble(m, fr, streams, results, out, StepCache(in_cache, tuple(r.cache for r in results), out_cache),
                      training, prefix)  # fmt: skip
+
+
+class _Ranks(NamedTuple):
+    """Where this rank's rows sit in the whole batch of a data-parallel step (one rank: itself)."""
+
+    size: int  # R
+    stream_total: int  # the stream rows of every rank: what the losses average over
+    row_offset: int  # this rank's first row in the whole batch (the diversity positions)
+    noise_total: int  # the rows of the whole batch's stream, masked ones too (the noise)
+    noise_offset: int  # this rank's first row in it
+
+
+def _ranks(comm: Any, fr: Any, lead: tuple, stream_rows: int) -> _Ranks:
+    """One allgather of the ranks' row counts (nothing with one rank)."""
+    per_row = fr.heads if (fr.order is not None) else 1  # a shared codebook's heads: H stream rows per row
+    mine = (fr.num_rows, stream_rows, fr.num_rows * per_row)
+    if comm.size == 1:
+        return _Ranks(1, stream_rows, 0, mine[2], 0)
+    counts = np.asarray(comm.allgather(mine), dtype=np.int64)  # (R, 3)
+    before = counts[: comm.rank].sum(axis=0)
+    return _Ranks(comm.size, int(counts[:, 1].sum()), int(before[0]), int(counts[:, 2].sum()), int(before[2]))
 
 
 class _Plan(NamedTuple):
@@ -176,6 +238,8 @@ class _Plan(NamedTuple):
     groups: Any  # (rows,) host int, each stream row's diversity position, or None (the full grid)
     noise_rows: int  # rows of the whole batch's stream
     noise_ids: Any  # (rows,) host int, this stream's rows in it, or None
+    ranks: Any = None  # _Ranks
+    deepest: Any = None  # the deepest depth that runs (quantize dropout), or None (every depth)
 
 
 class _StreamResult(NamedTuple):
@@ -186,23 +250,29 @@ class _StreamResult(NamedTuple):
     stats: dict
 
 
-def _quantize_stream(m: Any, z: Array, st: _Stream, *, training: bool, opts: dict, plan: _Plan) -> _StreamResult:
+def _quantize_stream(m: Any, z: Array, st: _Stream, *, training: bool, opts: dict, plan: _Plan, comm: Any,
+                     kmeans_comm: Any) -> _StreamResult:  # fmt: skip
     """Steps 3a-3f for one stream ``z (rows, d)``: a residual stack over its codebooks."""
     xp = B.get_namespace(z)
     Q = 1 if st.head is not None else m.num_quantizers
     sizes = [m.codebook_sizes[0 if st.head is not None else level] for level in range(Q)]
     shared = len(st.states) == 1 and Q > 1
     states, initted = list(st.states), list(st.initted)
-    # a. the rows that reach each depth (quantize dropout, in training)
+    # a. the rows that reach each depth (quantize dropout, in training).  Depths 0..deepest run,
+    #    also on a rank (or a masked batch) whose rows none of them reach: every rank decides from
+    #    the same draws, so their collectives match
+    many = plan.ranks.size > 1
     rows = None if plan.last_depth is None else depth_rows(plan.last_depth, Q)
-    ran_depths = Q if plan.last_depth is None or plan.last_depth.size == 0 else int(plan.last_depth.max()) + 1
+    reached = [True] * Q if plan.deepest is None else [level <= plan.deepest for level in range(Q)]
+    ran_depths = sum(reached)
     # b. k-means on the first training batch, depth by depth (the depths that run; a batch
     #    without rows leaves the codebooks uninitialised for the next one)
-    if training and not all(initted) and z.shape[0] > 0:
+    if training and not all(initted) and plan.ranks.stream_total > 0:
         kmeans_opts = dict(opts, codebook_diversity_loss_weight=0.0)  # only the codes' values are needed
         states, initted = residual_kmeans_init(
             z, states, initted, num_depths=ran_depths, shared=shared, iters=m.kmeans_iters, rngs=st.gens,
-            eps=m.eps, use_cosine_sim=m.use_cosine_sim, dtype=m.dtype, quantize_options=kmeans_opts,
+            eps=m.eps, use_cosine_sim=m.use_cosine_sim, dtype=states[0].codebook.dtype, quantize_options=kmeans_opts,
+            comm=kmeans_comm,
         )  # fmt: skip
         m.check_finite(st.prefixes, states, "k-means initialisation")
     codebooks = [xp.astype(states[0 if len(states) == 1 else level].codebook, z.dtype) for level in range(Q)]
@@ -214,38 +284,48 @@ def _quantize_stream(m: Any, z: Array, st: _Stream, *, training: bool, opts: dic
         noise = sampling_noise(st.gens, plan.noise_rows, sizes, like=z, rows=plan.noise_ids)
     groups = None if plan.groups is None else B.from_numpy(plan.groups, xp, device=B.get_device(z))
     out, cache = residual_forward(z, codebooks, routing=m.gradient_routing, indices=codes, noise=noise,
-                                  depth_rows=rows, diversity_groups=groups, **opts)  # fmt: skip
+                                  depth_rows=rows, diversity_groups=groups, total_rows=plan.ranks.stream_total,
+                                  skip=[not r for r in reached], **opts,
+                                  **({"diversity_comm": comm} if many else {}))  # fmt: skip
     # e. usage statistics; EMA step and dead-code restarts on what each depth quantized
     batches = depth_batches(cache)
     ran = [b is not None for b in batches]
     stats = usage_stats(out.indices, sizes, [s.cluster_size for s in states], threshold=m.threshold_ema_dead_code,
-                        decay=m.decay if training else None, ran=ran)  # fmt: skip
+                        decay=m.decay if training else None, ran=ran, comm=comm)  # fmt: skip
     if training:
-        states = _update(m, states, batches, st.gens, shared)
+        states = _update(m, states, batches, st.gens, shared, comm)
         m.check_finite(st.prefixes, states, "EMA update and dead-code restarts")
     # f. the orthogonal regulariser, on the codebook parameter as this forward leaves it
     if m.orthogonal_reg_weight > 0:
         code_ids = orthogonal_code_subsets(
             out.indices, sizes, active_only=m.orthogonal_reg_active_codes_only, max_codes=m.orthogonal_reg_max_codes,
-            rngs=st.gens, ran=ran,
+            rngs=st.gens, ran=ran, comm=comm,
         )  # fmt: skip
         points = codebooks if shared else [xp.astype(s.codebook, z.dtype) for s in states]
-        out, cache = residual_add_orthogonal(out, cache, points, weight=m.orthogonal_reg_weight, code_ids=code_ids)
+        # a term of the codebook, evaluated on every rank: each rank's share of its gradient is 1 / R
+        weight = m.orthogonal_reg_weight / plan.ranks.size
+        out, cache = residual_add_orthogonal(out, cache, points, weight=weight, code_ids=code_ids)
+    if many:  # the whole batch's losses on every rank: the ranks' shares added (a diversity term is whole)
+        whole = [xp.zeros((), dtype=z.dtype) if d is None else m.codebook_diversity_loss_weight * d
+                 for d in (out.diversities or [None] * Q)]  # fmt: skip
+        diversity = xp.stack(whole)  # (Q,)
+        out = out._replace(losses=comm.allreduce_sum(out.losses - diversity) + diversity)
     return _StreamResult(out, cache, states, initted, stats)
 
 
-def _update(m: Any, states: list, batches: list, gens: list, shared: bool) -> list:
+def _update(m: Any, states: list, batches: list, gens: list, shared: bool, comm: Any) -> list:
     """The EMA step and restarts of the codebooks whose depths ran (the others keep their state)."""
     xp = B.get_namespace(states[0].codebook)
     run = [level for level, b in enumerate(batches) if b is not None]
-    data = [xp.astype(batches[level][0], m.dtype) for level in run]  # (n_l, d) each, normalised for cosine
+    dtype = states[0].codebook.dtype  # the state's
+    data = [xp.astype(batches[level][0], dtype) for level in run]  # (n_l, d) each, normalised for cosine
     idx = [batches[level][1] for level in run]
     options = dict(decay=m.decay, eps=m.eps, ema=m.ema_update, dead_code_threshold=m.threshold_ema_dead_code,
                    normalize=m.use_cosine_sim)  # fmt: skip
     if shared:
-        return residual_training_update(states, data, idx, shared=True, rngs=gens[:1], **options)
+        return residual_training_update(states, data, idx, shared=True, rngs=gens[:1], comm=comm, **options)
     new = residual_training_update([states[level] for level in run], data, idx, shared=False,
-                                   rngs=[gens[level] for level in run], **options)  # fmt: skip
+                                   rngs=[gens[level] for level in run], comm=comm, **options)  # fmt: skip
     states = list(states)
     for level, s in zip(run, new):
         states[level] = s
@@ -260,6 +340,8 @@ def _beam_codes(m: Any, z: Array, codebooks: list, last_depth: Any, training: bo
         return None
     xp = B.get_namespace(z)
     Q = len(codebooks)
+    if z.shape[0] == 0:  # a rank without rows
+        return xp.zeros((0, Q), dtype=xp.int64, device=B.get_device(z))
     last = np.full(z.shape[0], Q - 1, dtype=np.int64) if last_depth is None else np.asarray(last_depth)
     blocks, order = [], []
     for depth in np.unique(last):
@@ -361,3 +443,53 @@ def backward_step(dquantized: Array, dlosses: Any, cache: StepCache, m: Any) -> 
             names = [p + "codebook" for p in m.codebook_prefixes()]
             grads.update(zip(names, codebook_gradients(dcodebooks[0], shared=len(names) == 1 and m.num_quantizers > 1)))
     return dx, grads
+
+
+def upstream_gradients(m: Any, dquantized: Array, dloss: Any, name: str, *, shape: tuple, dtype: Any,
+                       loss_shapes: tuple) -> tuple[Array, Any]:  # fmt: skip
+    """The upstream gradients of a backward, checked and in the forward input's dtype.
+
+    ``dquantized`` must be a finite float array of the module's library with the forward input's
+    ``shape``; ``dloss`` a real number or an array of one of ``loss_shapes``; both must fit the
+    forward input's dtype (the backward computes in it).  Returns ``(dquantized, dloss)``.
+    """
+    xp = m.xp
+    dtype_name = "float32" if dtype == xp.float32 else "float64"
+    m.check_input("dquantized", dquantized, shape=shape)
+    check_fits("dquantized", dquantized, dtype_name, "the forward's input", _FIT_FIX)
+    if isinstance(dloss, np.generic):
+        dloss = dloss.item()  # a numpy scalar is the Python value it holds, on every backend
+    if B.is_array(dloss):
+        if tuple(dloss.shape) not in loss_shapes:
+            raise ValueError(f"{name} must have shape {' or '.join(map(str, loss_shapes))}, got {tuple(dloss.shape)}")
+        m.check_input(name, dloss, shape=tuple(dloss.shape))
+        check_fits(name, dloss, dtype_name, "the forward's input", _FIT_FIX)
+        dloss = xp.astype(dloss, dtype)
+    else:
+        dloss = check_real(name, dloss)
+        check_fits(name, dloss, dtype_name, "the forward's input", _FIT_FIX)
+    return xp.astype(dquantized, dtype), dloss
+
+
+def state_gradients(m: Any, core_grads: dict, names: Any, like: Array, prefix: str = "") -> dict:
+    """The gradients of the learnable state arrays ``names`` in the state's dtype, from
+    :func:`backward_step`'s (keyed without ``prefix``): zeros where nothing reached an array, a
+    codebook per head stacked to (H, K, d); refused when a value overflows the state's dtype."""
+    xp, state_dtype = m.xp, m.dtype
+    dtype_name = "float32" if state_dtype == xp.float32 else "float64"
+    spec = m.state_spec()
+    grads = {}
+    for name in names:
+        g = core_grads.get(name[len(prefix) :])
+        if isinstance(g, list):  # a codebook per head: (H, K, d), zeros where nothing reached a head
+            kd = spec[name][1:]
+            g = xp.stack([xp.zeros(kd, dtype=like.dtype, device=B.get_device(like)) if h is None else h for h in g])
+        if g is None:  # no term reached this array
+            g = xp.zeros(spec[name], dtype=state_dtype, device=B.get_device(like))
+        # checked before the cast to the state dtype, which would turn a large float64 value into inf
+        if not (B.all_finite(g) and fits(g, dtype_name)):
+            raise ValueError(
+                f"the gradient of {name} overflows the module's {dtype_name} state; scale the upstream gradients"
+            )
+        grads[name] = xp.astype(g, state_dtype)
+    return grads
