@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqref import FSQ, LFQ, ResidualFSQ, ResidualLFQ, ResidualVQ, VectorQuantize
+from vqref import FSQ, LFQ, GroupedResidualVQ, ResidualFSQ, ResidualLFQ, ResidualVQ, VectorQuantize
 from vqref import backend as B
 from vqref.core.fsq import Projection, fsq_backward, fsq_forward, fsq_layer_backward, fsq_layer_forward
 from vqref.core.layer import Projection as LayerProjection
@@ -1025,6 +1025,36 @@ def test_residual_vq_module_backward(rng, routing, shared):
     )
     grads = [rvq.grads[name] for name in rvq.learnable_names()]
     _agree(fn, [x.reshape(-1, D), *cbs], (g.reshape(-1, D), dl), [dx.reshape(-1, D), *grads])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_grouped_residual_vq_module_backward(rng, shared):
+    """Each group is a residual stack on its slice of the features: the reference is
+    :func:`residual.residual_vq` per group, side by side."""
+    G, Q = 2, 3
+    grvq = GroupedResidualVQ(
+        dim=G * D, groups=G, num_quantizers=Q, codebook_size=K, seed=1, dtype="float64", ema_update=False,
+        learnable_codebook=True, commitment_weight=0.3, shared_codebook=shared,
+    )  # fmt: skip
+    cbs = [[_host(layer.codebook) for layer in group][: 1 if shared else Q] for group in grvq.layers]
+    x, g, dl = rng.standard_normal((2, 6, G * D)), rng.standard_normal((2, 6, G * D)), 0.5 + rng.random((G, Q))
+    _, idx, _ = grvq(x)
+    dx = grvq.backward(g, dl)
+    k = [_host(idx[i, ...]).astype(np.int64).reshape(-1, Q) for i in range(G)]
+    n = len(cbs[0])
+
+    def fn(x, *c):
+        outs = [
+            jr.residual.residual_vq(x[:, i * D : (i + 1) * D], c[i * n : (i + 1) * n], k[i], learnable_codebook=True,
+                                    commitment_weight=0.3)  # fmt: skip
+            for i in range(G)
+        ]
+        return jnp.concatenate([o[0] for o in outs], axis=1), jnp.stack([o[1] for o in outs])
+
+    grads = [grvq.grads[name] for name in grvq.learnable_names()]
+    assert len(grads) == G * n
+    _agree(fn, [x.reshape(-1, G * D), *[c for group in cbs for c in group]], (g.reshape(-1, G * D), dl),
+           [dx.reshape(-1, G * D), *grads])  # fmt: skip
 
 
 FSQ_MODULE_CONFIGS = {
