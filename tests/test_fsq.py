@@ -542,4 +542,3 @@ def test_bad_input_is_rejected(rng):
         fsq(np.ones((N, 5), dtype=np.int64))
     with pytest.raises(ValueError, match="NaN"):
         fsq(np.full((N, 5), np.nan))
-

@@ -1045,8 +1045,9 @@ def test_grouped_residual_vq_module_backward(rng, shared):
 
     def fn(x, *c):
         outs = [
-            jr.residual.residual_vq(x[:, i * D : (i + 1) * D], c[i * n : (i + 1) * n], k[i], learnable_codebook=True,
-                                    commitment_weight=0.3)  # fmt: skip
+            jr.residual.residual_vq(
+                x[:, i * D : (i + 1) * D], c[i * n : (i + 1) * n], k[i], learnable_codebook=True, commitment_weight=0.3
+            )  # fmt: skip
             for i in range(G)
         ]
         return jnp.concatenate([o[0] for o in outs], axis=1), jnp.stack([o[1] for o in outs])

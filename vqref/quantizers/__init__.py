@@ -11,5 +11,16 @@ from .residual_vq import ResidualVQ
 from .vector_quantize import VectorQuantize
 from .views import CodebookView
 
-__all__ = ["Quantizer", "QuantizerState", "ParamView", "CodebookView", "VectorQuantize", "ResidualVQ", "FSQ", "ResidualFSQ",
-           "LFQ", "ResidualLFQ", "GroupedResidualVQ"]
+__all__ = [
+    "Quantizer",
+    "QuantizerState",
+    "ParamView",
+    "CodebookView",
+    "VectorQuantize",
+    "ResidualVQ",
+    "FSQ",
+    "ResidualFSQ",
+    "LFQ",
+    "ResidualLFQ",
+    "GroupedResidualVQ",
+]
