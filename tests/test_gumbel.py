@@ -196,11 +196,12 @@ def test_gumbel_noise_is_reproducible_clamped_and_standard(bk):
     assert a.dtype == bk.dtype_name
 
     class Zeros(np.random.Generator):  # u = 0: both logarithms clamped at 1e-20, a finite value
-        def random(self, size=None):
-            return np.zeros(size)
+        def random(self, size=None, out=None):
+            return np.zeros(size) if out is None else np.copyto(out, 0.0)
 
-    g = gumbel_noise((1, 2), Zeros(np.random.PCG64()), like=np.zeros(1))
-    np.testing.assert_allclose(g, -np.log(-np.log(1e-20)))
+    for fast in (True, False):  # the blocked fast path and the definition
+        g = gumbel_noise((1, 2), Zeros(np.random.PCG64()), like=np.zeros(1), fast=fast)
+        np.testing.assert_allclose(g, -np.log(-np.log(1e-20)))
     big = gumbel_noise((200_000,), 0, like=np.zeros(1))
     assert abs(big.mean() - np.euler_gamma) < 0.01 and abs(big.var() - np.pi**2 / 6) < 0.03
 

@@ -87,12 +87,14 @@ from vqref.ops import fsq as fsq_ops
 from vqref.ops import gumbel as gumbel_ops
 from vqref.ops import lfq as lfq_ops
 from vqref.ops.distance import squared_distance_backward, squared_distance_forward
-from vqref.ops.l2norm import l2norm_backward, l2norm_forward
+from vqref.ops.l2norm import l2norm_backward, l2norm_backward_fast, l2norm_forward
 from vqref.ops.lookup import lookup_backward, lookup_forward
 from vqref.ops.losses import (
     codebook_loss_backward,
+    codebook_loss_backward_codes,
     codebook_loss_forward,
     commitment_loss_backward,
+    commitment_loss_backward_added,
     commitment_loss_forward,
     mse_backward,
     mse_forward,
@@ -209,6 +211,16 @@ def test_losses_backward(bk64, rng, fast):
     _, cache = codebook_loss_forward(a, b)
     res = _agree(jr.vq.codebook_loss, [a, b], dloss, [None, codebook_loss_backward(dloss, cache, fast=fast)])
     assert np.all(res.reference[0] == 0)  # sg[x]
+    # the quantizer's compositions: added to a zero gradient, and collected per code through q = C[idx]
+    zero = B.get_namespace(a).zeros_like(a)
+    added = commitment_loss_backward_added(zero, dloss, commitment_loss_forward(a, b)[1], fast=fast)
+    _agree(jr.vq.commitment_loss, [a, b], dloss, [added, None])
+    idx = np.array([3, 0, 3, 3, 5, 0, 1, 3, 5, 5, 0])  # (N,) repeats; codes 2, 4, 6 unused
+    C = bk64.asarray(rng.standard_normal((K, D)))
+    q = B.get_namespace(C).take(C, bk64.asarray(idx), axis=0)
+    _, cache = codebook_loss_forward(a, q)
+    dC = codebook_loss_backward_codes(dloss, cache, bk64.asarray(idx), C, fast=fast)
+    _agree(lambda x, c: jr.vq.codebook_loss(x, jr.vq.lookup(c, idx)), [a, C], dloss, [None, dC])
 
 
 def test_straight_through_backward(bk64, rng):
@@ -237,6 +249,8 @@ def test_l2norm_backward_all_branches(bk64, rng):
     y, cache = l2norm_forward(bk64.asarray(x))
     assert bool(B.to_numpy(cache.above)[7, 0]) and not bool(B.to_numpy(cache.above)[5, 0])
     _agree(jr.cosine.l2norm, [bk64.asarray(x)], dy, [l2norm_backward(bk64.asarray(dy), cache)])
+    _agree(jr.cosine.l2norm, [bk64.asarray(x)], dy, [l2norm_backward(bk64.asarray(dy), cache, fast=False)])
+    _agree(jr.cosine.l2norm, [bk64.asarray(x)], dy, [l2norm_backward_fast(bk64.asarray(dy), cache)])
     # leading axes are more rows
     x3, dy3 = rng.standard_normal((3, 4, D)), rng.standard_normal((3, 4, D))
     _, cache = l2norm_forward(bk64.asarray(x3))

@@ -297,6 +297,7 @@ def test_a_broken_entropy_backward_fails_the_module_check(bk64, rng, monkeypatch
     import vqref.core.lfq as core
 
     x, params, opts = _setup(rng, CONFIGS["plain"])
+    opts = opts._replace(fast=False)  # the definition (the blocked path has its own control)
     xb, zero_g, daux = bk64.asarray(x), bk64.asarray(np.zeros_like(x)), bk64.asarray(np.array(0.83))
     fwd = lambda x: bk64.xp.asarray(lfq_forward(x, LFQParams(), opts)[0].aux_loss)  # noqa: E731
     vjp = lambda g, x: (lfq_backward(zero_g, g, lfq_forward(x, LFQParams(), opts)[1])[0],)  # noqa: E731

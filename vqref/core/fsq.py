@@ -55,6 +55,7 @@ from ..ops.fsq import (
     symmetric_scale_backward,
     symmetric_scale_forward,
 )
+from ..ops.fsq_fast import affine_backward_stacked, affine_forward_inplace
 from ..ops.linear import LinearCache, linear_backward, linear_forward
 
 __all__ = [
@@ -175,6 +176,7 @@ def fsq_layer_forward(
     project_in: Projection | None = None,
     project_out: Projection | None = None,
     rotation: Array | None = None,
+    fast: bool = True,
     **fsq_options: Any,
 ) -> tuple[FSQLayerOutput, FSQLayerCache]:
     """vector-quantize-pytorch's ``FSQ`` layer on rows: project, quantize C codebooks, project back.
@@ -188,6 +190,8 @@ def fsq_layer_forward(
     project_out : ``Projection(W (C d, dim), b)`` or None
     rotation : (d, d) orthogonal R, applied as ``z R`` before the quantizer and ``z_q R^T`` after it
         (vector-quantize-pytorch's ``orthogonal_rotation``), or None
+    fast : numpy: the projections of :mod:`vqref.ops.fsq_fast` (fewer passes over (N, dim));
+        False, or any other library: :mod:`vqref.ops.linear`, the definition
     **fsq_options : preserve_symmetry, hard_clamp, noise (on the (N C, d) rows) for :func:`fsq_forward`
 
     Returns
@@ -196,11 +200,12 @@ def fsq_layer_forward(
     cache : FSQLayerCache
     """
     xp = B.get_namespace(x)
+    affine = affine_forward_inplace if fast and B.is_numpy(xp) else linear_forward  # the one-line choice
     N, C, d = x.shape[0], num_codebooks, len(levels)
     in_cache = out_cache = None
     projected = x  # (N, dim)
     if project_in is not None:
-        projected, in_cache = linear_forward(x, project_in.W, project_in.b)  # (N, C d)
+        projected, in_cache = affine(x, project_in.W, project_in.b)  # (N, C d)
     z = xp.reshape(projected, (N * C, d))  # (M, d): each codebook's channels are one row
     if rotation is not None:
         z = z @ rotation  # (M, d) turned into the rotated frame
@@ -211,14 +216,14 @@ def fsq_layer_forward(
     codes = xp.reshape(codes, (N, C * d))  # (N, C d)
     quantized = codes
     if project_out is not None:
-        quantized, out_cache = linear_forward(codes, project_out.W, project_out.b)  # (N, dim)
+        quantized, out_cache = affine(codes, project_out.W, project_out.b)  # (N, dim)
     indices = xp.reshape(q.indices, (N, C))  # (N, C)
     has_bias = any(p is not None and p.b is not None for p in (project_in, project_out))
     cache = FSQLayerCache(in_cache, rotation, fsq_cache, out_cache, C, has_bias)
     return FSQLayerOutput(quantized, indices, codes, projected), cache
 
 
-def fsq_layer_backward(dquantized: Array, cache: FSQLayerCache) -> tuple[Array, dict]:
+def fsq_layer_backward(dquantized: Array, cache: FSQLayerCache, *, fast: bool = True) -> tuple[Array, dict]:
     """``dx`` and the projections' parameter gradients for the upstream gradient ``dquantized``.
 
     Each step of the forward in reverse; the rotation is a constant (a buffer, not a parameter),
@@ -229,6 +234,7 @@ def fsq_layer_backward(dquantized: Array, cache: FSQLayerCache) -> tuple[Array, 
     ----------
     dquantized : (N, dim)
     cache : FSQLayerCache
+    fast : numpy: the projections' backward of :mod:`vqref.ops.fsq_fast`; False: the definition
 
     Returns
     -------
@@ -237,11 +243,12 @@ def fsq_layer_backward(dquantized: Array, cache: FSQLayerCache) -> tuple[Array, 
         projections present (the ``b`` entries only where there is a bias)
     """
     xp = B.get_namespace(dquantized)
+    affine_backward = affine_backward_stacked if fast and B.is_numpy(xp) else linear_backward  # the one-line choice
     N = dquantized.shape[0]
     grads = {}
     dcodes = dquantized  # (N, C d)
     if cache.project_out is not None:
-        dcodes, grads["project_out.W"], grads["project_out.b"] = linear_backward(dquantized, cache.project_out)
+        dcodes, grads["project_out.W"], grads["project_out.b"] = affine_backward(dquantized, cache.project_out)
     C = cache.num_codebooks
     d = dcodes.shape[1] // C
     dq = xp.reshape(dcodes, (N * C, d))  # (M, d)
@@ -253,7 +260,7 @@ def fsq_layer_backward(dquantized: Array, cache: FSQLayerCache) -> tuple[Array, 
     dz = xp.reshape(dz, (N, C * d))  # (N, C d)
     if cache.project_in is None:
         return dz, grads
-    dx, grads["project_in.W"], grads["project_in.b"] = linear_backward(dz, cache.project_in)
+    dx, grads["project_in.W"], grads["project_in.b"] = affine_backward(dz, cache.project_in)
     if not cache.has_bias:
         grads.pop("project_in.b")
         grads.pop("project_out.b", None)

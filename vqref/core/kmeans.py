@@ -42,8 +42,18 @@ from ..distributed import as_comm, check_same, gather_rows, refuse_together, row
 from ..ops.distance import nearest_code
 from ..ops.l2norm import l2norm
 from ..validation import check_bool, check_float_array, check_int, check_seed, refuse_masked
+from .kmeans_fast import inertia_fused, lloyd_fused
 
-__all__ = ["KMeansResult", "kmeans", "assign", "kmeans_inertia", "sample_initial_means", "kmeans_plusplus"]
+__all__ = [
+    "KMeansResult",
+    "kmeans",
+    "lloyd",
+    "assign",
+    "kmeans_inertia",
+    "inertia",
+    "sample_initial_means",
+    "kmeans_plusplus",
+]
 
 
 class KMeansResult(NamedTuple):
@@ -118,6 +128,10 @@ def kmeans_inertia(x: Array, means: Array, use_cosine_sim: bool = False, *, chun
         Euclidean:  J(mu) = sum_i min_k ||x_i - mu_k||^2
         cosine:     J(mu) = -sum_i max_k x^_i . mu^_k      (x^, mu^ l2-normalised)
 
+    :func:`inertia` is the definition; numpy arrays of one dtype take
+    :func:`vqref.core.kmeans_fast.inertia_fused`, the same sum formed block by block on the
+    worker threads of the fused k-means (equal to rounding).
+
     Parameters
     ----------
     x : (N, D) float
@@ -128,6 +142,13 @@ def kmeans_inertia(x: Array, means: Array, use_cosine_sim: bool = False, *, chun
     -------
     inertia : () float, x's dtype
     """
+    xp = B.get_namespace(x, means)
+    fused = B.is_numpy(xp) and x.dtype == means.dtype  # the one-line choice of the fast path
+    return (inertia_fused if fused else inertia)(x, means, use_cosine_sim, chunk_size=chunk_size)
+
+
+def inertia(x: Array, means: Array, use_cosine_sim: bool = False, *, chunk_size: int | None = None) -> Array:
+    """:func:`kmeans_inertia` by its definition: every row's clamped distance, summed."""
     xp = B.get_namespace(x, means)
     if use_cosine_sim:
         _, sim = nearest_code(l2norm(x), l2norm(means), metric="dot", chunk_size=chunk_size, return_score=True)  # (N,)
@@ -220,8 +241,17 @@ def kmeans(
     lower index and the other cluster stays empty for as long as the two coincide (for ever,
     unless the lower one moves away); no NaN appears.
 
-    *Determinism.*  The same seed gives bit-identical results on every backend (cupy's segment
-    sums are one-hot matrix products, not atomic adds, for this reason).
+    *Fast path.*  On numpy the iterations run in :func:`vqref.core.kmeans_fast.lloyd_fused`:
+    the same assignments and updates, fused block by block into one pass over x per iteration
+    and split between worker threads (docs/performance.md).  :func:`lloyd` is the definition,
+    which every other library runs; the tests pin the two together (same assignments, means
+    and objectives to rounding; for float32 the fused means are the exact means of their
+    clusters, correctly rounded).
+
+    *Determinism.*  The same seed gives the same result on every run: cupy's segment sums are
+    one-hot matrix products, not atomic adds, and the fused numpy path gives its worker
+    threads fixed ranges of rows and adds their parts in a fixed order.  Across libraries the
+    results agree to rounding.
 
     *Synchronisation.*  The objective of each iteration is kept as a 0-d device array and
     converted to Python floats once, after the loop; with the finiteness checks of the inputs
@@ -255,6 +285,45 @@ def kmeans(
         if use_cosine_sim:
             means = l2norm(means)
 
+    run = lloyd_fused if B.is_numpy(xp) else lloyd  # the one-line choice of the fast path
+    means, counts, objective = run(x, means, iters, use_cosine_sim=use_cosine_sim, chunk_size=chunk_size, comm=comm)
+    history = tuple(float(v) for v in B.to_numpy(objective))  # the one host sync
+    return KMeansResult(means, counts, history)
+
+
+def lloyd(
+    x: Array,
+    means: Array,
+    iters: int,
+    *,
+    use_cosine_sim: bool = False,
+    chunk_size: int | None = None,
+    comm: Any,
+) -> tuple[Array, Array, Array]:
+    """Lloyd's iterations (1)-(3) from ``means``: the definition behind :func:`kmeans`.
+
+    Each iteration assigns every row (:func:`nearest_code`), then sums each cluster's rows in
+    a second pass (:func:`vqref.backend.segment_sum`) and moves the means.  On numpy,
+    :func:`kmeans` runs :func:`vqref.core.kmeans_fast.lloyd_fused` instead, which does the same
+    arithmetic block by block in one pass over x; the tests pin the two together.
+
+    Parameters
+    ----------
+    x : (N, D) float, this rank's rows (l2-normalised in the cosine variant), checked
+    means : (K, D) float, x's library and dtype, the initial means (unit rows in the cosine variant)
+    iters : int >= 1, T
+    use_cosine_sim : spherical k-means (argmax of ``x . mu``, re-normalised means)
+    chunk_size : rows per chunk of the assignment
+    comm : communicator; counts, sums and objectives are summed over its ranks
+
+    Returns
+    -------
+    means : (K, D), x's dtype
+    counts : (K,) int64, the cluster sizes of the last assignment, every rank's rows
+    objective : (T,) x's dtype, the objective of each iteration's assignment, every rank's rows
+    """
+    xp = B.get_namespace(x, means)
+    K = means.shape[0]
     metric = "dot" if use_cosine_sim else "euclidean"
     objective = []
     counts = None
@@ -263,7 +332,7 @@ def kmeans(
         objective.append(-xp.sum(score) if use_cosine_sim else xp.sum(score))
         counts = comm.allreduce_sum(B.bincount(idx, K))  # (K,) int64, n_k of every rank's rows
         # s_k / n_k written as mu_k + sum_{a_i = k} (x_i - mu_k) / n_k: the same value, but the
-        # summed deviations are small, so a float32 sum keeps its precision (see Notes).
+        # summed deviations are small, so a float32 sum keeps its precision (see kmeans' Notes).
         dsums = comm.allreduce_sum(B.segment_sum(x, idx, K, offsets=means))  # (K, D) sums of x_i - mu_{a_i}
         denom = xp.astype(xp.maximum(counts, xp.ones_like(counts)), x.dtype)  # (K,) max(n_k, 1)
         new_means = means + dsums / denom[:, None]  # (K, D) s_k / n_k where n_k > 0
@@ -272,10 +341,7 @@ def kmeans(
         # An empty cluster's deviation sum is 0, so new_means already equals means there in the
         # Euclidean case; the where states rule (3) outright and skips the cosine re-normalisation.
         means = xp.where((counts > 0)[:, None], new_means, means)  # (K, D) empty clusters keep theirs
-
-    objective = comm.allreduce_sum(xp.stack(objective))  # (T,) over every rank's rows
-    history = tuple(float(v) for v in B.to_numpy(objective))  # the one host sync
-    return KMeansResult(means, counts, history)
+    return means, counts, comm.allreduce_sum(xp.stack(objective))  # (T,) over every rank's rows
 
 
 def _checked_arguments(x, num_clusters, iters, use_cosine_sim, rng, chunk_size, init_means) -> tuple:

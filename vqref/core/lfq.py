@@ -15,7 +15,8 @@ bracketed step is optional:
     6. q = s sign(u), k = bits(u)       (N C, d)   eq. (1)-(2) of ops.lfq; k is (N, C)
     7. [q = s q / ||q||]                           spherical codes: entries +-s / sqrt(d)
     8. o = u + sg[q - u]                           straight through: the value is q
-    9. L_ent = penalty(2 u_rows . c)    ()         ops.entropy on the n tokens' rows, tau
+    9. L_ent = penalty(2 u_rows . c)    ()         ops.entropy on the n tokens' rows, tau (numpy:
+                                                   ops.entropy_fast, block by block, O(block K) memory)
        [L_ent = softplus(L_ent + offset)]
    10. L_commit = mse(u_rows, sg[q_rows])  ()      only with commitment_loss_weight > 0
    11. aux = w_ent L_ent + w_commit L_commit
@@ -35,7 +36,14 @@ from typing import Any, NamedTuple, Sequence
 
 from .. import backend as B
 from ..backend import Array
-from ..ops.entropy import entropy_penalty_backward, entropy_penalty_forward, softplus_backward, softplus_forward
+from ..ops.entropy import (
+    ENTROPY_EPS,
+    entropy_penalty_backward,
+    entropy_penalty_forward,
+    softplus_backward,
+    softplus_forward,
+)
+from ..ops.entropy_fast import BlockedEntropyCache, lfq_entropy_backward_blocked, lfq_entropy_forward_blocked
 from ..ops.l2norm import l2norm, l2norm_backward, l2norm_forward
 from ..ops.lfq import (
     NORMALIZE_EPS,
@@ -46,6 +54,7 @@ from ..ops.lfq import (
     cosine_linear_backward,
     cosine_linear_forward,
     indices_to_bits,
+    sign_codebook,
     sign_ste_backward,
     sign_ste_forward,
     soft_clamp_backward,
@@ -82,7 +91,7 @@ class LFQOptions(NamedTuple):
     inv_temperature: float = 100.0
     softplus_offset: float | None = None  # step 9: softplus(L_ent + offset), or None
     cosine_scale: float | None = None  # step 1 is the cosine-similarity map with this scale
-    fast: bool = True  # the factorised scores of ops.lfq (False: the explicit codebook)
+    fast: bool = True  # step 9's fast paths: blocked on numpy, else factorised scores (False: the definition)
 
     @property
     def code_value(self) -> float:
@@ -115,7 +124,7 @@ class LFQCache(NamedTuple):
     soft_clamp: Any  # SoftClampCache or None
     rotation: Any  # (d, d) or None
     sphere: Any  # L2NormCache of step 5, or None
-    entropy: Any  # (rows LookupCache or None, CodeScoresCache, EntropyPenaltyCache, SoftplusCache or None) or None
+    entropy: Any  # (rows LookupCache or None, step 9's cache, SoftplusCache or None) or None
     commitment: Any  # (rows LookupCache or None, MSECache) or None
     project_out: Any  # LinearCache or None
     has_out_bias: bool
@@ -129,6 +138,38 @@ def _take_rows(a: Array, rows: Any) -> tuple[Array, Any]:
 def _put_rows(da: Array, cache: Any) -> Array:
     """The adjoint of :func:`_take_rows`: each selected row's gradient back in its place."""
     return da if cache is None else lookup_backward(da, cache)
+
+
+def _entropy_forward(z: Array, o: LFQOptions) -> tuple[Any, tuple]:
+    """Step 9 by its definition: the scores ``2 z C^T`` of the n C rows z (n C, d) against all
+    K codes, then the penalty of :mod:`vqref.ops.entropy` on them (O(n C K) memory)."""
+    xp = B.get_namespace(z)
+    C, K = o.num_codebooks, 2**o.codebook_dim
+    scores, scores_cache = code_scores_forward(z, value=o.code_value, fast=o.fast)  # (n C, K)
+    penalty, pen_cache = entropy_penalty_forward(
+        xp.reshape(scores, (-1, C, K)), inv_temperature=o.inv_temperature, diversity_gamma=o.diversity_gamma
+    )  # (n, C, K) scores -> three 0-d values
+    return penalty, (scores_cache, pen_cache)
+
+
+def _entropy_backward(dent: Any, cache: tuple) -> Array:
+    """``dz`` (n C, d) of :func:`_entropy_forward` for the upstream gradient ``dent``."""
+    scores_cache, pen_cache = cache
+    dscores = entropy_penalty_backward(dent, pen_cache)  # (n, C, K)
+    n, C, K = dscores.shape
+    return code_scores_backward(B.get_namespace(dscores).reshape(dscores, (n * C, K)), scores_cache)  # (n C, d)
+
+
+def _entropy_blocked_forward(z: Array, o: LFQOptions) -> tuple[Any, BlockedEntropyCache]:
+    """Step 9 on numpy, block by block (:mod:`vqref.ops.entropy_fast`): the same numbers to float
+    rounding, with O(block K) memory instead of O(n C K)."""
+    codebook = sign_codebook(o.codebook_dim, o.code_value, like=z)  # (K, d)
+    return lfq_entropy_forward_blocked(z, codebook, num_codebooks=o.num_codebooks, inv_temperature=o.inv_temperature,
+                                       diversity_gamma=o.diversity_gamma, eps=ENTROPY_EPS)  # fmt: skip
+
+
+def _entropy_blocked_backward(dent: Any, cache: BlockedEntropyCache) -> Array:
+    return lfq_entropy_backward_blocked(float(dent), cache)  # (n C, d)
 
 
 def lfq_forward(
@@ -191,15 +232,15 @@ def lfq_forward(
     if entropy_rows is None or entropy_rows.shape[0] > 0:
         ue, rows_cache = _take_rows(u_tokens, entropy_rows)  # (n, C d)
         n = ue.shape[0]
-        scores, scores_cache = code_scores_forward(xp.reshape(ue, (n * C, d)), value=o.code_value, fast=o.fast)
-        penalty, pen_cache = entropy_penalty_forward(
-            xp.reshape(scores, (n, C, 2**d)), inv_temperature=o.inv_temperature, diversity_gamma=o.diversity_gamma
-        )  # (n, C, K) scores -> three 0-d values
+        blocked = o.fast and B.is_numpy(xp)  # the one-line choice: ops.entropy_fast, O(block K) memory
+        penalty, pen_cache = (_entropy_blocked_forward if blocked else _entropy_forward)(
+            xp.reshape(ue, (n * C, d)), o
+        )  # (n C, d) rows -> three 0-d values
         per_sample, batch, entropy_loss = penalty.per_sample, penalty.batch, penalty.loss
         sp_cache = None
         if o.softplus_offset is not None:
             entropy_loss, sp_cache = softplus_forward(xp.asarray(entropy_loss + o.softplus_offset))  # ()
-        ent_cache = (rows_cache, scores_cache, pen_cache, sp_cache)
+        ent_cache = (rows_cache, pen_cache, sp_cache)
     # 10. the commitment loss on the loss rows
     commitment, commit_cache = zero, None
     if o.commitment_loss_weight > 0 and (loss_rows is None or loss_rows.shape[0] > 0):
@@ -256,13 +297,13 @@ def lfq_backward(dquantized: Array, daux: Any, cache: LFQCache) -> tuple[Array, 
     du_tokens = xp.zeros((N, C * d), dtype=dquantized.dtype, device=B.get_device(dquantized))
     # 9. the entropy penalty's share (a true derivative)
     if cache.entropy is not None:
-        rows_cache, scores_cache, pen_cache, sp_cache = cache.entropy
+        rows_cache, pen_cache, sp_cache = cache.entropy
         dent = daux * o.entropy_loss_weight
         if sp_cache is not None:
             dent = softplus_backward(dent, sp_cache)  # softplus'(L_ent + offset)
-        dscores = entropy_penalty_backward(dent, pen_cache)  # (n, C, K)
-        n = dscores.shape[0]
-        due = code_scores_backward(xp.reshape(dscores, (n * C, 2**d)), scores_cache)  # (n C, d)
+        blocked = isinstance(pen_cache, BlockedEntropyCache)  # the forward's choice
+        due = (_entropy_blocked_backward if blocked else _entropy_backward)(dent, pen_cache)  # (n C, d)
+        n = due.shape[0] // C
         du_tokens = du_tokens + _put_rows(xp.reshape(due, (n, C * d)), rows_cache)  # (N, C d)
     # 10. the commitment's share (a true derivative)
     if cache.commitment is not None:

@@ -60,8 +60,8 @@ from ..ops.gumbel import (
     straight_through_gumbel_forward,
 )
 from ..ops.l2norm import l2norm_backward, l2norm_forward
-from ..ops.lookup import LookupCache, lookup_backward, lookup_forward
-from ..ops.losses import MSECache, mse_backward, mse_forward
+from ..ops.lookup import LookupCache, lookup_forward
+from ..ops.losses import MSECache, codebook_loss_backward_codes, commitment_loss_backward_added, mse_forward
 from ..ops.orthogonal import orthogonal_loss_backward, orthogonal_loss_forward
 from ..ops.rotation import rotation_trick_backward, rotation_trick_forward
 from ..ops.straight_through import straight_through_backward, straight_through_forward
@@ -120,6 +120,7 @@ class QuantizeCache(NamedTuple):
     logits: Any = None  # LogitsCache, or None when no soft path was taken
     diversity: Any = None  # DiversityCache, or None
     diversity_weight: float = 0.0
+    codebook: Any = None  # (K, D) C^, the (normalised) codebook of the lookup
 
 
 def estimator_kind(
@@ -423,7 +424,7 @@ def quantize_forward(
 
     cache = QuantizeCache(
         x_norm, c_norm, lookup_cache, est_cache, mse_cache, float(commitment_weight), float(cb_weight), None, 0.0,
-        logits_cache, diversity_cache, float(codebook_diversity_loss_weight),
+        logits_cache, diversity_cache, float(codebook_diversity_loss_weight), ch,
     )  # fmt: skip
     orth = None
     if orthogonal_reg_weight > 0:
@@ -456,13 +457,18 @@ def quantize_backward(dquantized: Array, dloss: Array, cache: QuantizeCache) -> 
     est = estimator_backward(dquantized, cache.estimator)
     dxh = est.dx if est.dx is not None else B.get_namespace(dquantized).zeros_like(dquantized)  # (N, D)
     dch, dlogits = est.dcodebook, est.dlogits  # (K, D) or None, (N, K) or None
+    own = dxh is not dquantized  # dxh is a buffer of this backward: the steps below may write it
 
     # 2. The losses: d mse(x^, q) = +(2/M)(x^ - q) for x^ and the opposite for q.  The
-    #    commitment weight routes it to x^, the codebook weight to q.
-    dmse_dxh, dmse_dq = mse_backward(dloss, cache.mse)
-    dxh = dxh + cache.commitment_weight * dmse_dxh  # (N, D)
-    if cache.codebook_weight:
-        dch = _plus(dch, lookup_backward(cache.codebook_weight * dmse_dq, cache.lookup))  # (K, D)
+    #    commitment weight routes it to x^, the codebook weight to q (through the lookup's
+    #    adjoint); each weight scales the scalar dloss, and a term of weight 0 is skipped.
+    if cache.commitment_weight:  # dxh + commitment_loss_backward(w dloss), one (N, D) pass
+        dxh = commitment_loss_backward_added(dxh, cache.commitment_weight * dloss, cache.mse, in_place=own)
+        own = True
+    if cache.codebook_weight:  # lookup_backward(codebook_loss_backward(w dloss)), no (N, D) array
+        dcodes = codebook_loss_backward_codes(cache.codebook_weight * dloss, cache.mse, cache.lookup.indices,
+                                              cache.codebook)  # fmt: skip
+        dch = _plus(dch, dcodes)  # (K, D)
 
     # 3. The diversity loss acts on the logits.
     if cache.diversity is not None:
@@ -473,12 +479,12 @@ def quantize_backward(dquantized: Array, dloss: Array, cache: QuantizeCache) -> 
     # 4. The logits' gradient reaches x^ and C^ through the distances (or dot products).
     if dlogits is not None:
         dxh_logits, dch_logits = code_logits_backward(dlogits, cache.logits)  # (N, D), (K, D)
-        dxh = dxh + dxh_logits
+        dxh, own = dxh + dxh_logits, True
         dch = _plus(dch, dch_logits)
 
     # 5. Undo the l2 normalisations (cosine codebooks).
     if cache.x_norm is not None:
-        dx = l2norm_backward(dxh, cache.x_norm)
+        dx = l2norm_backward(dxh, cache.x_norm, in_place=own)
         dcodebook = None if dch is None else l2norm_backward(dch, cache.c_norm)
     else:
         dx, dcodebook = dxh, dch

@@ -176,7 +176,7 @@ def residual_forward(
     residual = x
     residuals, codes, idx_list, losses, caches, commitments, diversities = [x], [], [], [], [], [], []
     row_caches = []
-    total = None
+    total, owned = None, False
     for level in range(Q):
         rows = depth_rows[level]
         if skip[level]:  # no row reaches this depth
@@ -214,7 +214,7 @@ def residual_forward(
         diversities.append(out.diversity)
         caches.append(cache)
         row_caches.append(row_cache)
-        total = code if total is None else total + code  # (N, D)
+        total, owned = _accumulate(total, code, owned)  # (N, D) sum_l o_l so far
         residual = residual - code  # r_{l+1} = r_l - sg[o_l]  (N, D)
         residuals.append(residual)
 
@@ -274,13 +274,14 @@ def residual_backward(dquantized: Array, dlosses: Array, cache: ResidualCache) -
     if cache.routing == "per_depth":
         # Every depth's estimator passes the decoder gradient to its residual, and every
         # residual has identity Jacobian with respect to x: the contributions add up.
-        dx = xp.zeros_like(dquantized)
+        dx = None
         upstream = [dquantized] * Q
     else:
         # routing "sum": the estimator on the total carries the decoder gradient once; the
         # depths contribute their loss gradients only.
         dx = estimator_backward(dquantized, cache.sum_estimator).dx
         upstream = [xp.zeros_like(dquantized)] * Q
+    owned = False  # whether dx is a buffer of this function (then the sum is taken in place)
     dcodebooks = []
     for level, depth in enumerate(cache.depths):
         if depth is None:  # no row reached this depth: nothing to differentiate
@@ -288,9 +289,25 @@ def residual_backward(dquantized: Array, dlosses: Array, cache: ResidualCache) -
             continue
         dq = upstream[level] if rows[level] is None else xp.take(upstream[level], rows[level].indices, axis=0)
         dr, dcb = quantize_backward(dq, dl[level], depth)  # (n_l, D), (K, D) or None
-        dx = dx + put_rows(dr, rows[level])  # (N, D)
+        dx, owned = _accumulate(dx, put_rows(dr, rows[level]), owned)  # (N, D)
         dcodebooks.append(dcb)
+    if dx is None:  # no depth ran
+        dx = xp.zeros_like(dquantized)
+    elif dx is dquantized:  # a straight-through gradient alone: never hand back the caller's array
+        dx = xp.asarray(dx, copy=True)
     return dx, dcodebooks
+
+
+def _accumulate(total: Any, term: Array, owned: bool) -> tuple[Array, bool]:
+    """``total + term`` (``term`` when total is None), and whether the result is a buffer that
+    the caller's loop allocated: the first sum allocates one, and every later term is added into
+    it in place (the same numbers as ``total + term``; the arrays summed are never written)."""
+    if total is None:
+        return term, False
+    if owned:
+        total += term  # (N, D) in place, in the buffer the previous sum allocated
+        return total, True
+    return total + term, True
 
 
 def residual_add_orthogonal(

@@ -39,6 +39,8 @@ Memory.  Everything here is O(n C K): the scores, the probabilities and their cl
 The batch mean ``pbar`` is what makes that unavoidable: per row, with codes that are sign
 patterns, the softmax factorises over the bits (docs/math.md section 8), but the mean of
 factorised distributions is not factorised, so ``H_batch`` needs all K probabilities of every row.
+What is unavoidable is the work, not the memory: on numpy, :mod:`vqref.core.lfq` runs
+:mod:`vqref.ops.entropy_fast`, the same numbers block by block with O(block K) memory.
 
 The optional ``softplus`` (vector-quantize-pytorch's ``experimental_softplus_entropy_loss``)
 makes the penalty positive: ``softplus(L + offset)``, with derivative ``sigmoid(L + offset)``.

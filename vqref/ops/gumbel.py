@@ -44,6 +44,7 @@ import numpy as np
 
 from .. import backend as B
 from ..backend import Array
+from . import gumbel_fast as blocked
 from .distance import DistanceCache, squared_distance_backward, squared_distance_forward
 
 __all__ = [
@@ -90,7 +91,9 @@ class LogitsCache(NamedTuple):
     passes: Any  # (N, K) bool, d^2 >= clamp: the square root's gradient passes (euclidean), else None
 
 
-def code_logits_forward(x: Array, codebook: Array, *, metric: str = "euclidean") -> tuple[Array, LogitsCache]:
+def code_logits_forward(
+    x: Array, codebook: Array, *, metric: str = "euclidean", fast: bool = True
+) -> tuple[Array, LogitsCache]:
     """The logits of every vector for every code (module docstring).
 
     Parameters
@@ -98,6 +101,7 @@ def code_logits_forward(x: Array, codebook: Array, *, metric: str = "euclidean")
     x : (N, D) float (unit rows for ``metric="dot"`` with cosine codebooks)
     codebook : (K, D) float, same dtype
     metric : ``"euclidean"``: ``l = -sqrt(max(||x - c||^2, 1e-8))``; ``"dot"``: ``l = x . c``
+    fast : numpy, Euclidean: the same steps block by block (:mod:`vqref.ops.gumbel_fast`)
 
     Returns
     -------
@@ -117,13 +121,16 @@ def code_logits_forward(x: Array, codebook: Array, *, metric: str = "euclidean")
         return x @ codebook.mT, LogitsCache("dot", (x, codebook), None, None)  # (N, K)
     if metric != "euclidean":
         raise ValueError(f"metric must be 'euclidean' or 'dot', got {metric!r}")
+    if blocked.applies(fast, x, codebook):  # the one-line choice
+        logits, (xc, cc, dist, passes) = blocked.code_logits_forward_blocked(x, codebook, clamp=DISTANCE_CLAMP)
+        return logits, LogitsCache("euclidean", DistanceCache(xc, cc), dist, passes)
     d2, dist_cache = squared_distance_forward(x, codebook)  # (N, K) >= 0
     dist = xp.sqrt(xp.clip(d2, min=DISTANCE_CLAMP))  # (N, K) >= 1e-4
     # torch's clamp lets the gradient through where the input is >= the bound: so does vqref
     return -dist, LogitsCache("euclidean", dist_cache, dist, d2 >= DISTANCE_CLAMP)
 
 
-def code_logits_backward(dlogits: Array, cache: LogitsCache) -> tuple[Array, Array]:
+def code_logits_backward(dlogits: Array, cache: LogitsCache, *, fast: bool = True) -> tuple[Array, Array]:
     """Gradients of the logits for the vectors and the codes.
 
     Euclidean: ``l = -sqrt(s)`` with ``s = max(d^2, clamp)``, so ``dl/d(d^2) = -1 / (2 sqrt(s))``
@@ -146,6 +153,9 @@ def code_logits_backward(dlogits: Array, cache: LogitsCache) -> tuple[Array, Arr
     if cache.metric == "dot":
         x, codebook = cache.inner
         return dlogits @ codebook, dlogits.mT @ x  # (N, D), (K, D)
+    if blocked.applies(fast, dlogits, cache.dist):  # the one-line choice: the same numbers, block by block
+        dd2_blocked = blocked.distance_gradient_blocked(dlogits, cache.dist, cache.passes)  # (N, K)
+        return squared_distance_backward(dd2_blocked, cache.inner)
     dd2 = xp.where(cache.passes, -dlogits / (2 * cache.dist), 0.0)  # (N, K) gradient of d^2
     dist_cache: DistanceCache = cache.inner
     return squared_distance_backward(dd2, dist_cache)
@@ -199,7 +209,7 @@ def softmax_backward(dp: Array, cache: SoftmaxCache) -> Array:
 # ---------------------------------------------------------------------------- Gumbel sampling
 
 
-def gumbel_noise(shape: tuple, rng: Any, *, like: Array) -> Array:
+def gumbel_noise(shape: tuple, rng: Any, *, like: Array, fast: bool = True) -> Array:
     """Standard Gumbel noise ``g = -log(-log u)``, ``u ~ U[0, 1)``, drawn on the host.
 
     Both logarithms are clamped at 1e-20 as in vector-quantize-pytorch (``u = 0`` gives
@@ -212,11 +222,14 @@ def gumbel_noise(shape: tuple, rng: Any, *, like: Array) -> Array:
     shape : (N, K)
     rng : numpy Generator (advanced by N * K draws) or a seed
     like : an array whose namespace, device and float dtype the noise takes
+    fast : the same numbers block by block (:mod:`vqref.ops.gumbel_fast`); False: the definition below
 
     Returns
     -------
     g : (N, K), like's dtype
     """
+    if fast:  # the one-line choice: bit for bit the definition, without its (N, K) float64 temporaries
+        return blocked.gumbel_noise_blocked(shape, rng, like=like, eps=NOISE_EPS)
     u = B.as_generator(rng).random(size=tuple(shape))  # (N, K) float64 in [0, 1)
     g = -np.log(np.maximum(-np.log(np.maximum(u, NOISE_EPS)), NOISE_EPS))  # (N, K)
     return B.from_numpy(g, B.get_namespace(like), device=B.get_device(like), dtype=like.dtype)
@@ -245,7 +258,7 @@ def perturbed_logits(logits: Array, *, temperature: float, noise: Array = None) 
     return s if noise is None else s + noise
 
 
-def gumbel_max_sample(logits: Array, noise: Array, *, temperature: float) -> Array:
+def gumbel_max_sample(logits: Array, noise: Array, *, temperature: float, fast: bool = True) -> Array:
     """Codes sampled from ``softmax(l / tau)`` by the Gumbel-max trick: ``argmax_k (l_ik / tau + g_ik)``.
 
     Why it samples: ``P(argmax_k (a_k + g_k) = j) = exp(a_j) / sum_k exp(a_k)`` for independent
@@ -257,12 +270,15 @@ def gumbel_max_sample(logits: Array, noise: Array, *, temperature: float) -> Arr
     logits : (N, K)
     noise : (N, K) from :func:`gumbel_noise`
     temperature : tau > 0; tau -> 0 gives the nearest code, tau -> inf a uniform draw
+    fast : numpy: the same steps block by block, without the (N, K) perturbed logits
 
     Returns
     -------
     indices : (N,) int64 (ties to the lowest index)
     """
     xp = B.get_namespace(logits, noise)
+    if blocked.applies(fast, logits, noise) and temperature > 0:  # the one-line choice
+        return blocked.gumbel_max_sample_blocked(logits, noise, temperature=temperature)
     s = perturbed_logits(logits, temperature=temperature, noise=noise)  # (N, K)
     return xp.astype(xp.argmax(s, axis=-1), xp.int64)
 
@@ -273,7 +289,7 @@ class GumbelSoftmaxCache(NamedTuple):
 
 
 def gumbel_softmax_forward(
-    logits: Array, *, temperature: float, noise: Array = None
+    logits: Array, *, temperature: float, noise: Array = None, fast: bool = True
 ) -> tuple[Array, GumbelSoftmaxCache]:
     """The Gumbel-softmax sample ``y = softmax(l / tau + g)`` (or ``softmax(l / tau)`` without noise).
 
@@ -292,11 +308,14 @@ def gumbel_softmax_forward(
     y : (N, K), rows summing to 1
     cache : GumbelSoftmaxCache
     """
+    if blocked.applies(fast, logits, *([] if noise is None else [noise])) and temperature > 0:  # the one-line choice
+        y = blocked.gumbel_softmax_forward_blocked(logits, temperature=temperature, noise=noise)  # (N, K)
+        return y, GumbelSoftmaxCache(SoftmaxCache(y), float(temperature))
     y, sm = softmax_forward(perturbed_logits(logits, temperature=temperature, noise=noise))  # (N, K)
     return y, GumbelSoftmaxCache(sm, float(temperature))
 
 
-def gumbel_softmax_backward(dy: Array, cache: GumbelSoftmaxCache) -> Array:
+def gumbel_softmax_backward(dy: Array, cache: GumbelSoftmaxCache, *, fast: bool = True) -> Array:
     """``dl = softmax_backward(dy) / tau``.  The noise is a constant, and the row maximum that
     :func:`perturbed_logits` subtracts has no effect: a row of the softmax backward sums to 0.
 
@@ -309,6 +328,8 @@ def gumbel_softmax_backward(dy: Array, cache: GumbelSoftmaxCache) -> Array:
     -------
     dlogits : (N, K)
     """
+    if blocked.applies(fast, dy, cache.softmax.p):  # the one-line choice: the same numbers, block by block
+        return blocked.gumbel_softmax_backward_blocked(dy, cache.softmax.p, cache.temperature)
     return softmax_backward(dy, cache.softmax) / cache.temperature  # (N, K)
 
 

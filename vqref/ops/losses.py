@@ -17,9 +17,16 @@ elements, as ``torch.nn.functional.mse_loss`` and vector-quantize-pytorch comput
 Each public function below is that formula.  Two fast paths do the same arithmetic block of rows
 by block of rows, so that no (N, D) temporary of differences is ever whole (on the CPU the
 blocks stay in cache; on a GPU the block is the whole array): :func:`mse_forward_blocked` for
-the forward's sum, :func:`scaled_difference_blocked` for the backwards' ``factor * (a - b)``.
-Each public function chooses its fast path in one line (``fast=False`` runs the formula), and
-the test suite pins each fast path to its formula.
+the forward's sum, :func:`scaled_difference_blocked` for the backwards' ``factor * (a - b)``
+(and ``base + factor * (a - b)``, a gradient added to one that already reaches ``a``).
+A quantizer's backward needs two compositions of these, each also with a fast path:
+
+    dx + d mse/dx                  :func:`commitment_loss_backward_added`   one (N, D) pass
+    dC = E^T d mse/dq,  q = C[k]   :func:`codebook_loss_backward_codes`     no (N, D) array
+
+the second by the identity ``sum_{i : k_i = k} (q_i - x_i) = -sum_{i : k_i = k} (x_i - c_k)``,
+a segment sum of deviations from the codes.  Each public function chooses its fast path in one
+line (``fast=False`` runs the formula), and the test suite pins each fast path to its formula.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ __all__ = [
     "commitment_loss_backward",
     "codebook_loss_forward",
     "codebook_loss_backward",
+    "commitment_loss_backward_added",
+    "codebook_loss_backward_codes",
 ]
 
 
@@ -114,23 +123,36 @@ def mse_backward(dloss: Array, cache: MSECache, *, fast: bool = True) -> tuple[A
     return da, -da
 
 
-def scaled_difference_blocked(factor: Any, a: Array, b: Array) -> Array:
-    """Fast path of ``factor * (a - b)`` for (N, D) arrays, written one block of rows at a time.
+def scaled_difference_blocked(factor: Any, a: Array, b: Array, base: Array = None, out: Array = None) -> Array:
+    """Fast path of ``factor * (a - b)`` (or ``base + factor * (a - b)``) for (N, D) arrays,
+    written one block of rows at a time.
 
-    The same numbers as the one-line expression, bit for bit (the same two operations on every
+    The same numbers as the one-line expression, bit for bit (the same operations on every
     element); block by block, the difference never exists whole (one (N, D) array is allocated
-    instead of two), and each block of it is still in cache when it is scaled.  Other shapes
-    (and empty arrays) take the one-line expression.
+    instead of two or three), and each block of it is still in cache when it is scaled.  Other
+    shapes (and empty arrays) take the one-line expression.  ``base`` (N, D) is only read.
+    ``out``: write the result into this (N, D) array instead of a new one (it may be ``base``
+    itself: each block is read before it is written); only for a buffer the caller owns.
     """
     xp = B.get_namespace(a, b)
-    if a.ndim != 2 or tuple(a.shape) != tuple(b.shape) or a.shape[0] == 0:
-        return factor * (a - b)
+    if (
+        a.ndim != 2
+        or tuple(a.shape) != tuple(b.shape)
+        or a.shape[0] == 0
+        or (base is not None and tuple(base.shape) != tuple(a.shape))
+    ):
+        result = factor * (a - b) if base is None else base + factor * (a - b)
+        if out is None:
+            return result
+        out[...] = result
+        return out
     N, D = a.shape
     step = B.rows_per_block(a, _BLOCK_ELEMENTS)
-    out = None
     for start in range(0, N, step):
         stop = min(start + step, N)
         block = factor * (a[start:stop, :] - b[start:stop, :])  # (n, D)
+        if base is not None:
+            block = base[start:stop, :] + block  # (n, D)
         if out is None:
             out = xp.empty((N, D), dtype=block.dtype, device=B.get_device(a))
         out[start:stop, :] = block
@@ -175,3 +197,52 @@ def codebook_loss_backward(dloss: Array, cache: MSECache, *, fast: bool = True) 
     """
     factor = (2.0 / max(cache.count, 1)) * dloss  # () 2 dloss / M
     return scaled_difference_blocked(factor, cache.b, cache.a) if fast else factor * (cache.b - cache.a)  # (N, D)
+
+
+def commitment_loss_backward_added(
+    dx: Array, dloss: Any, cache: MSECache, *, fast: bool = True, in_place: bool = False
+) -> Array:
+    """``dx + commitment_loss_backward(dloss, cache)``: the commitment gradient added to a gradient
+    ``dx`` (N, D) that already reaches the encoder output (the estimator's).
+
+    ``fast``: :func:`scaled_difference_blocked` with ``base=dx``, the same numbers bit for bit
+    in one (N, D) pass (the formula allocates the commitment gradient, then the sum).
+    ``in_place``: write the sum into ``dx`` (a buffer the caller allocated and nobody else sees)
+    and return it; otherwise ``dx`` is only read and the result is a new array.
+    """
+    factor = (2.0 / max(cache.count, 1)) * dloss  # () 2 dloss / M
+    if fast:  # the one-line choice
+        return scaled_difference_blocked(factor, cache.a, cache.b, base=dx, out=dx if in_place else None)
+    total = dx + commitment_loss_backward(dloss, cache, fast=False)  # (N, D)
+    if in_place:
+        dx[...] = total
+        return dx
+    return total
+
+
+def codebook_loss_backward_codes(
+    dloss: Any, cache: MSECache, indices: Array, codebook: Array, *, fast: bool = True
+) -> Array:
+    """The codebook loss's gradient collected per code: ``dC = E^T codebook_loss_backward(dloss)``
+    for ``q = C[indices]`` (E the one-hot matrix of the lookup, :mod:`vqref.ops.lookup`).
+
+        dc_k = (2 dloss / M) sum_{i : k_i = k} (q_i - x_i) = -(2 dloss / M) sum_{i : k_i = k} (x_i - c_k)
+
+    Parameters
+    ----------
+    dloss : upstream gradient of the loss;  cache : MSECache of ``mse(x, q)``
+    indices : (N,) int, the codes of q;  codebook : (K, D), the codebook q was looked up in
+
+    Returns
+    -------
+    dcodebook : (K, D), zero rows for codes that no row selected
+
+    ``fast``: the right-hand form, one segment sum of the deviations ``x_i - c_k``
+    (:func:`vqref.backend.segment_sum` with ``offsets``; no (N, D) array), scaled once.  Equal to
+    rounding (the scale is applied after the sum instead of before it).
+    """
+    factor = (2.0 / max(cache.count, 1)) * dloss  # () 2 dloss / M
+    K = codebook.shape[0]
+    if fast:  # the one-line choice
+        return -factor * B.segment_sum(cache.a, indices, K, offsets=codebook)  # (K, D)
+    return B.segment_sum(codebook_loss_backward(dloss, cache, fast=False), indices, K)  # (K, D)

@@ -201,7 +201,8 @@ class ScalarQuantizer(Quantizer):
             first = self._channel_first(len(shape))
             rows = channels_last(dquantized, first)
             lead = tuple(rows.shape[:-1])
-            dx, grads = core_backward(xp.astype(xp.reshape(rows, (-1, self.dim)), dtype), cache)
+            drows = xp.astype(xp.reshape(rows, (-1, self.dim)), dtype, copy=False)  # (N, dim) no copy: read only
+            dx, grads = core_backward(drows, cache)
             for name, g in [("dx", dx), *grads.items()]:
                 if not (B.all_finite(g) and (name == "dx" or fits(g, self._dtype_name))):
                     raise ValueError(f"the gradient {name} overflows; {FIT_FIX}")

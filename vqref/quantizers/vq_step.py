@@ -275,7 +275,9 @@ def _quantize_stream(m: Any, z: Array, st: _Stream, *, training: bool, opts: dic
             comm=kmeans_comm,
         )  # fmt: skip
         m.check_finite(st.prefixes, states, "k-means initialisation")
-    codebooks = [xp.astype(states[0 if len(states) == 1 else level].codebook, z.dtype) for level in range(Q)]
+    codebooks = [
+        xp.astype(states[0 if len(states) == 1 else level].codebook, z.dtype, copy=False) for level in range(Q)
+    ]
     # c. codes by beam search
     codes = _beam_codes(m, z, codebooks, plan.last_depth, training)
     # d. quantize (Gumbel noise from the generators when sampling)
@@ -318,7 +320,8 @@ def _update(m: Any, states: list, batches: list, gens: list, shared: bool, comm:
     xp = B.get_namespace(states[0].codebook)
     run = [level for level, b in enumerate(batches) if b is not None]
     dtype = states[0].codebook.dtype  # the state's
-    data = [xp.astype(batches[level][0], dtype) for level in run]  # (n_l, d) each, normalised for cosine
+    # (n_l, d) each, normalised for cosine; read only, so no copy when the dtype already matches
+    data = [xp.astype(batches[level][0], dtype, copy=False) for level in run]
     idx = [batches[level][1] for level in run]
     options = dict(decay=m.decay, eps=m.eps, ema=m.ema_update, dead_code_threshold=m.threshold_ema_dead_code,
                    normalize=m.use_cosine_sim)  # fmt: skip
@@ -468,7 +471,7 @@ def upstream_gradients(m: Any, dquantized: Array, dloss: Any, name: str, *, shap
     else:
         dloss = check_real(name, dloss)
         check_fits(name, dloss, dtype_name, "the forward's input", _FIT_FIX)
-    return xp.astype(dquantized, dtype), dloss
+    return xp.astype(dquantized, dtype, copy=False), dloss  # read only: no copy of a matching dtype
 
 
 def state_gradients(m: Any, core_grads: dict, names: Any, like: Array, prefix: str = "") -> dict:

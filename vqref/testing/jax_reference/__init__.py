@@ -43,8 +43,11 @@ backward                                                               JAX refer
 ``vqref.ops.losses.mse_backward``                                      ``vq.mse``                          test_losses_backward
 ``vqref.ops.losses.commitment_loss_backward``                          ``vq.commitment_loss``              test_losses_backward
 ``vqref.ops.losses.codebook_loss_backward``                            ``vq.codebook_loss``                test_losses_backward
+``vqref.ops.losses.commitment_loss_backward_added``                    ``vq.commitment_loss``              test_losses_backward
+``vqref.ops.losses.codebook_loss_backward_codes``                      ``vq.codebook_loss``                test_losses_backward
 ``vqref.ops.straight_through.straight_through_backward``               ``vq.straight_through``             test_straight_through_backward
 ``vqref.ops.l2norm.l2norm_backward``                                   ``cosine.l2norm``                   test_l2norm_backward_all_branches
+``vqref.ops.l2norm.l2norm_backward_fast``                              ``cosine.l2norm``                   test_l2norm_backward_all_branches
 ``vqref.ops.orthogonal.orthogonal_loss_backward``                      ``orthogonal.orthogonal_loss``      test_orthogonal_loss_backward
 ``vqref.ops.rotation.rotation_trick_backward``                         ``rotation.rotation_trick``         test_rotation_trick_backward
 ``vqref.ops.rotation.rotation_trick_backward_fused``                   ``rotation.rotation_trick``         test_rotation_trick_backward
@@ -68,6 +71,7 @@ backward                                                               JAX refer
 ``vqref.ops.gumbel.code_logits_backward``                              ``gumbel.code_logits``              test_gumbel_op_backwards
 ``vqref.ops.gumbel.softmax_backward``                                  ``gumbel.softmax``                  test_gumbel_op_backwards
 ``vqref.ops.gumbel.gumbel_softmax_backward``                           ``gumbel.gumbel_softmax``           test_gumbel_op_backwards
+``vqref.ops.gumbel_fast.gumbel_softmax_backward_blocked``              ``gumbel.gumbel_softmax``           test_gumbel_op_backwards
 ``vqref.ops.gumbel.soft_assignment_backward``                          ``gumbel.soft_assignment``          test_gumbel_op_backwards
 ``vqref.ops.gumbel.straight_through_gumbel_backward``                  ``gumbel.straight_through_gumbel``  test_gumbel_op_backwards
 ``vqref.ops.gumbel.clamped_entropy_backward``                          ``gumbel.clamped_entropy``          test_gumbel_op_backwards
@@ -85,10 +89,12 @@ backward                                                               JAX refer
 ``vqref.core.residual.residual_stack_backward``                        ``residual.residual_stack``         test_residual_stack_backward
 ``vqref.core.fsq.fsq_backward``                                        ``fsq.fsq``                         test_fsq_core_backward
 ``vqref.core.fsq.fsq_layer_backward``                                  ``fsq.fsq_layer``                   test_fsq_layer_backward
+``vqref.ops.fsq_fast.affine_backward_stacked``                         ``fsq.fsq_layer``                   test_fsq_layer_backward
 ``vqref.core.residual_fsq.residual_fsq_backward``                      ``fsq.residual_fsq``                test_residual_fsq_core_backward
 ``vqref.core.layer.layer_in_backward``                                 ``layer.layer_in``                  test_layer_backwards
 ``vqref.core.layer.layer_out_backward``                                ``layer.layer_out``                 test_layer_backwards
 ``vqref.core.lfq.lfq_backward``                                        ``lfq.lfq``                         test_lfq_core_backward
+``vqref.ops.entropy_fast.lfq_entropy_backward_blocked``                ``lfq.lfq``                         test_lfq_core_backward
 ``vqref.core.lfq.residual_lfq_backward``                               ``lfq.residual_lfq``                test_residual_lfq_core_backward
 ``vqref.nn.layers.Linear.backward``                                    ``nn.linear``                       test_linear_and_mlp_module_backward
 ``vqref.nn.layers.MLP.backward``                                       ``nn.mlp``                          test_linear_and_mlp_module_backward
@@ -115,7 +121,9 @@ per head, or one for all pieces), projections to ``codebook_dim`` and masks (abs
 returning zeros or the input); the FSQ rows both grids, the clamp's
 kinks, noise dropout, projections, rotation and quantize dropout; the LFQ rows spherical codes,
 the soft clamp, softplus, cosine projections, rotations and the rows of the entropy penalty and
-of the commitment loss.  A backward added to vqref without a row here fails that test.
+of the commitment loss.  The rows of the ``*_fast`` modules name the test whose numpy case runs
+that fast path through the public op that chooses it.  A backward added to vqref without a row
+here fails that test.
 """
 
 from . import conv, cosine, entropy, fsq, gumbel, layer, lfq, nn, orthogonal, residual, rotation, vq

@@ -1,0 +1,295 @@
+"""The fast paths of FSQ, LFQ and Gumbel sampling, pinned to their definitions.
+
+Each fast path is a separate function that its public op chooses in one line; here each is run
+against the definition (the public op with ``fast=False``) on sizes that cross block boundaries
+(blocks shrunk to a few rows), in float32 and float64, with every branch exercised: the clamps
+on both sides of their bound, ties in the argmax, blocks that end inside a row of codes.
+Elementwise fast paths must give the definition's numbers bit for bit; those with a matrix
+product per block or a softmax's logarithm taken differently agree to float rounding.
+
+Symbols: N rows, K codes, D features, C codebooks, d bits (K = 2^d for LFQ).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vqref import FSQ
+from vqref.core.fsq import Projection, fsq_layer_backward, fsq_layer_forward
+from vqref.core.lfq import LFQOptions, LFQParams, lfq_backward, lfq_forward
+from vqref.ops import entropy_fast, fsq_fast, gumbel_fast
+from vqref.ops.entropy import entropy_penalty_backward, entropy_penalty_forward
+from vqref.ops.gumbel import (
+    code_logits_backward,
+    code_logits_forward,
+    gumbel_max_sample,
+    gumbel_noise,
+    gumbel_softmax_backward,
+    gumbel_softmax_forward,
+)
+from vqref.ops.lfq import code_scores_backward, code_scores_forward, sign_codebook
+from vqref.ops.linear import linear_backward, linear_forward
+from vqref.testing import check_vjp, rel_error
+
+N, K, D = 29, 13, 6
+
+DTYPES = [np.float32, np.float64]
+
+
+def _tol(dtype) -> float:
+    return 2e-6 if dtype == np.float32 else 1e-13
+
+
+# ------------------------------------------------------------------ Gumbel noise: bit for bit
+
+
+@pytest.mark.parametrize("block", [1, 7, N * K, 10 * N * K])  # one entry, uneven blocks, exact, one block
+def test_blocked_noise_is_the_definition_bit_for_bit(bk, block):
+    like = bk.asarray(np.zeros(1))
+    fast = gumbel_fast.gumbel_noise_blocked((N, K), np.random.default_rng(4), like=like, eps=1e-20, block=block)
+    want = gumbel_noise((N, K), np.random.default_rng(4), like=like, fast=False)
+    assert type(fast) is type(want) and fast.dtype == want.dtype and fast.shape == (N, K)
+    np.testing.assert_array_equal(bk.np(fast), bk.np(want))
+
+
+def test_blocked_noise_of_no_rows_is_empty_and_draws_nothing():
+    gen = np.random.default_rng(2)
+    state = gen.bit_generator.state
+    g = gumbel_noise((0, K), gen, like=np.zeros(1, np.float32))
+    assert g.shape == (0, K) and g.dtype == np.float32 and gen.bit_generator.state == state
+
+
+def test_blocked_noise_continues_the_stream_and_advances_the_generator_alike():
+    a, b = np.random.default_rng(9), np.random.default_rng(9)
+    gumbel_noise((N, K), a, like=np.zeros(1, np.float32))
+    gumbel_noise((N, K), b, like=np.zeros(1, np.float32), fast=False)
+    assert a.bit_generator.state == b.bit_generator.state  # the next draws are the same too
+    # negative control: restarting the stream in every block gives other numbers
+    restarted = np.concatenate(
+        [gumbel_noise((1, K), np.random.default_rng(9), like=np.zeros(1), fast=False) for _ in range(N)]
+    )
+    want = gumbel_noise((N, K), np.random.default_rng(9), like=np.zeros(1), fast=False)
+    assert not np.array_equal(restarted, want)
+
+
+# ------------------------------------------------------------------ the (N, K) steps of Gumbel sampling
+
+
+def _problem(rng, dtype):
+    x = rng.standard_normal((N, D))
+    codebook = rng.standard_normal((K, D))
+    codebook[4] = x[3]  # a distance of 0: the clamp stops this gradient
+    codebook[9] = x[11] + 3e-5  # squared distance 5.4e-9 < 1e-8 in exact arithmetic
+    return x.astype(dtype), codebook.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", [1, 2 * K + 3, 10**6])  # one row per block, uneven blocks, one block
+def test_blocked_logits_match_the_definition(rng, dtype, block):
+    x, codebook = _problem(rng, dtype)
+    logits, (xc, cc, dist, passes) = gumbel_fast.code_logits_forward_blocked(x, codebook, clamp=1e-8, block=block)
+    want, cache = code_logits_forward(x, codebook, fast=False)
+    assert logits.dtype == dtype and dist.dtype == dtype
+    np.testing.assert_allclose(logits, want, rtol=_tol(dtype), atol=_tol(dtype))
+    np.testing.assert_allclose(dist, cache.dist, rtol=_tol(dtype), atol=_tol(dtype))
+    np.testing.assert_array_equal(xc, cache.inner.xc)
+    if dtype == np.float64:  # float32's expansion cannot resolve 1e-8: only float64 sees both sides
+        np.testing.assert_array_equal(passes, cache.passes)
+        assert not passes[3, 4] and not passes[11, 9] and passes.sum() == N * K - 2
+    # the public op's choice: the same cache fields
+    fast_logits, fast_cache = code_logits_forward(x, codebook)
+    assert fast_cache.metric == "euclidean" and fast_cache.passes.dtype == bool
+    np.testing.assert_allclose(fast_logits, want, rtol=_tol(dtype), atol=_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blocked_logits_backward_is_the_definition_bit_for_bit(rng, dtype, monkeypatch):
+    x, codebook = _problem(rng, np.float64)
+    _, cache = code_logits_forward(x.astype(dtype), codebook.astype(dtype), fast=False)
+    dl = rng.standard_normal((N, K)).astype(dtype)
+    monkeypatch.setattr(gumbel_fast, "BLOCK_ELEMENTS", 2 * K + 3)  # several uneven blocks
+    dd2 = gumbel_fast.distance_gradient_blocked(dl, cache.dist, cache.passes, block=2 * K + 3)
+    want = np.where(cache.passes, -dl / (2 * cache.dist), 0.0)
+    np.testing.assert_array_equal(dd2, want)
+    assert np.all(dd2[~cache.passes] == 0) and (~cache.passes).any()
+    for fast, slow in zip(code_logits_backward(dl, cache), code_logits_backward(dl, cache, fast=False)):
+        np.testing.assert_array_equal(fast, slow)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tau", [0.05, 1.0, 7.0])
+def test_blocked_sampling_and_softmax_are_the_definition_bit_for_bit(rng, dtype, tau):
+    logits = -np.abs(rng.standard_normal((N, K)) * 3).astype(dtype)
+    noise = gumbel_noise((N, K), rng, like=logits)
+    for block in (1, 2 * K + 3, 10**6):
+        got = gumbel_fast.gumbel_max_sample_blocked(logits, noise, temperature=tau, block=block)
+        np.testing.assert_array_equal(got, gumbel_max_sample(logits, noise, temperature=tau, fast=False))
+        for g in (noise, None):
+            y = gumbel_fast.gumbel_softmax_forward_blocked(logits, temperature=tau, noise=g, block=block)
+            want, cache = gumbel_softmax_forward(logits, temperature=tau, noise=g, fast=False)
+            np.testing.assert_array_equal(y, want)
+            dy = rng.standard_normal((N, K)).astype(dtype)
+            dl = gumbel_fast.gumbel_softmax_backward_blocked(dy, cache.softmax.p, tau, block=block)
+            np.testing.assert_array_equal(dl, gumbel_softmax_backward(dy, cache, fast=False))
+    assert gumbel_max_sample(logits, noise, temperature=tau).dtype == np.int64
+
+
+def test_blocked_sampling_breaks_ties_to_the_lowest_index():
+    logits = np.zeros((5, K))
+    logits[:, [2, 6]] = 1.0  # two maxima per row, no noise
+    got = gumbel_fast.gumbel_max_sample_blocked(logits, np.zeros_like(logits), temperature=1.0, block=K)
+    np.testing.assert_array_equal(got, np.full(5, 2))
+
+
+def test_the_fast_paths_apply_to_numpy_arrays_of_one_float_dtype_only(bk):
+    a, b = bk.asarray(np.ones((2, 3))), bk.asarray(np.ones((3, 3)))
+    assert gumbel_fast.applies(True, a, b) is (bk.name == "numpy")
+    assert not gumbel_fast.applies(False, a, b)
+    assert not gumbel_fast.applies(True, np.ones(2, np.float32), np.ones(2, np.float64))
+    assert not gumbel_fast.applies(True, np.ones(2, np.int64))
+    logits, cache = code_logits_forward(a, b)  # strict runs the definition: strict arrays out
+    assert type(logits) is type(a) and type(cache.dist) is type(a)
+
+
+# ------------------------------------------------------------------ LFQ's entropy penalty, block by block
+
+
+def _definition(z, C, d, value, tau, gamma):
+    scores, sc = code_scores_forward(z, value=value, fast=False)
+    pen, pc = entropy_penalty_forward(scores.reshape(-1, C, 2**d), inv_temperature=tau, diversity_gamma=gamma)
+    return pen, (sc, pc)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C, d, block", [(1, 4, 1), (3, 3, 8 * 3 * 2), (2, 5, 10**6)])  # a token, 2 tokens, all
+def test_blocked_entropy_penalty_matches_the_definition(rng, dtype, C, d, block):
+    n, value, tau, gamma = 17, 0.7, 9.0, 0.6
+    z = (rng.standard_normal((n * C, d)) * 0.8).astype(dtype)
+    codebook = sign_codebook(d, value, like=z)
+    out, cache = entropy_fast.lfq_entropy_forward_blocked(
+        z, codebook, num_codebooks=C, inv_temperature=tau, diversity_gamma=gamma, eps=1e-5, block=block
+    )
+    want, (sc, pc) = _definition(z, C, d, value, tau, gamma)
+    p = pc.softmax.p
+    assert (p < 1e-5).any() and (p >= 1e-5).any()  # the clamp is active on both sides of eps
+    for a, b in zip(out, want):
+        assert a.dtype == dtype and abs(float(a) - float(b)) <= 10 * _tol(dtype) * (1 + abs(float(b)))
+    dloss = 1.3
+    dz = entropy_fast.lfq_entropy_backward_blocked(dloss, cache)
+    dz_want = code_scores_backward(entropy_penalty_backward(dloss, pc).reshape(n * C, 2**d), sc)
+    assert dz.dtype == dtype and rel_error(dz, dz_want) < 10 * _tol(dtype)
+    # memory: nothing of size (n C, K) is kept
+    assert max(a.size for a in cache if isinstance(a, np.ndarray)) <= max(z.size, C * 2**d)
+
+
+OPTIONS = {
+    "plain": dict(),
+    "three-codebooks-spherical-commit": dict(num_codebooks=3, spherical=True, codebook_scale=0.5,
+                                             commitment_loss_weight=0.3),
+    "softplus-clamp": dict(softplus_offset=5.0, soft_clamp=1.5, diversity_gamma=0.4),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lfq_step_with_the_blocked_penalty_matches_the_definition(rng, name, dtype):
+    o = LFQOptions(**{"num_codebooks": 2, "codebook_dim": 4, "inv_temperature": 30.0, **OPTIONS[name]})
+    width = o.num_codebooks * o.codebook_dim
+    x = rng.standard_normal((N, width)).astype(dtype)
+    g = rng.standard_normal((N, width)).astype(dtype)
+    rows = np.array([0, 3, 4, 8, 20, 28])  # a subset of the tokens enters the penalty
+    res = []
+    for fast in (True, False):
+        out, cache = lfq_forward(x, LFQParams(), o._replace(fast=fast), entropy_rows=rows)
+        res.append((out, lfq_backward(g, 0.9, cache)[0], cache))
+    (o1, dx1, c1), (o2, dx2, c2) = res
+    assert isinstance(c1.entropy[1], entropy_fast.BlockedEntropyCache)  # numpy chose the blocked path
+    assert not isinstance(c2.entropy[1], entropy_fast.BlockedEntropyCache)
+    np.testing.assert_array_equal(o1.indices, o2.indices)
+    for a, b in zip(o1[2:], o2[2:]):
+        assert abs(float(a) - float(b)) <= 10 * _tol(dtype) * (1 + abs(float(b)))
+    assert dx1.dtype == dtype and rel_error(dx1, dx2) < 10 * _tol(dtype)
+
+
+def test_blocked_penalty_gradient_passes_finite_differences_and_a_broken_one_fails(rng, monkeypatch):
+    o = LFQOptions(num_codebooks=2, codebook_dim=3, inv_temperature=2.0, diversity_gamma=0.7)
+    x = rng.standard_normal((N, 6))
+    zero_g = np.zeros_like(x)
+    fwd = lambda x: np.asarray(lfq_forward(x, LFQParams(), o)[0].aux_loss)  # noqa: E731
+    vjp = lambda g, x: (lfq_backward(zero_g, g, lfq_forward(x, LFQParams(), o)[1])[0],)  # noqa: E731
+    guard = lambda x: lfq_forward(x, LFQParams(), o)[0].indices  # noqa: E731
+    assert check_vjp(fwd, vjp, [x], dout=np.array(0.83), guard=guard).passed
+    original = entropy_fast.lfq_entropy_backward_blocked
+    monkeypatch.setattr(
+        "vqref.core.lfq.lfq_entropy_backward_blocked", lambda g, c: original(g, c._replace(diversity_gamma=0.0))
+    )
+    assert not check_vjp(fwd, vjp, [x], dout=np.array(0.83), guard=guard, raise_on_failure=False).passed
+
+
+# ------------------------------------------------------------------ FSQ's projections
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("din, dout", [(4, 37), (fsq_fast.THIN, 9), (fsq_fast.THIN + 1, 5), (37, 4)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fast_affine_pair_matches_the_linear_definition(rng, dtype, din, dout, bias):
+    x = rng.standard_normal((N, din)).astype(dtype)
+    W = rng.standard_normal((din, dout)).astype(dtype)
+    b = rng.standard_normal(dout).astype(dtype) if bias else None
+    dy = rng.standard_normal((N, dout)).astype(dtype)
+    y, cache = fsq_fast.affine_forward_inplace(x, W, b)
+    y_want, cache_want = linear_forward(x, W, b)
+    assert y.dtype == dtype and cache.x is not x and cache.W is not W  # copies, as the definition
+    np.testing.assert_allclose(y, y_want, rtol=_tol(dtype), atol=_tol(dtype))
+    got, want = fsq_fast.affine_backward_stacked(dy, cache), linear_backward(dy, cache_want)
+    for a, w in zip(got, want):
+        assert a.dtype == dtype and a.shape == w.shape
+        np.testing.assert_allclose(a, w, rtol=10 * _tol(dtype), atol=10 * _tol(dtype) * np.abs(w).max())
+    if din > fsq_fast.THIN:  # the wide branch is the definition's arithmetic
+        for a, w in zip(got, want):
+            np.testing.assert_array_equal(a, w)
+
+
+LAYERS = {
+    "projected": dict(dim=9, bias=True),
+    "projected-no-bias-rotated": dict(dim=9, bias=False, rotation=True),
+    "two-codebooks-symmetric": dict(dim=11, bias=True, C=2, preserve_symmetry=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fsq_layer_fast_matches_the_definition(rng, name, dtype):
+    cfg = LAYERS[name]
+    levels, C, dim = (7, 5, 4), cfg.get("C", 1), cfg["dim"]
+    width = C * len(levels)
+    proj = lambda a, b: Projection(  # noqa: E731
+        (rng.standard_normal((a, b)) * 0.5).astype(dtype), rng.standard_normal(b).astype(dtype) if cfg["bias"] else None
+    )
+    kw = dict(num_codebooks=C, project_in=proj(dim, width), project_out=proj(width, dim),
+              preserve_symmetry=cfg.get("preserve_symmetry", False))  # fmt: skip
+    if cfg.get("rotation"):
+        kw["rotation"] = np.linalg.qr(rng.standard_normal((3, 3)))[0].astype(dtype)
+    x = rng.standard_normal((N, dim)).astype(dtype)
+    g = rng.standard_normal((N, dim)).astype(dtype)
+    out, cache = fsq_layer_forward(x, levels, **kw)
+    want, cache_want = fsq_layer_forward(x, levels, fast=False, **kw)
+    np.testing.assert_array_equal(out.indices, want.indices)
+    np.testing.assert_allclose(out.quantized, want.quantized, rtol=_tol(dtype), atol=_tol(dtype))
+    dx, grads = fsq_layer_backward(g, cache)
+    dx_want, grads_want = fsq_layer_backward(g, cache_want, fast=False)
+    assert dx.dtype == dtype and sorted(grads) == sorted(grads_want)
+    for a, w in [(dx, dx_want)] + [(grads[k], grads_want[k]) for k in grads]:
+        np.testing.assert_allclose(a, w, rtol=10 * _tol(dtype), atol=10 * _tol(dtype) * np.abs(w).max())
+
+
+def test_fsq_backward_leaves_the_upstream_gradient_alone(rng):
+    fsq = FSQ(levels=[7, 5, 4], dim=9, seed=0)
+    x = rng.standard_normal((N, 9)).astype(np.float32)
+    g = rng.standard_normal((N, 9)).astype(np.float32)
+    g_before = g.copy()
+    fsq(x)
+    dx = fsq.backward(g)  # reads g without a copy (float32 into a float32 forward)
+    np.testing.assert_array_equal(g, g_before)
+    assert dx.dtype == np.float32 and not np.shares_memory(dx, g)

@@ -1,0 +1,249 @@
+"""The fast path of the Gumbel noise: the same numbers as :func:`vqref.ops.gumbel.gumbel_noise`,
+drawn and transformed block by block in a reused buffer.
+
+Symbols: N rows, K codes (the noise has one entry per row and code).
+
+The definition draws all ``N K`` uniforms at once in float64 and applies
+``g = -log(max(-log(max(u, eps)), eps))`` with one new ``(N, K)`` float64 array per operation:
+seven arrays of ``8 N K`` bytes, each paid for twice (the operation writes it, the next reads it),
+and with large arrays every fresh allocation also costs the operating system's page faults.
+For N = 65536 and K = 1024 that is 512 MiB per intermediate.
+
+:func:`gumbel_noise_blocked` computes every entry with the same float64 operations in the same
+order, so the result is bit for bit the definition's:
+
+* ``Generator.random(out=buffer)`` fills a block of the buffer with the next draws of the
+  stream; consecutive blocks continue the stream where the last stopped, so the blocks together
+  are the draws of one ``random(size=N K)`` call;
+* each operation writes into the buffer it reads (``out=``), so the block stays in cache;
+* the last negation writes into the output in its dtype, which rounds the float64 value once,
+  as the definition's final cast does.
+
+The noise is drawn on the host for every array library (one seed, the same codes on every
+backend); only the result moves to the device.
+
+The other functions here are numpy fast paths of the (N, K) steps of :mod:`vqref.ops.gumbel`,
+each chosen in one line by its public function (``fast=True``, numpy arrays).  Every one runs
+the definition's operations in the definition's order, block of rows by block of rows, with
+``out=`` into a block that stays in cache, so that a chain of elementwise steps streams its
+input and its result through memory once instead of once per step:
+
+* :func:`code_logits_forward_blocked`: the distance expansion of each block written straight
+  into the distances, then clamp, square root and negation in place (the definition allocates
+  seven (N, K) arrays);
+* :func:`gumbel_max_sample_blocked`: the perturbed logits of a block and their argmax, without
+  the (N, K) array of perturbed logits;
+* :func:`gumbel_softmax_forward_blocked` and :func:`gumbel_softmax_backward_blocked`: the
+  softmax of the perturbed logits and its vector-Jacobian product;
+* :func:`distance_gradient_blocked`: the gradient of the squared distances from that of the
+  logits (``-dl / (2 dist)`` where the clamp passes).
+
+Elementwise steps and row reductions give the definition's numbers bit for bit; the one matrix
+product per block may round differently from one product over all rows (the library's choice of
+kernel), so the tests pin the logits to float rounding and everything else exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .. import backend as B
+from ..backend import Array
+
+__all__ = [
+    "BLOCK_ELEMENTS",
+    "applies",
+    "gumbel_noise_blocked",
+    "code_logits_forward_blocked",
+    "gumbel_max_sample_blocked",
+    "gumbel_softmax_forward_blocked",
+    "gumbel_softmax_backward_blocked",
+    "distance_gradient_blocked",
+]
+
+BLOCK_ELEMENTS = 1 << 16  # entries per block: 512 KiB of float64, about an L2 cache
+_PRODUCT_WORK = 1 << 27  # multiply-adds per matrix product in the blocked logits
+
+
+def gumbel_noise_blocked(shape: tuple, rng: Any, *, like: Array, eps: float, block: int = BLOCK_ELEMENTS) -> Array:
+    """Standard Gumbel noise of :func:`vqref.ops.gumbel.gumbel_noise`, block by block.
+
+    Parameters
+    ----------
+    shape : (N, K)
+    rng : numpy Generator (advanced by N * K draws) or a seed
+    like : an array whose namespace, device and float dtype the noise takes
+    eps : the clamp of both logarithms (the definition's 1e-20)
+    block : entries per block (tests use small blocks to cross block boundaries)
+
+    Returns
+    -------
+    g : (N, K), like's dtype; equal, bit for bit, to the definition's
+    """
+    gen = B.as_generator(rng)
+    xp = B.get_namespace(like)
+    host_dtype = np.float32 if like.dtype == xp.float32 else np.float64
+    total = B.numel(tuple(shape))
+    out = np.empty(total, dtype=host_dtype)  # (N K,) the result, flat
+    buffer = np.empty(max(1, min(total, int(block))), dtype=np.float64)  # (block,) reused
+    for start in range(0, total, buffer.shape[0]):
+        stop = min(total, start + buffer.shape[0])
+        u = buffer[: stop - start]  # (b,) a view: every step below writes into it
+        gen.random(out=u)  # u ~ U[0, 1), the next b draws of the stream
+        np.maximum(u, eps, out=u)
+        np.log(u, out=u)  # log max(u, eps) < 0
+        np.negative(u, out=u)
+        np.maximum(u, eps, out=u)
+        np.log(u, out=u)
+        np.negative(u, out=out[start:stop], casting="same_kind")  # g, rounded once to the output dtype
+    g = out.reshape(tuple(shape))  # (N, K)
+    return B.from_numpy(g, xp, device=B.get_device(like), dtype=like.dtype)
+
+
+def applies(fast: bool, *arrays: Array) -> bool:
+    """Whether the numpy fast paths below apply: ``fast``, and numpy arrays of one float dtype."""
+    xp = B.get_namespace(*arrays)
+    same = len({a.dtype for a in arrays}) == 1
+    return fast and B.is_numpy(xp) and same and xp.isdtype(arrays[0].dtype, "real floating")
+
+
+def _rows(K: int, block: int) -> int:
+    """Rows per block of an (N, K) array: about ``block`` entries."""
+    return max(1, int(block) // max(1, int(K)))
+
+
+def code_logits_forward_blocked(
+    x: np.ndarray, codebook: np.ndarray, *, clamp: float, block: int = BLOCK_ELEMENTS
+) -> tuple[np.ndarray, tuple]:
+    """Euclidean logits ``-sqrt(max(||x - c||^2, clamp))`` of :func:`vqref.ops.gumbel.code_logits_forward`.
+
+    Parameters
+    ----------
+    x : (N, D) numpy float
+    codebook : (K, D), x's dtype
+    clamp : the clamp of the squared distance (1e-8)
+    block : about this many entries per block
+
+    Returns
+    -------
+    logits : (N, K)
+    parts : ``(xc, cc, dist, passes)``: the centred inputs (N, D) and codes (K, D) of the
+        distance's cache, ``dist = sqrt(max(d^2, clamp))`` (N, K) and ``passes = d^2 >= clamp``
+        (N, K) bool, the fields of the definition's cache
+    """
+    N, K = x.shape[0], codebook.shape[0]
+    m = np.mean(codebook, axis=0)  # (D,) the common centre, as the definition
+    xc = x - m  # (N, D)
+    cc = codebook - m  # (K, D)
+    x2 = np.sum(xc * xc, axis=1, keepdims=True)  # (N, 1)
+    c2 = np.sum(cc * cc, axis=1)  # (K,)
+    ccT = cc.T  # (D, K)
+    dist = np.empty((N, K), dtype=x.dtype)
+    logits = np.empty((N, K), dtype=x.dtype)
+    passes = np.empty((N, K), dtype=bool)
+    # a matrix product pays a fixed cost per call: give each about 2^27 multiply-adds
+    rows = min(max(_rows(K, block), _PRODUCT_WORK // (K * x.shape[1] + 1)), _rows(K, 16 * block))
+    for start in range(0, N, rows):
+        stop = min(N, start + rows)
+        d = dist[start:stop]  # (b, K) a view: written in place
+        np.matmul(xc[start:stop], ccT, out=d)  # xc . cc
+        d *= -2
+        d += x2[start:stop]  # x2 - 2 xc . cc
+        d += c2  # (b, K) the expansion
+        np.maximum(d, 0, out=d)  # the definition's clamp of the value at 0
+        np.greater_equal(d, clamp, out=passes[start:stop])
+        np.maximum(d, clamp, out=d)
+        np.sqrt(d, out=d)  # (b, K) sqrt(max(d^2, clamp))
+        np.negative(d, out=logits[start:stop])
+    return logits, (xc, cc, dist, passes)
+
+
+def gumbel_max_sample_blocked(
+    logits: np.ndarray, noise: np.ndarray, *, temperature: float, block: int = BLOCK_ELEMENTS
+) -> np.ndarray:
+    """``argmax_k ((l_ik - max_k l_ik) / tau + g_ik)`` of :func:`vqref.ops.gumbel.gumbel_max_sample`.
+
+    Returns
+    -------
+    indices : (N,) int64 (ties to the lowest index)
+    """
+    N, K = logits.shape
+    out = np.empty(N, dtype=np.int64)
+    rows = _rows(K, block)
+    for start in range(0, N, rows):
+        s = logits[start : start + rows] - np.max(logits[start : start + rows], axis=-1, keepdims=True)  # (b, K)
+        s /= temperature
+        s += noise[start : start + rows]
+        np.argmax(s, axis=-1, out=out[start : start + rows])
+    return out
+
+
+def gumbel_softmax_forward_blocked(
+    logits: np.ndarray, *, temperature: float, noise: Any = None, block: int = BLOCK_ELEMENTS
+) -> np.ndarray:
+    """``y = softmax((l - max l) / tau + g)`` of :func:`vqref.ops.gumbel.gumbel_softmax_forward`.
+
+    Returns
+    -------
+    y : (N, K), rows summing to 1
+    """
+    N, K = logits.shape
+    y = np.empty_like(logits)
+    rows = _rows(K, block)
+    for start in range(0, N, rows):
+        stop = min(N, start + rows)
+        s = logits[start:stop] - np.max(logits[start:stop], axis=-1, keepdims=True)  # (b, K) the perturbed logits
+        s /= temperature
+        if noise is not None:
+            s += noise[start:stop]
+        s -= np.max(s, axis=-1, keepdims=True)  # the softmax's shift
+        e = np.exp(s, out=y[start:stop])  # (b, K)
+        e /= np.sum(e, axis=-1, keepdims=True)
+    return y
+
+
+def gumbel_softmax_backward_blocked(
+    dy: np.ndarray, p: np.ndarray, temperature: float, *, block: int = BLOCK_ELEMENTS
+) -> np.ndarray:
+    """``dl = p (dy - <p, dy>) / tau`` of :func:`vqref.ops.gumbel.gumbel_softmax_backward`.
+
+    Returns
+    -------
+    dlogits : (N, K)
+    """
+    N, K = p.shape
+    dl = np.empty_like(dy)
+    rows = _rows(K, block)
+    for start in range(0, N, rows):
+        stop = min(N, start + rows)
+        pb, d = p[start:stop], dl[start:stop]  # (b, K) each
+        np.multiply(pb, dy[start:stop], out=d)
+        inner = np.sum(d, axis=-1, keepdims=True)  # (b, 1) <p, dy>
+        np.subtract(dy[start:stop], inner, out=d)
+        d *= pb
+        d /= temperature
+    return dl
+
+
+def distance_gradient_blocked(
+    dlogits: np.ndarray, dist: np.ndarray, passes: np.ndarray, *, block: int = BLOCK_ELEMENTS
+) -> np.ndarray:
+    """``dd2 = -dl / (2 dist)`` where ``passes``, else 0, of :func:`vqref.ops.gumbel.code_logits_backward`.
+
+    Returns
+    -------
+    dd2 : (N, K), the gradient of the squared distances
+    """
+    N, K = dist.shape
+    dd2 = np.empty_like(dlogits)
+    rows = _rows(K, block)
+    for start in range(0, N, rows):
+        stop = min(N, start + rows)
+        d = dd2[start:stop]  # (b, K)
+        np.multiply(dist[start:stop], 2, out=d)
+        np.divide(dlogits[start:stop], d, out=d)
+        np.negative(d, out=d)  # -dl / (2 dist)
+        np.copyto(d, 0, where=np.logical_not(passes[start:stop]))  # 0 where the clamp stops the gradient
+    return dd2
