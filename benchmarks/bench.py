@@ -136,8 +136,9 @@ def _vqp_vq_step(x: np.ndarray, g: np.ndarray, C: np.ndarray | None, options: di
 
     def step():
         xt.grad = None
-        q, _, loss = m(xt)
+        q, idx, loss = m(xt)
         torch.autograd.backward([q, loss], [gt, torch.ones_like(loss)])
+        return idx
 
     return step
 
@@ -702,30 +703,6 @@ def _bench_lfq(sizes: dict, reps: int, rng: np.random.Generator) -> dict:
     return _peer_row("lfq", work + " (floor: the (N x D)(D x d) projection)", t, same, what="indices and aux loss")
 
 
-def _vqp_gumbel(x: np.ndarray, g: np.ndarray, C: np.ndarray, options: dict):
-    """vector-quantize-pytorch's VectorQuantize with the codebook C: ``(step, module, x tensor)``."""
-    torch = peer_torch()
-    from vector_quantize_pytorch import VectorQuantize as TV
-
-    m = TV(dim=x.shape[1], codebook_size=C.shape[0], rotation_trick=False, **options)
-    with torch.no_grad():
-        cb = m._codebook
-        cb.embed.copy_(torch.from_numpy(C)[None])
-        cb.embed_avg.copy_(torch.from_numpy(C)[None])
-        cb.initted.fill_(True)
-    m.train()
-    xt = torch.from_numpy(x)[None].requires_grad_()  # (1, N, D)
-    gt = torch.from_numpy(g)[None]
-
-    def step():
-        xt.grad = None
-        q, idx, loss = m(xt)
-        torch.autograd.backward([q, loss], [gt, torch.ones_like(loss)])
-        return idx
-
-    return step, m, xt
-
-
 def _bench_gumbel(name: str, sizes: dict, reps: int, rng: np.random.Generator) -> dict:
     N, D, K = sizes["N"], sizes["D"], sizes["K"]
     st = name == "gumbel-st"
@@ -741,7 +718,7 @@ def _bench_gumbel(name: str, sizes: dict, reps: int, rng: np.random.Generator) -
 
         from vqref.ops.gumbel import gumbel_noise
 
-        theirs, _, _ = _vqp_gumbel(x, g, C, options)
+        theirs = _vqp_vq_step(x, g, C, dict(K=K, rotation_trick=False, **options))
         # Equal work: handed the noise vqref's next forward draws (a copy of its generator), vqp
         # samples the same codes from the same codebook.  In the race each draws its own noise.
         gen, torch = vq.generator, peer_torch()
