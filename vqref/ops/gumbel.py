@@ -46,6 +46,9 @@ from .. import backend as B
 from ..backend import Array
 from . import gumbel_fast as blocked
 from .distance import DistanceCache, squared_distance_backward, squared_distance_forward
+from .entropy import ENTROPY_EPS, EntropyCache, SoftmaxCache, softmax_backward, softmax_forward
+from .entropy import entropy_backward as clamped_entropy_backward
+from .entropy import entropy_forward as clamped_entropy_forward
 
 __all__ = [
     "DISTANCE_CLAMP",
@@ -77,7 +80,6 @@ __all__ = [
 ]
 
 DISTANCE_CLAMP = 1e-8  # the squared distance is clamped here before the square root (vqp's cdist)
-ENTROPY_EPS = 1e-5  # p log p is evaluated as p log max(p, eps) (vqp's entropy)
 NOISE_EPS = 1e-20  # both logarithms of the Gumbel noise are clamped here (vqp's gumbel_noise)
 
 
@@ -161,49 +163,9 @@ def code_logits_backward(dlogits: Array, cache: LogitsCache, *, fast: bool = Tru
     return squared_distance_backward(dd2, dist_cache)
 
 
-# ---------------------------------------------------------------------------- softmax
-
-
-class SoftmaxCache(NamedTuple):
-    p: Array  # (N, K) the probabilities
-
-
-def softmax_forward(z: Array) -> tuple[Array, SoftmaxCache]:
-    """``p_ik = exp(z_ik) / sum_j exp(z_ij)`` over the last axis, computed as ``exp(z - max z)``
-    so that no exponential overflows (the shift cancels in the ratio).
-
-    Parameters
-    ----------
-    z : (N, K) float (an entry may be -inf: its probability is 0)
-
-    Returns
-    -------
-    p : (N, K), rows summing to 1
-    cache : SoftmaxCache(p)
-    """
-    xp = B.get_namespace(z)
-    e = xp.exp(z - xp.max(z, axis=-1, keepdims=True))  # (N, K) in [0, 1], the largest is 1
-    p = e / xp.sum(e, axis=-1, keepdims=True)  # (N, K)
-    return p, SoftmaxCache(p)
-
-
-def softmax_backward(dp: Array, cache: SoftmaxCache) -> Array:
-    """``dz = p * (dp - sum_k p_k dp_k)``: the softmax Jacobian ``diag(p) - p p^T`` is symmetric,
-    so the vector-Jacobian product is this row-wise formula.  Each row of ``dz`` sums to 0 (a
-    constant added to a row of z changes nothing).
-
-    Parameters
-    ----------
-    dp : (N, K)
-    cache : SoftmaxCache
-
-    Returns
-    -------
-    dz : (N, K)
-    """
-    xp = B.get_namespace(dp)
-    p = cache.p
-    return p * (dp - xp.sum(p * dp, axis=-1, keepdims=True))  # (N, K)
+# The softmax over the last axis and its backward are :mod:`vqref.ops.entropy`'s
+# (``softmax_forward(z)`` at the default inverse temperature 1 is ``exp(z - max z)`` normalised;
+# ``softmax_backward`` is ``p * (dp - <p, dp>)``), imported above.
 
 
 # ---------------------------------------------------------------------------- Gumbel sampling
@@ -310,7 +272,7 @@ def gumbel_softmax_forward(
     """
     if blocked.applies(fast, logits, *([] if noise is None else [noise])) and temperature > 0:  # the one-line choice
         y = blocked.gumbel_softmax_forward_blocked(logits, temperature=temperature, noise=noise)  # (N, K)
-        return y, GumbelSoftmaxCache(SoftmaxCache(y), float(temperature))
+        return y, GumbelSoftmaxCache(SoftmaxCache(y, 1.0), float(temperature))
     y, sm = softmax_forward(perturbed_logits(logits, temperature=temperature, noise=noise))  # (N, K)
     return y, GumbelSoftmaxCache(sm, float(temperature))
 
@@ -407,50 +369,9 @@ def straight_through_gumbel_backward(dout: Array, cache: AssignmentCache) -> tup
 # ---------------------------------------------------------------------------- entropy and diversity
 
 
-class EntropyCache(NamedTuple):
-    p: Array  # (..., K)
-    logp: Array  # (..., K) log max(p, eps)
-    passes: Array  # (..., K) bool, p >= eps: the clamp passes the gradient
-
-
-def clamped_entropy_forward(p: Array, *, eps: float = ENTROPY_EPS) -> tuple[Array, EntropyCache]:
-    """``H(p) = -sum_k p_k log max(p_k, eps)`` over the last axis (vector-quantize-pytorch's entropy).
-
-    The clamp keeps ``0 log 0`` at 0 and the logarithm finite; below eps the term is the linear
-    ``-p log eps``.
-
-    Parameters
-    ----------
-    p : (..., K) probabilities
-    eps : the clamp (1e-5)
-
-    Returns
-    -------
-    h : (...)
-    cache : EntropyCache
-    """
-    xp = B.get_namespace(p)
-    logp = xp.log(xp.clip(p, min=eps))  # (..., K)
-    return -xp.sum(p * logp, axis=-1), EntropyCache(p, logp, p >= eps)
-
-
-def clamped_entropy_backward(dh: Array, cache: EntropyCache) -> Array:
-    """``dp_k = -dh (log max(p_k, eps) + [p_k >= eps])``: the product rule of ``-p log p`` where the
-    clamp passes (``d(p log p)/dp = log p + 1``), and ``-log eps`` where it holds p fixed inside
-    the logarithm (at ``p = eps`` the gradient passes, as torch's clamp lets it).
-
-    Parameters
-    ----------
-    dh : (...) upstream gradient of H
-    cache : EntropyCache
-
-    Returns
-    -------
-    dp : (..., K)
-    """
-    xp = B.get_namespace(cache.p)
-    inner = cache.logp + xp.astype(cache.passes, cache.p.dtype)  # (..., K)
-    return -dh[..., None] * inner
+# The clamped entropy ``H(p) = -sum_k p_k log max(p_k, eps)`` and its backward are
+# :mod:`vqref.ops.entropy`'s ``entropy_forward``/``entropy_backward``, imported above as
+# ``clamped_entropy_forward``/``clamped_entropy_backward``.
 
 
 class DiversityCache(NamedTuple):

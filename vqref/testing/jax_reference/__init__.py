@@ -69,12 +69,10 @@ backward                                                               JAX refer
 ``vqref.ops.entropy.entropy_penalty_backward``                         ``entropy.entropy_penalty``         test_entropy_op_backwards
 ``vqref.ops.entropy.softplus_backward``                                ``entropy.softplus``                test_entropy_op_backwards
 ``vqref.ops.gumbel.code_logits_backward``                              ``gumbel.code_logits``              test_gumbel_op_backwards
-``vqref.ops.gumbel.softmax_backward``                                  ``gumbel.softmax``                  test_gumbel_op_backwards
 ``vqref.ops.gumbel.gumbel_softmax_backward``                           ``gumbel.gumbel_softmax``           test_gumbel_op_backwards
 ``vqref.ops.gumbel_fast.gumbel_softmax_backward_blocked``              ``gumbel.gumbel_softmax``           test_gumbel_op_backwards
 ``vqref.ops.gumbel.soft_assignment_backward``                          ``gumbel.soft_assignment``          test_gumbel_op_backwards
 ``vqref.ops.gumbel.straight_through_gumbel_backward``                  ``gumbel.straight_through_gumbel``  test_gumbel_op_backwards
-``vqref.ops.gumbel.clamped_entropy_backward``                          ``gumbel.clamped_entropy``          test_gumbel_op_backwards
 ``vqref.ops.gumbel.diversity_loss_backward``                           ``gumbel.diversity_loss``           test_gumbel_op_backwards
 ``vqref.ops.linear.linear_backward``                                   ``nn.linear``                       test_nn_functional_backwards
 ``vqref.nn.functional.relu_backward``                                  ``nn.relu``                         test_nn_functional_backwards
