@@ -127,3 +127,30 @@ def fuzz_settings(ci: int, nightly: int) -> settings:
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
         print_blob=True,
     )
+
+
+def _clear_rows(x, C, metric):
+    """Rows whose best code beats the second best by far more than the scores' rounding error.
+
+    The error of a score is about ``eps * (||x - m||^2 + ||c - m||^2)`` for the centred squared
+    distance and ``eps ||x|| ||c||`` for the dot product; two codes closer than a few hundred of
+    those may legitimately swap between two orders of summation.
+    """
+    eps = np.finfo(x.dtype).eps
+    x, C = np.asarray(x, np.float64), np.asarray(C, np.float64)
+    if metric == "euclidean":
+        m = C.mean(0)
+        s = ((x[:, None, :] - C[None]) ** 2).sum(-1)
+        size = ((x - m) ** 2).sum(1) + ((C - m) ** 2).sum(1).max()
+    else:
+        s = -(x @ C.T)
+        size = np.linalg.norm(x, axis=1) * np.linalg.norm(C, axis=1).max()
+    s = np.sort(s, axis=1)
+    gap = s[:, 1] - s[:, 0] if s.shape[1] > 1 else np.full(s.shape[0], np.inf)
+    return gap > 256 * eps * size
+
+
+@pytest.fixture
+def clear_rows():
+    """``clear_rows(x, C, metric)``: the rows whose nearest code no rounding can swap (a bool mask)."""
+    return _clear_rows

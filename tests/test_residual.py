@@ -758,3 +758,55 @@ def test_numpy_and_strict_agree(rng):
         res.append((B.to_numpy(q), B.to_numpy(i), B.to_numpy(l), *[B.to_numpy(v) for v in rq.state_dict().values()]))
     for a, b in zip(*res):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------ the last residual, formed when read
+
+_LAST_RESIDUAL_CASES = {
+    "ste": dict(),
+    "cosine": dict(use_cosine_sim=True),
+    "rotation": dict(rotation_trick=True),
+    "learnable": dict(learnable_codebook=True, ema_update=False),
+    "stack": dict(num_quantizers=3),
+    "stack-shared-sum": dict(num_quantizers=3, shared_codebook=True, gradient_routing="sum"),
+    "dropout": dict(num_quantizers=3, quantize_dropout=True, quantize_dropout_cutoff_index=1),
+    "projection": dict(codebook_dim=4),
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", list(_LAST_RESIDUAL_CASES))
+def test_the_last_residual_is_formed_when_read_and_is_the_step_s(bk, rng, case, training):
+    """``last_residuals[-1]`` is ``r_{Q-1} - c_{Q-1}`` of the call, read at any time before the next
+    call (after the backward too), equal to the sum identity, and formed once."""
+    import copy
+
+    kw = dict(_LAST_RESIDUAL_CASES[case])
+    vq = VectorQuantize(dim=D, codebook_size=K, seed=0, dtype=bk.dtype_name, xp=bk.module, **kw)
+    assert vq.last_residuals == ()  # before the first call
+    vq(bk.asarray(rng.standard_normal((16, D))))  # a first step: codebooks off their initial values
+    vq.train(training)
+    x = bk.asarray(rng.standard_normal((5, 4, D)))
+    cb = [bk.np(layer.codebook).astype(np.float64) for layer in vq.layers]  # the codebooks the call uses
+    q, idx, loss = vq(x)
+    early = copy.deepcopy(vq)  # read now, from a copy; the module itself is read after its backward
+    res_early = [bk.np(r).astype(np.float64) for r in early.last_residuals]
+    if training:
+        vq.backward(bk.asarray(rng.standard_normal((5, 4, D))))
+    res = vq.last_residuals
+    assert vq.last_residuals[-1] is res[-1]  # formed once
+    Q = vq.num_quantizers
+    assert len(res) == Q + 1
+    for a, b in zip(res_early, res):
+        np.testing.assert_array_equal(a, bk.np(b).astype(np.float64))  # the backward changed nothing
+    # r_Q = r_{Q-1} - c_{Q-1}, with the codes read back from the indices (c = 0 past a row's last depth)
+    codes = idx if Q > 1 else idx[..., None]
+    if kw.get("use_cosine_sim"):
+        cb = [c / np.linalg.norm(c, axis=1, keepdims=True) for c in cb]
+    last = bk.np(codes).reshape(-1, Q)[:, -1]
+    code = np.where((last >= 0)[:, None], cb[-1][np.maximum(last, 0)], 0.0)
+    tol = 1e-12 if bk.is64 else 1e-5
+    np.testing.assert_allclose(res_early[-1], res_early[-2] - code, rtol=0, atol=tol)
+    if "codebook_dim" not in kw:  # without projections: x = quantized + r_Q (in x's space)
+        xf, qf = bk.np(x).astype(np.float64).reshape(-1, D), bk.np(q).astype(np.float64).reshape(-1, D)
+        np.testing.assert_allclose(qf + res_early[-1], xf, rtol=0, atol=tol * Q * 4)

@@ -65,7 +65,6 @@ and the updated means are re-normalised.
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any, NamedTuple
@@ -75,35 +74,18 @@ import numpy as np
 from .. import backend as B
 from ..ops.l2norm import l2norm
 
+# numpy's BLAS threads and the one-thread limit while the workers run: shared with the other
+# fast paths that use worker threads (vqref.threads), so that they cannot overlap either.
+from ..threads import _BLAS_LOCK, ThreadpoolController, block_rows  # noqa: F401 (the lock: for the tests)
+from ..threads import BlasLimit as _BlasLimit
+from ..threads import blas_threads as _blas_threads
+
 try:  # optional: the sparse one-hot product of the cluster sums (see the module notes)
     from scipy import sparse as _sparse
 except ImportError:  # pragma: no cover - scipy comes with scikit-learn in the test environment
     _sparse = None
-try:  # optional: reads and limits the BLAS threads (see the module notes)
-    from threadpoolctl import ThreadpoolController
-except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-    ThreadpoolController = None
-
-# One fused k-means at a time runs its workers with the BLAS limited to one thread: the limit
-# is process-wide, so two overlapping calls (threads of one process) must not save and restore
-# it out of order.  No collective operation happens while the lock is held.
-_BLAS_LOCK = threading.Lock()
-
-_BLOCK_ELEMENTS = 1 << 19  # numbers in a default score block (2 MiB in float32)
-_MIN_ROWS, _MAX_ROWS = 256, 8192
 
 __all__ = ["lloyd_fused", "inertia_fused", "block_rows"]
-
-
-def block_rows(num_clusters: int) -> int:
-    """Rows per block by default: a score block of about 2^19 numbers, 256 to 8192 rows.
-
-    Measured on 2 cores for N = 65536, D = 64, K = 256 (two workers, a shared machine): blocks
-    of 1024-4096 rows ran within a few percent of each other, 2048 rows best in most runs, 512
-    rows 1.2-1.3x slower (the per-block numpy and scipy calls) and 8192 rows 1.1-1.3x slower
-    (the score block no longer stays in cache between the product and the argmin).
-    """
-    return max(_MIN_ROWS, min(_MAX_ROWS, _BLOCK_ELEMENTS // max(int(num_clusters), 1)))
 
 
 def lloyd_fused(
@@ -317,37 +299,6 @@ def _assign_and_sum(passes: _Passes, rows: tuple, means: np.ndarray, buf: _Buffe
             dev = np.subtract(x[start:stop], mu, out=buf.deviations[:n], dtype=np.float64)  # x_i - mu_{a_i}
             sums += buf.onehot_sums(dev, idx)  # (K, D)
     return sums, best
-
-
-def _blas_threads(controller: Any) -> int:
-    """numpy's BLAS threads as ``controller`` (threadpoolctl) reports them; 1 without threadpoolctl."""
-    if controller is None:
-        return 1
-    libs = controller.select(user_api="blas").lib_controllers
-    own = [lib for lib in libs if "numpy" in str(lib.filepath)] or libs  # numpy's own BLAS first
-    return max((lib.num_threads for lib in own), default=1)
-
-
-class _BlasLimit:
-    """A context in which every BLAS uses one thread, and no other fused k-means changes that."""
-
-    def __init__(self, controller: Any) -> None:
-        self.controller = controller
-        self.limit = None
-
-    def __enter__(self) -> None:
-        _BLAS_LOCK.acquire()
-        try:
-            self.limit = self.controller.limit(limits=1, user_api="blas")
-        except BaseException:
-            _BLAS_LOCK.release()
-            raise
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            self.limit.restore_original_limits()
-        finally:
-            _BLAS_LOCK.release()
 
 
 class _OneHotSums:

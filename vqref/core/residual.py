@@ -107,6 +107,7 @@ def residual_forward(
     diversity_groups: Array = None,
     total_rows: int | None = None,
     skip: Sequence[bool] | None = None,
+    last_residual: bool = True,
     **quantize_options: Any,
 ) -> tuple[ResidualOutput, ResidualCache]:
     """Quantize ``x`` residually, one codebook per depth.
@@ -140,6 +141,9 @@ def residual_forward(
     skip : optional, per depth whether it is skipped (no computation, no cache: its loss 0, its
         indices -1).  Default: the depths whose ``depth_rows`` entry is empty.  A data-parallel
         step runs a depth that another rank's rows reach on this rank's none
+    last_residual : False leaves the last residual ``r_Q`` out: ``residuals[Q]`` is then None, and
+        a caller that needs it forms ``residuals[Q - 1] - codes[Q - 1]`` (a diagnostic that
+        nothing here reads: the modules compute it when it is asked for, saving an (N, D) array)
     **quantize_options : passed to every depth's :func:`vqref.core.quantize.quantize_forward`
         (commitment_weight, learnable_codebook, use_cosine_sim, rotation_trick, straight_through,
         sample_codebook_temp, ...)
@@ -215,7 +219,10 @@ def residual_forward(
         caches.append(cache)
         row_caches.append(row_cache)
         total, owned = _accumulate(total, code, owned)  # (N, D) sum_l o_l so far
-        residual = residual - code  # r_{l+1} = r_l - sg[o_l]  (N, D)
+        if level < Q - 1 or last_residual:
+            residual = residual - code  # r_{l+1} = r_l - sg[o_l]  (N, D)
+        else:  # r_Q left to the caller
+            residual = None
         residuals.append(residual)
 
     if total is None:  # no depth ran (every depth_rows entry empty)

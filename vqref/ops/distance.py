@@ -19,9 +19,11 @@ in chunks so that memory stays O(chunk * K), never O(N * K).
 The nearest code has a definition and a fast path.  :func:`nearest_code_portable` is the
 definition, in Array API calls only (numpy, cupy, array_api_strict).  :func:`nearest_code_inplace`
 is a numpy-only fast path (reused buffers, the code norms folded into the matrix product): the
-one reason this module imports numpy.  :func:`nearest_code` chooses between them in one line --
-the fast path for numpy arrays of one float dtype, the definition otherwise -- and the test
-suite pins one to the other, including the clamp of the scores at 0.
+one reason this module imports numpy; :func:`vqref.ops.distance_fast.nearest_code_threaded` runs
+its blocks on worker threads.  :func:`nearest_code` chooses in one line -- a fast path for
+numpy arrays of one float dtype (threaded when numpy's BLAS has several threads and there are
+rows enough), the definition otherwise -- and the test suite pins each to the definition,
+including the clamp of the scores at 0.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 
 from .. import backend as B
 from ..backend import Array
+from .distance_fast import nearest_code_threaded, use_threads
 
 __all__ = [
     "DistanceCache",
@@ -152,13 +155,17 @@ def nearest_code(
     adds the code norms inside the matrix product, instead of allocating four arrays per
     chunk and making three more passes over them (allocation, first touch of fresh pages and
     those passes cost a third of the product itself).  The indices agree except between codes
-    that tie to within rounding.
+    that tie to within rounding.  With numpy's BLAS on more than one thread and enough rows,
+    :func:`vqref.ops.distance_fast.nearest_code_threaded` runs the same blocks on worker
+    threads instead (the argmin no longer leaves a core idle); its indices are those of
+    :func:`nearest_code_inplace`.
     """
     xp = B.get_namespace(x, codebook)
     if metric not in ("euclidean", "dot"):
         raise ValueError(f"metric must be 'euclidean' or 'dot', got {metric!r}")
     if B.is_numpy(xp) and x.dtype == codebook.dtype and xp.isdtype(x.dtype, "real floating"):  # the one-line choice
-        return nearest_code_inplace(x, codebook, metric=metric, chunk_size=chunk_size, return_score=return_score)
+        fast = nearest_code_threaded if use_threads(x.shape[0], codebook.shape[0], chunk_size) else nearest_code_inplace
+        return fast(x, codebook, metric=metric, chunk_size=chunk_size, return_score=return_score)
     return nearest_code_portable(x, codebook, metric=metric, chunk_size=chunk_size, return_score=return_score)
 
 

@@ -50,7 +50,7 @@ from .options import (
     state_spec,
 )
 from .views import CodebookViews
-from .vq_step import backward_step, draw_dropout, forward_step, state_gradients, upstream_gradients
+from .vq_step import PendingResidual, backward_step, draw_dropout, forward_step, state_gradients, upstream_gradients
 
 __all__ = ["VectorQuantize"]
 
@@ -447,7 +447,7 @@ class VectorQuantize(CodebookViews, Quantizer):
         # The outputs share memory with the backward cache (the codes, the indices): they are handed
         # out read-only (numpy) or as copies (other libraries), see Quantizer.shield.
         shield = self.shield if training else (lambda a: a)
-        self.last_residuals = tuple(shield(r) for r in step.residuals)
+        self._last_residuals = tuple(r if isinstance(r, PendingResidual) else shield(r) for r in step.residuals)
         lead = tuple(x.shape[:-1])
         quantized = shield(xp.reshape(step.quantized, tuple(x.shape)))
         indices = shield(xp.reshape(step.indices, lead + tuple(step.indices.shape[1:])))

@@ -24,6 +24,7 @@ from .. import backend as B
 from ..backend import Array
 from ..ops.l2norm import l2norm_forward
 from ..ops.linear import linear_forward
+from .vq_step import PendingResidual
 
 __all__ = ["CodebookView", "CodebookViews", "check_codes"]
 
@@ -153,6 +154,26 @@ class CodebookViews:
             CodebookView(self, prefixes[0 if len(prefixes) == 1 else level], level)
             for level in range(self.num_quantizers)
         )
+
+    _last_residuals: tuple = ()  # the residuals of the last call; the last one may be pending
+
+    @property
+    def last_residuals(self) -> tuple:
+        """The Q + 1 residuals of the last call, ``r_0`` (the input, projected) to ``r_Q = r_0 - quantized``.
+
+        Rows of the codebooks' width ``codebook_dim``, only the present tokens (with a mask), one
+        stream only (not with a codebook per head); () before the first call.  ``r_Q`` is formed
+        when first read (nothing else needs it, and forming it at every call cost an (N, d)
+        array).  In training every residual comes from the module's own copies (read-only on
+        numpy); in eval mode the module copies nothing, so ``r_0`` is the caller's x itself and,
+        with one depth and no projection, ``r_Q`` is formed from x and the returned output: read
+        it before writing into either.
+        """
+        res = self._last_residuals
+        if res and isinstance(res[-1], PendingResidual):
+            res = res[:-1] + (res[-1].value(),)
+            self._last_residuals = res
+        return res
 
     @property
     def generator(self) -> np.random.Generator:

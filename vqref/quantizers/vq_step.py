@@ -80,7 +80,24 @@ class StepResult(NamedTuple):
     indices: Array  # (N, Q) for a stack, (N, H) with heads, (N,) else; -1 for absent rows and stopped depths
     losses: Array  # (Q,) for a stack, else 0-d
     terms: dict  # the unweighted loss terms (vq.last_losses)
-    residuals: tuple  # the Q + 1 residuals (n, d) of the stream (one stream only), else ()
+    residuals: tuple  # the Q + 1 residuals (n, d) of the stream (one stream only; the last one a
+    # PendingResidual, formed when read), else ()
+
+
+class PendingResidual(NamedTuple):
+    """The last residual ``r_Q = r_{Q-1} - c_{Q-1}`` of a step, formed only if it is read.
+
+    It is a diagnostic (``last_residuals``) that no computation needs: forming it at every call
+    would cost an (N, d) array and a pass over it.  ``before`` and ``code`` are the arrays of
+    the step (in eval mode, with one depth and no projection, the caller's x and the returned
+    output themselves).
+    """
+
+    before: Any  # (n, d) r_{Q-1}
+    code: Any  # (n, d) c_{Q-1}, 0 for the rows that stopped before depth Q - 1
+
+    def value(self) -> Array:
+        return self.before - self.code  # (n, d)
 
 
 class _Stream(NamedTuple):
@@ -287,7 +304,7 @@ def _quantize_stream(m: Any, z: Array, st: _Stream, *, training: bool, opts: dic
     groups = None if plan.groups is None else B.from_numpy(plan.groups, xp, device=B.get_device(z))
     out, cache = residual_forward(z, codebooks, routing=m.gradient_routing, indices=codes, noise=noise,
                                   depth_rows=rows, diversity_groups=groups, total_rows=plan.ranks.stream_total,
-                                  skip=[not r for r in reached], **opts,
+                                  skip=[not r for r in reached], last_residual=False, **opts,
                                   **({"diversity_comm": comm} if many else {}))  # fmt: skip
     # e. usage statistics; EMA step and dead-code restarts on what each depth quantized
     batches = depth_batches(cache)
@@ -404,7 +421,12 @@ def _assemble(m: Any, fr: Any, streams: list, results: list, quantized: Array, c
             terms[key] = xp.mean(xp.stack([v[0] for v in values]), axis=0)
         else:
             terms[key] = values[0] if m.is_stack else values[0][0]
-    residuals = results[0].out.residuals if G == 1 else ()
+    residuals = ()
+    if G == 1:
+        out = results[0].out
+        residuals = out.residuals
+        if residuals[-1] is None:  # r_Q was left out (last_residual=False)
+            residuals = residuals[:-1] + (PendingResidual(residuals[-2], out.codes[-1]),)
     return StepResult(arrays, flags, cache if training else None, stats, quantized, indices, losses, terms, residuals)
 
 

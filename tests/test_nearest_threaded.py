@@ -1,0 +1,188 @@
+"""The threaded nearest-code search (vqref.ops.distance_fast) pinned to its definition.
+
+``nearest_code_threaded`` splits the rows between worker threads that each run the product and
+the argmin of their blocks with numpy's BLAS on one thread.  These tests hold it to the
+definition (``nearest_code_portable``) and to the single-threaded fast path on random data, at
+the clamp of the distances, on ties, at every worker count and block size, and check the one-line
+choice in ``nearest_code``, the BLAS limit inside the workers, its release when a worker fails,
+and the fallback without threadpoolctl.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from vqref import threads
+from vqref.ops import distance, distance_fast
+from vqref.ops.distance import nearest_code, nearest_code_inplace, nearest_code_portable
+from vqref.ops.distance_fast import nearest_code_threaded, use_threads
+
+
+def _numpy_blas_threads():
+    return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas" and "numpy" in p["filepath"]]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("metric", ["euclidean", "dot"])
+@pytest.mark.parametrize("chunk", [None, 1, 37, 300])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_threaded_equals_the_definition(rng, clear_rows, dtype, metric, chunk, workers):
+    N, K, D = 777, 45, 11
+    x = (rng.standard_normal((N, D)) + 3.0).astype(dtype)  # an offset: the centring matters
+    C = (rng.standard_normal((K, D)) + 3.0).astype(dtype)
+    i_thr, s_thr = nearest_code_threaded(x, C, metric=metric, chunk_size=chunk, return_score=True, workers=workers)
+    i_def, s_def = nearest_code_portable(x, C, metric=metric, chunk_size=chunk, return_score=True)
+    i_inp = nearest_code_inplace(x, C, metric=metric, chunk_size=chunk)
+    assert i_thr.dtype == np.int64 and i_thr.shape == (N,) and s_thr.dtype == np.dtype(dtype)
+    clear = clear_rows(x, C, metric)
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(i_thr[clear], i_def[clear])
+    np.testing.assert_array_equal(i_thr[clear], i_inp[clear])
+    rtol = 1e-12 if dtype == "float64" else 2e-4
+    np.testing.assert_allclose(s_thr[clear], s_def[clear], rtol=rtol, atol=rtol)
+    # every row is written, including the last block of each worker's range
+    ref = nearest_code_threaded(x, C, metric=metric, chunk_size=chunk, return_score=True, workers=workers)
+    np.testing.assert_array_equal(ref[0], i_thr)  # and the same on every run
+    np.testing.assert_array_equal(ref[1], s_thr)
+
+
+def test_every_row_of_every_worker_is_assigned(rng):
+    """Rows that are codes: every index is known, whatever the split (catches a skipped block)."""
+    K, D = 13, 5
+    C = rng.standard_normal((K, D)) * 10
+    truth = rng.integers(0, K, size=101)
+    x = C[truth]
+    for workers in (1, 2, 3, 7):
+        for chunk in (1, 4, 10, 51, 200):
+            for metric in ("euclidean", "dot"):
+                Cm = C / np.linalg.norm(C, axis=1, keepdims=True) if metric == "dot" else C
+                xm = Cm[truth]
+                idx = nearest_code_threaded(xm if metric == "dot" else x, Cm, metric=metric, chunk_size=chunk,
+                                            workers=workers)  # fmt: skip
+                np.testing.assert_array_equal(idx, truth, err_msg=f"{workers} workers, {chunk} rows, {metric}")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_threaded_scores_are_clamped_at_zero(rng, dtype):
+    # every row is a code far from the origin: the expansion rounds to either side of 0
+    N, K, D = 300, 23, 7
+    C = (rng.standard_normal((K, D)) * 3.0 + 50.0).astype(dtype)
+    truth = rng.integers(0, K, size=N)
+    x = C[truth]
+    m = C.mean(axis=0)
+    xc, cc = x - m, C - m
+    raw = (np.vecdot(cc, cc) - 2 * (xc @ cc.T))[np.arange(N), truth] + np.vecdot(xc, xc)
+    assert (raw < 0).sum() > N // 20, "the inputs must make the unclamped expansion negative"
+    idx, score = nearest_code_threaded(x, C, chunk_size=29, return_score=True, workers=2)
+    np.testing.assert_array_equal(idx, truth)
+    assert score.min() >= 0
+    tol = 16 * np.finfo(dtype).eps * (np.vecdot(xc, xc) + np.vecdot(cc, cc).max())
+    assert np.all(score <= tol)
+
+
+def test_threaded_edge_cases(rng):
+    C = rng.standard_normal((4, 3))
+    for metric in ("euclidean", "dot"):
+        idx, score = nearest_code_threaded(np.zeros((0, 3)), C, metric=metric, return_score=True, workers=2)
+        assert idx.shape == (0,) and score.shape == (0,) and idx.dtype == np.int64
+        x = rng.standard_normal((2, 3))  # more workers than rows
+        np.testing.assert_array_equal(nearest_code_threaded(x, C, metric=metric, workers=5),
+                                      nearest_code_portable(x, C, metric=metric))  # fmt: skip
+        np.testing.assert_array_equal(nearest_code_threaded(x, C[:1], metric=metric, workers=2), 0)
+    # ties go to the lowest index, in every worker's range
+    C2 = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    x2 = np.tile(np.array([[2.0, 0.0], [0.0, 3.0], [0.5, 0.5]]), (4, 1))
+    for metric in ("euclidean", "dot"):
+        np.testing.assert_array_equal(
+            nearest_code_threaded(x2, C2, metric=metric, chunk_size=2, workers=3), [0, 1, 0] * 4
+        )
+
+
+def test_the_choice_in_nearest_code(rng, monkeypatch):
+    """Threaded with W > 1 and two full blocks of rows; the single-threaded path otherwise."""
+    calls = []
+    for name in ("nearest_code_threaded", "nearest_code_inplace"):
+        real = getattr(distance, name)
+        monkeypatch.setattr(
+            distance, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k)
+        )
+    C = rng.standard_normal((5, 3))
+    rows = threads.block_rows(5)
+    for W, N, chunk, expect in [
+        (2, 2 * rows, None, "nearest_code_threaded"),
+        (2, 2 * rows - 1, None, "nearest_code_inplace"),  # the boundary
+        (2, 20, 10, "nearest_code_threaded"),
+        (2, 19, 10, "nearest_code_inplace"),
+        (1, 2 * rows, None, "nearest_code_inplace"),  # one BLAS thread
+        (3, 40, 10, "nearest_code_threaded"),
+    ]:
+        monkeypatch.setattr(distance_fast, "search_workers", lambda W=W: W)
+        assert use_threads(N, 5, chunk) == (expect == "nearest_code_threaded")
+        calls.clear()
+        x = rng.standard_normal((N, 3))
+        idx = nearest_code(x, C, chunk_size=chunk)
+        assert calls == [expect], (W, N, chunk)
+        np.testing.assert_array_equal(idx, nearest_code_portable(x, C))
+    # float32 data with float64 codes, or another library: the definition, never a fast path
+    calls.clear()
+    nearest_code(rng.standard_normal((2 * rows, 3)).astype(np.float32), C)
+    assert calls == []
+
+
+def test_workers_run_with_one_blas_thread_and_restore_it(rng, monkeypatch):
+    seen = []
+
+    def argmin(*a, **k):
+        seen.append(_numpy_blas_threads())
+        return np.argmin(*a, **k)
+
+    monkeypatch.setattr(distance_fast, "np", types.SimpleNamespace(**{**vars(np), "argmin": argmin}))
+    x, C = rng.standard_normal((90, 4)), rng.standard_normal((6, 4))
+    with threadpool_limits(2, user_api="blas"):
+        before = _numpy_blas_threads()
+        assert threads.blas_threads(threads.controller()) == 2  # W follows the BLAS
+        idx = nearest_code_threaded(x, C, chunk_size=30)  # 2 workers, blocks of 30 rows: 4 blocks
+        assert _numpy_blas_threads() == before
+    assert len(seen) == 4 and all(n and all(t == 1 for t in n) for n in seen)
+    assert not threads._BLAS_LOCK.locked()
+    np.testing.assert_array_equal(idx, nearest_code_portable(x, C))
+
+
+def test_a_failing_worker_releases_the_limit_and_the_lock(rng, monkeypatch):
+    def matmul(*a, **k):
+        raise RuntimeError("worker failed")
+
+    monkeypatch.setattr(distance_fast, "np", types.SimpleNamespace(**{**vars(np), "matmul": matmul}))
+    x, C = rng.standard_normal((40, 3)), rng.standard_normal((4, 3))
+    with threadpool_limits(2, user_api="blas"):
+        with pytest.raises(RuntimeError, match="worker failed"):
+            nearest_code_threaded(x, C, chunk_size=10, workers=2)
+        assert _numpy_blas_threads() and all(n == 2 for n in _numpy_blas_threads())
+    assert not threads._BLAS_LOCK.locked()
+
+
+def test_without_threadpoolctl_one_worker(rng, monkeypatch):
+    monkeypatch.setattr(threads, "ThreadpoolController", None)
+    monkeypatch.setattr(threads, "_CONTROLLER", [])
+    assert threads.controller() is None and threads.blas_threads(None) == 1
+    assert distance_fast.search_workers() == 1
+    assert not use_threads(10**6, 1024)
+    x, C = rng.standard_normal((50, 3)), rng.standard_normal((4, 3))
+    np.testing.assert_array_equal(nearest_code_threaded(x, C, chunk_size=5), nearest_code_portable(x, C))
+
+
+def test_overlapping_calls_from_two_threads(rng):
+    """Two threads searching at once: the BLAS lock serialises them, each gets its own result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    C = rng.standard_normal((16, 8))
+    xs = [rng.standard_normal((500, 8)) for _ in range(4)]
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda x: nearest_code_threaded(x, C, chunk_size=50, workers=2), xs))
+    for x, idx in zip(xs, got):
+        np.testing.assert_array_equal(idx, nearest_code_portable(x, C))
+    assert not threads._BLAS_LOCK.locked()
