@@ -14,9 +14,10 @@ import types
 
 import numpy as np
 import pytest
+from conftest import separated_problem
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from vqref import threads
+from vqref import VectorQuantize, threads
 from vqref.ops import distance, distance_fast
 from vqref.ops.distance import nearest_code, nearest_code_inplace, nearest_code_portable
 from vqref.ops.distance_fast import nearest_code_threaded, use_threads
@@ -186,3 +187,38 @@ def test_overlapping_calls_from_two_threads(rng):
     for x, idx in zip(xs, got):
         np.testing.assert_array_equal(idx, nearest_code_portable(x, C))
     assert not threads._BLAS_LOCK.locked()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(use_cosine_sim=True), dict(num_quantizers=2)], ids=["ste", "cos", "rvq"])
+def test_a_training_step_is_the_same_on_worker_threads(rng, monkeypatch, kw):
+    """A module's step with the search on two workers (what a machine with a 2-thread BLAS runs;
+    the test suite runs one BLAS thread) equals the step on one: outputs, losses, state, gradient."""
+    x, C, _ = separated_problem(rng, 600, 8, 6, margin=0.5)
+
+    def step(W):
+        monkeypatch.setattr(distance_fast, "search_workers", lambda: W)
+        calls = []
+        real = distance_fast.nearest_code_threaded
+        monkeypatch.setattr(distance, "nearest_code_threaded", lambda *a, **k: calls.append(1) or real(*a, **k))
+        vq = VectorQuantize(dim=6, codebook_size=8, seed=0, dtype="float64", chunk_size=64, **kw)
+        vq.load_state_dict({**vq.state_dict(), **{k: v for k, v in _codebooks(vq, C).items()}})
+        out = vq(x)
+        dx = vq.backward(rng_up.standard_normal(x.shape))
+        return calls, out, dx, vq.state_dict()
+
+    rng_up = np.random.default_rng(1)
+    calls1, out1, dx1, st1 = step(1)
+    rng_up = np.random.default_rng(1)
+    calls2, out2, dx2, st2 = step(2)
+    assert calls1 == [] and calls2  # the two paths ran
+    for a, b in zip(out1, out2):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(out1[1], out2[1])  # the same codes
+    np.testing.assert_allclose(dx1, dx2, rtol=1e-12, atol=1e-12)
+    for k in st1:
+        np.testing.assert_allclose(np.asarray(st1[k]), np.asarray(st2[k]), rtol=1e-12, atol=1e-12)
+
+
+def _codebooks(vq, C):
+    """State entries that set every codebook of ``vq`` to C (and mark them initialised)."""
+    return {k: (C if k.endswith("codebook") else v) for k, v in vq.state_dict().items() if k.endswith("codebook")}
