@@ -72,6 +72,7 @@ class ResidualVQ(VectorQuantize):
     layers : Q read-only :class:`vqref.quantizers.views.CodebookView`, one per depth (the same
         codebook at every depth when shared), as vector-quantize-pytorch's ``rvq.layers``
     last_residuals : the Q + 1 residuals of the last call, ``r_0 = x`` to ``r_Q = x - quantized``
+        (``r_Q`` formed when first read; see :attr:`vqref.VectorQuantize.last_residuals`)
     stats : the usage of each depth's codes in the last forward (a tuple per key, one entry per
         depth, also for Q = 1): perplexity, usage, used_codes, dead_fraction
     """
