@@ -222,3 +222,40 @@ def test_a_training_step_is_the_same_on_worker_threads(rng, monkeypatch, kw):
 def _codebooks(vq, C):
     """State entries that set every codebook of ``vq`` to C (and mark them initialised)."""
     return {k: (C if k.endswith("codebook") else v) for k, v in vq.state_dict().items() if k.endswith("codebook")}
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("metric", ["euclidean", "dot"])
+def test_the_codes_gathered_by_the_search_are_the_lookup(rng, workers, metric, monkeypatch):
+    """``return_codes``: ``codebook[indices]`` bit for bit, on the threaded path (gathered by
+    each worker), the single-threaded one and the definition, with and without the scores."""
+    import array_api_strict
+
+    from vqref import backend as B
+
+    x = rng.standard_normal((203, 6)).astype(np.float32)
+    C = rng.standard_normal((9, 6)).astype(np.float32)
+    for chunk in (None, 1, 16, 500):
+        idx, codes = nearest_code_threaded(x, C, metric=metric, chunk_size=chunk, return_codes=True, workers=workers)
+        assert codes.dtype == C.dtype and codes.shape == x.shape
+        np.testing.assert_array_equal(codes, C[idx])
+        i2, s2, c2 = nearest_code_threaded(x, C, metric=metric, chunk_size=chunk, return_score=True,
+                                           return_codes=True, workers=workers)  # fmt: skip
+        np.testing.assert_array_equal(i2, idx)
+        np.testing.assert_array_equal(c2, C[idx])
+        np.testing.assert_array_equal(s2, nearest_code_threaded(x, C, metric=metric, chunk_size=chunk,
+                                                                return_score=True, workers=workers)[1])  # fmt: skip
+    # the public function on each of its paths
+    for W in (1, 2):
+        monkeypatch.setattr(distance_fast, "search_workers", lambda W=W: W)
+        idx, codes = nearest_code(x, C, metric=metric, chunk_size=16, return_codes=True)
+        np.testing.assert_array_equal(codes, C[idx])
+        idx, score, codes = nearest_code(x, C, metric=metric, chunk_size=16, return_score=True, return_codes=True)
+        np.testing.assert_array_equal(codes, C[idx])
+        np.testing.assert_array_equal(idx, nearest_code(x, C, metric=metric, chunk_size=16))
+    XS = B.namespace_from_module(array_api_strict)
+    idx, codes = nearest_code(B.from_numpy(x, XS), B.from_numpy(C, XS), metric=metric, return_codes=True)
+    np.testing.assert_array_equal(B.to_numpy(codes), C[B.to_numpy(idx)])
+    # empty input
+    idx, codes = nearest_code_threaded(x[:0], C, metric=metric, return_codes=True, workers=workers)
+    assert idx.shape == (0,) and codes.shape == (0, 6)

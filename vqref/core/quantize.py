@@ -388,9 +388,12 @@ def quantize_forward(
         logits, logits_cache = code_logits_forward(xh, ch, metric="dot" if use_cosine_sim else "euclidean")  # (N, K)
     if indices is None and noise is not None:
         indices = gumbel_max_sample(logits, noise, temperature=sample_codebook_temp)  # (N,) a sample
-    if indices is None:
-        indices = nearest_code(xh, ch, metric="dot" if use_cosine_sim else "euclidean", chunk_size=chunk_size)
-    q, lookup_cache = lookup_forward(ch, indices)  # (N, D)
+    if indices is None:  # the search returns the lookup's codes ch[k] too (fetched in the same pass)
+        metric = "dot" if use_cosine_sim else "euclidean"
+        indices, q = nearest_code(xh, ch, metric=metric, chunk_size=chunk_size, return_codes=True)
+        lookup_cache = LookupCache(indices, ch.shape[0])
+    else:
+        q, lookup_cache = lookup_forward(ch, indices)  # (N, D)
 
     relaxed = None
     if kind in ("gumbel", "soft"):

@@ -127,6 +127,7 @@ def nearest_code(
     metric: str = "euclidean",
     chunk_size: int | None = None,
     return_score: bool = False,
+    return_codes: bool = False,
 ):
     """Index of the nearest code for every row; ties go to the first (lowest) index.
 
@@ -139,11 +140,14 @@ def nearest_code(
     chunk_size : rows per chunk (default: :func:`default_chunk_size`)
     return_score : also return, per row, the squared distance to the chosen code (euclidean,
         clamped at 0) or its dot product (dot)
+    return_codes : also return the chosen codes ``codebook[indices]`` (the lookup that follows
+        a search; the threaded fast path gathers them while each block of rows is in cache)
 
     Returns
     -------
     indices : (N,) int64
     score : (N,) float, only if ``return_score``
+    codes : (N, D), bit-exact copies of the chosen rows of ``codebook``, only if ``return_codes``
 
     Notes
     -----
@@ -163,10 +167,17 @@ def nearest_code(
     xp = B.get_namespace(x, codebook)
     if metric not in ("euclidean", "dot"):
         raise ValueError(f"metric must be 'euclidean' or 'dot', got {metric!r}")
-    if B.is_numpy(xp) and x.dtype == codebook.dtype and xp.isdtype(x.dtype, "real floating"):  # the one-line choice
-        fast = nearest_code_threaded if use_threads(x.shape[0], codebook.shape[0], chunk_size) else nearest_code_inplace
-        return fast(x, codebook, metric=metric, chunk_size=chunk_size, return_score=return_score)
-    return nearest_code_portable(x, codebook, metric=metric, chunk_size=chunk_size, return_score=return_score)
+    numpy = B.is_numpy(xp) and x.dtype == codebook.dtype and xp.isdtype(x.dtype, "real floating")
+    if numpy and use_threads(x.shape[0], codebook.shape[0], chunk_size):  # the one-line choice
+        return nearest_code_threaded(x, codebook, metric=metric, chunk_size=chunk_size, return_score=return_score,
+                                     return_codes=return_codes)  # fmt: skip
+    search = nearest_code_inplace if numpy else nearest_code_portable
+    found = search(x, codebook, metric=metric, chunk_size=chunk_size, return_score=return_score)
+    if not return_codes:
+        return found
+    indices = found[0] if return_score else found
+    codes = xp.take(codebook, indices, axis=0)  # (N, D) the lookup
+    return (*found, codes) if return_score else (indices, codes)
 
 
 def nearest_code_portable(

@@ -61,6 +61,7 @@ def nearest_code_threaded(
     metric: str = "euclidean",
     chunk_size: int | None = None,
     return_score: bool = False,
+    return_codes: bool = False,
     workers: int | None = None,
 ):
     """:func:`vqref.ops.distance.nearest_code` on W worker threads; same arguments and results.
@@ -69,7 +70,9 @@ def nearest_code_threaded(
     ----------
     x : (N, D) numpy float array
     codebook : (K, D) numpy array of x's dtype
-    metric, return_score : as in :func:`vqref.ops.distance.nearest_code`
+    metric, return_score, return_codes : as in :func:`vqref.ops.distance.nearest_code`; each
+        worker gathers the chosen codes of a block right after its argmin, so the lookup runs on
+        every worker and the output's pages are first touched there
     chunk_size : rows per block of each worker (default :func:`block_rows`): memory W blocks of
         (n, K) scores and (n, D + 1) centred rows
     workers : W (default :func:`search_workers`); no more than there are rows
@@ -78,6 +81,7 @@ def nearest_code_threaded(
     -------
     indices : (N,) int64
     score : (N,) x's dtype, only if ``return_score``
+    codes : (N, D) ``codebook[indices]``, only if ``return_codes``
     """
     N, D = x.shape
     K = codebook.shape[0]
@@ -87,6 +91,7 @@ def nearest_code_threaded(
     euclid = metric == "euclidean"
     indices = np.empty((N,), dtype=np.int64)
     score = np.empty((N,), dtype=dtype) if return_score else None
+    gathered = np.empty((N, D), dtype=codebook.dtype) if return_codes else None
     if euclid:
         m = np.mean(codebook, axis=0)  # (D,) common centre
         cc = codebook - m  # (K, D) centred codes
@@ -119,6 +124,8 @@ def nearest_code_threaded(
                     xc = xc1[:, :D]
                     best = np.maximum(best + np.vecdot(xc, xc), 0)
                 score[start:stop] = best
+            if return_codes:
+                np.take(codebook, idx, axis=0, out=gathered[start:stop], mode="clip")  # the block's lookup (valid ids)
 
     if W == 1:
         work(0)
@@ -128,4 +135,5 @@ def nearest_code_threaded(
             wait(futures)  # every worker done before the limit is lifted, even if one failed
         for f in futures:
             f.result()  # a worker's exception, raised here
-    return (indices, score) if return_score else indices
+    out = (indices,) + ((score,) if return_score else ()) + ((gathered,) if return_codes else ())
+    return out if len(out) > 1 else indices
