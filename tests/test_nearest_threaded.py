@@ -259,3 +259,75 @@ def test_the_codes_gathered_by_the_search_are_the_lookup(rng, workers, metric, m
     # empty input
     idx, codes = nearest_code_threaded(x[:0], C, metric=metric, return_codes=True, workers=workers)
     assert idx.shape == (0,) and codes.shape == (0, 6)
+
+
+# ------------------------------------------------------------------ blocked elementwise passes on workers
+
+
+@pytest.mark.parametrize("num_workers", [1, 2, 3, 5])
+@pytest.mark.parametrize("N, step", [(0, 4), (1, 4), (10, 3), (12, 3), (12, 4), (100, 7), (5, 100)])
+def test_for_blocks_visits_every_block_once(N, step, num_workers):
+    seen = []
+    threads.for_blocks(N, step, lambda i, j: seen.append((i, j)), num_workers=num_workers)
+    expect = [(s, min(s + step, N)) for s in range(0, N, step)]
+    assert sorted(seen) == expect
+
+
+def test_for_blocks_raises_a_worker_s_error_after_all_stopped():
+    done = []
+
+    def fn(i, j):
+        if i == 0:
+            raise RuntimeError("block failed")
+        done.append(i)
+
+    with pytest.raises(RuntimeError, match="block failed"):
+        threads.for_blocks(40, 10, fn, num_workers=2)
+    assert sorted(done) == [20, 30]  # the other worker's range was finished; the failing one stopped
+
+
+def _on_workers(monkeypatch, W):
+    monkeypatch.setattr(threads, "workers", lambda: W)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_elementwise_passes_on_workers_are_bit_for_bit_the_plain_ones(rng, monkeypatch, dtype):
+    """B.difference, B.quotient, B.add_into and the blocked fast paths that run their blocks on
+    worker threads give the plain expression's numbers, bit for bit, on 1 and 3 workers, with
+    blocks shrunk to a few rows (so that every worker gets several)."""
+    from vqref import backend as B
+    from vqref.ops import l2norm as l2
+    from vqref.ops import losses
+
+    N, D = 103, 7
+    a, b, c = (rng.standard_normal((N, D)).astype(dtype) for _ in range(3))
+    s = (np.abs(rng.standard_normal((N, 1))) + 0.5).astype(dtype)
+    monkeypatch.setattr(B, "_PASS_ELEMENTS", 3 * D)  # 3 rows per block
+    monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", 4 * D)
+    monkeypatch.setattr(l2, "_BLOCK_ELEMENTS", 5 * D)
+    _on_workers(monkeypatch, 1)
+    y, cache = l2.l2norm_forward_fast(a)  # one worker: the blocked loop in order
+    dx = l2.l2norm_backward_fast(c, cache)
+    np.testing.assert_allclose(y, l2.l2norm_forward(a, fast=False)[0], rtol=1e-6)
+    for W in (1, 3):
+        _on_workers(monkeypatch, W)
+        np.testing.assert_array_equal(B.difference(a, b), a - b)
+        np.testing.assert_array_equal(B.quotient(a, s), a / s)
+        total = a.copy()
+        assert B.add_into(total, b) is total
+        np.testing.assert_array_equal(total, a + b)
+        f = np.asarray(0.37, dtype=dtype)
+        np.testing.assert_array_equal(losses.scaled_difference_blocked(f, a, b), f * (a - b))
+        np.testing.assert_array_equal(losses.scaled_difference_blocked(f, a, b, base=c), c + f * (a - b))
+        buf = c.copy()
+        assert losses.scaled_difference_blocked(f, a, b, base=buf, out=buf) is buf
+        np.testing.assert_array_equal(buf, c + f * (a - b))
+        np.testing.assert_array_equal(l2.l2norm_forward_fast(a)[0], y)
+        np.testing.assert_array_equal(l2.l2norm_backward_fast(c, cache), dx)
+        inplace = c.copy()
+        assert l2.l2norm_backward_fast(inplace, cache, in_place=True) is inplace
+        np.testing.assert_array_equal(inplace, dx)
+    # other shapes and libraries: the plain expressions
+    np.testing.assert_array_equal(B.difference(a[:, 0], b[:, 0]), a[:, 0] - b[:, 0])
+    np.testing.assert_array_equal(B.difference(a, b[:1]), a - b[:1])
+    np.testing.assert_array_equal(B.quotient(a, s[:1]), a / s[:1])

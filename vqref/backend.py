@@ -29,6 +29,8 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from . import threads
+
 # The type of an array of any supported library (numpy.ndarray, cupy.ndarray, array_api_strict's
 # Array, ...).  The Array API standard defines no common base class, so annotations use this alias
 # of Any: it says "an array of the module's library" where plain Any would say nothing.
@@ -52,6 +54,10 @@ __all__ = [
     "bincount",
     "where_rows",
     "rows_per_block",
+    "for_row_blocks",
+    "difference",
+    "quotient",
+    "add_into",
     "is_float_array",
     "all_finite",
     "to_float",
@@ -392,6 +398,63 @@ def rows_per_block(x: Array, elements: int) -> int:
         return max(N, 1)
     row = int(math.prod(tuple(x.shape[1:])))
     return max(1, int(elements) // max(row, 1))
+
+
+def for_row_blocks(x: Array, step: int, fn: Any) -> None:
+    """Call ``fn(start, stop)`` for the consecutive blocks of ``step`` rows of ``x``.
+
+    numpy: the blocks are split between worker threads (:func:`vqref.threads.for_blocks`, as
+    many as numpy's BLAS has threads), so a blocked elementwise pass uses every core; ``fn`` must
+    write only rows ``start:stop`` of its outputs.  Every other library: in order (on cupy
+    :func:`rows_per_block` makes the whole array one block).
+    """
+    N = int(x.shape[0])
+    if is_numpy(get_namespace(x)):
+        threads.for_blocks(N, step, fn)
+        return
+    for start in range(0, N, max(1, int(step))):
+        fn(start, min(start + step, N))
+
+
+# elements per block of the elementwise passes below (1 MiB in float32: cache-sized)
+_PASS_ELEMENTS = 1 << 18
+
+
+def difference(a: Array, b: Array) -> Array:
+    """``a - b``, a new array.  For two numpy (N, D) arrays of one shape and dtype it is written
+    block by block on the worker threads of :func:`for_row_blocks` (the same numbers, bit for
+    bit: an elementwise operation); otherwise the plain expression."""
+    xp = get_namespace(a, b)
+    if not (is_numpy(xp) and a.ndim == 2 and a.shape == b.shape and a.dtype == b.dtype and a.shape[0] > 0):
+        return a - b
+    out = np.empty(a.shape, dtype=a.dtype)
+    for_row_blocks(a, rows_per_block(a, _PASS_ELEMENTS), lambda i, j: np.subtract(a[i:j], b[i:j], out=out[i:j]))
+    return out
+
+
+def quotient(x: Array, scale: Array) -> Array:
+    """``x / scale`` for (N, D) x and a (N, 1) column of row scales, a new array; for numpy arrays of
+    one dtype written block by block on worker threads (bit for bit the same), else the plain
+    expression."""
+    xp = get_namespace(x, scale)
+    if not (is_numpy(xp) and x.ndim == 2 and scale.shape == (x.shape[0], 1) and x.dtype == scale.dtype):
+        return x / scale
+    out = np.empty(x.shape, dtype=x.dtype)
+    for_row_blocks(x, rows_per_block(x, _PASS_ELEMENTS), lambda i, j: np.divide(x[i:j], scale[i:j], out=out[i:j]))
+    return out
+
+
+def add_into(total: Array, term: Array) -> Array:
+    """``total += term`` in place (``total``: a buffer the caller owns), returned.  For numpy (N, D)
+    arrays of one shape and dtype, block by block on worker threads (bit for bit the same)."""
+    xp = get_namespace(total, term)
+    if not (is_numpy(xp) and total.ndim == 2 and total.shape == term.shape and total.dtype == term.dtype):
+        total += term
+        return total
+    for_row_blocks(
+        total, rows_per_block(total, _PASS_ELEMENTS), lambda i, j: np.add(total[i:j], term[i:j], out=total[i:j])
+    )
+    return total
 
 
 def numel(shape: tuple) -> int:

@@ -12,7 +12,10 @@ helpers here:
   so one such context at a time holds it (a lock): two overlapping calls from threads of one
   process cannot save and restore the limit out of order.  Another thread's BLAS call made
   while it is held runs on one thread;
-* :func:`worker_pool`: one thread pool per process for these workers, made on first use.
+* :func:`worker_pool`: one thread pool per process for these workers, made on first use;
+* :func:`for_blocks`: a blocked elementwise pass (the fast paths' ``for start in range(0, N,
+  step)`` loops) with its blocks split between the workers.  Elementwise results do not depend
+  on which thread computes a block, so the numbers are those of the loop, bit for bit.
 
 The workers run numpy (and scipy) calls that release the GIL.  threadpoolctl is not a dependency
 of vqref (it comes with scikit-learn); without it every fast path that uses workers runs W = 1.
@@ -21,15 +24,15 @@ of vqref (it comes with scikit-learn); without it every fast path that uses work
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, Callable
 
 try:  # optional: reads and limits the BLAS threads
     from threadpoolctl import ThreadpoolController
 except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn in the test environment
     ThreadpoolController = None
 
-__all__ = ["ThreadpoolController", "blas_threads", "BlasLimit", "worker_pool", "controller", "block_rows"]
+__all__ = ["ThreadpoolController", "blas_threads", "BlasLimit", "worker_pool", "controller", "block_rows", "for_blocks"]
 
 _BLOCK_ELEMENTS = 1 << 19  # numbers in a default score block (2 MiB in float32)
 _MIN_ROWS, _MAX_ROWS = 256, 8192
@@ -109,3 +112,36 @@ def block_rows(num_codes: int) -> int:
     (1.09x; 128 rows 1.12x, 1024 rows 1.15x).
     """
     return max(_MIN_ROWS, min(_MAX_ROWS, _BLOCK_ELEMENTS // max(int(num_codes), 1)))
+
+
+def workers() -> int:
+    """W for the fast paths: numpy's BLAS threads (the number of cores the caller lets numpy use)."""
+    return blas_threads(controller())
+
+
+def for_blocks(N: int, step: int, fn: Callable[[int, int], None], *, num_workers: int | None = None) -> None:
+    """Call ``fn(start, stop)`` for the blocks ``[0, step), [step, 2 step), ...`` of N rows.
+
+    With W > 1 workers (default :func:`workers`) and at least two blocks, the blocks are split
+    into W contiguous ranges, one per worker thread, and this returns when every block is done
+    (raising the first worker's exception, if any, after all have stopped).  ``fn`` must write
+    only rows ``start:stop`` of its outputs and read no row that another block writes; numpy
+    releases the GIL inside its elementwise loops, so the blocks run on W cores.
+    """
+    step = max(1, int(step))
+    blocks = -(-int(N) // step)
+    W = max(1, min(int(num_workers) if num_workers else workers(), blocks))
+    if W == 1:
+        for start in range(0, N, step):
+            fn(start, min(start + step, N))
+        return
+    edges = [step * (blocks * w // W) for w in range(W + 1)]  # block-aligned ranges
+
+    def run(w: int) -> None:
+        for start in range(edges[w], min(edges[w + 1], N), step):
+            fn(start, min(start + step, N))
+
+    futures = [worker_pool(W).submit(run, w) for w in range(W)]
+    wait(futures)
+    for f in futures:
+        f.result()

@@ -220,7 +220,7 @@ def residual_forward(
         row_caches.append(row_cache)
         total, owned = _accumulate(total, code, owned)  # (N, D) sum_l o_l so far
         if level < Q - 1 or last_residual:
-            residual = residual - code  # r_{l+1} = r_l - sg[o_l]  (N, D)
+            residual = B.difference(residual, code)  # r_{l+1} = r_l - sg[o_l]  (N, D)
         else:  # r_Q left to the caller
             residual = None
         residuals.append(residual)
@@ -312,8 +312,7 @@ def _accumulate(total: Any, term: Array, owned: bool) -> tuple[Array, bool]:
     if total is None:
         return term, False
     if owned:
-        total += term  # (N, D) in place, in the buffer the previous sum allocated
-        return total, True
+        return B.add_into(total, term), True  # (N, D) total += term, in the buffer the previous sum allocated
     return total + term, True
 
 

@@ -45,7 +45,7 @@ __all__ = ["nearest_code_threaded", "use_threads", "search_workers"]
 
 def search_workers() -> int:
     """W: numpy's BLAS threads (1 without threadpoolctl)."""
-    return threads.blas_threads(threads.controller())
+    return threads.workers()
 
 
 def use_threads(N: int, K: int, chunk_size: int | None = None) -> bool:

@@ -138,7 +138,7 @@ def l2norm_forward_fast(x: Array, *, eps: float = 1e-6) -> tuple[Array, L2NormCa
     norm = xp.reshape(xp.sqrt(xp.vecdot(x, x)), (x.shape[0], 1))  # (N, 1)
     norm = B.where_rows(~xp.isfinite(norm), _careful_norm, (x,), norm)  # (N, 1) overflowed rows recomputed
     scale = xp.clip(norm, min=eps)  # (N, 1)
-    y = x / scale  # (N, D)
+    y = B.quotient(x, scale)  # (N, D) x / scale
     return y, L2NormCache(y, scale, norm >= eps)
 
 
@@ -155,10 +155,12 @@ def l2norm_backward_fast(dy: Array, cache: L2NormCache, *, in_place: bool = Fals
     ydy = xp.reshape(xp.vecdot(y, dy), (N, 1))  # (N, 1), before any block of dy is overwritten
     coef = xp.where(above, ydy, xp.zeros_like(ydy))  # (N, 1)
     out = dy if in_place else xp.empty((N, D), dtype=dy.dtype, device=B.get_device(dy))
-    step = B.rows_per_block(dy, _BLOCK_ELEMENTS)
-    for start in range(0, N, step):
-        r = slice(start, min(start + step, N))
+
+    def rows(start: int, stop: int) -> None:  # blocks on worker threads with numpy (B.for_row_blocks)
+        r = slice(start, stop)
         out[r, :] = (dy[r, :] - y[r, :] * coef[r, :]) / scale[r, :]  # (n, D)
+
+    B.for_row_blocks(dy, B.rows_per_block(dy, _BLOCK_ELEMENTS), rows)
     return out
 
 

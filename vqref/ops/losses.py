@@ -148,15 +148,20 @@ def scaled_difference_blocked(factor: Any, a: Array, b: Array, base: Array = Non
         return out
     N, D = a.shape
     step = B.rows_per_block(a, _BLOCK_ELEMENTS)
-    for start in range(0, N, step):
-        stop = min(start + step, N)
+    result = [out]
+
+    def rows(start: int, stop: int) -> None:  # rows start:stop of the result
         block = factor * (a[start:stop, :] - b[start:stop, :])  # (n, D)
         if base is not None:
             block = base[start:stop, :] + block  # (n, D)
-        if out is None:
-            out = xp.empty((N, D), dtype=block.dtype, device=B.get_device(a))
-        out[start:stop, :] = block
-    return out
+        if result[0] is None:  # the first block: its dtype is the result's
+            result[0] = xp.empty((N, D), dtype=block.dtype, device=B.get_device(a))
+        result[0][start:stop, :] = block
+
+    rows(0, min(step, N))
+    if N > step:  # the other blocks, on worker threads with numpy (B.for_row_blocks)
+        B.for_row_blocks(a[step:, :], step, lambda i, j: rows(step + i, step + j))
+    return result[0]
 
 
 def commitment_loss_forward(x: Array, q: Array) -> tuple[Array, MSECache]:
