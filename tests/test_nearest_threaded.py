@@ -331,3 +331,38 @@ def test_elementwise_passes_on_workers_are_bit_for_bit_the_plain_ones(rng, monke
     np.testing.assert_array_equal(B.difference(a[:, 0], b[:, 0]), a[:, 0] - b[:, 0])
     np.testing.assert_array_equal(B.difference(a, b[:1]), a - b[:1])
     np.testing.assert_array_equal(B.quotient(a, s[:1]), a / s[:1])
+
+
+@pytest.mark.parametrize("bit_generator", ["PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64"])
+@pytest.mark.parametrize("W", [1, 2, 3])
+def test_gumbel_noise_on_workers_is_the_definition_s_stream(monkeypatch, bit_generator, W):
+    """The noise drawn by workers from advanced copies equals the definition's draws, bit for bit,
+    and leaves the generator where the definition leaves it (its next 32- and 64-bit draws too)."""
+    from vqref.ops import gumbel
+    from vqref.ops import gumbel_fast as gf
+
+    _on_workers(monkeypatch, W)
+    like = np.zeros((1,), dtype=np.float32)
+    for shape, block in (((37, 11), 50), ((8, 8), 64), ((3, 5), 7), ((64, 16), 1 << 16)):
+        gen = np.random.Generator(getattr(np.random, bit_generator)(7))
+        gen.integers(0, 9, size=3, dtype=np.int32)  # a buffered 32-bit value, which float64 draws keep
+        ref = B_clone(gen)
+        fast = gf.gumbel_noise_blocked(shape, gen, like=like, eps=gumbel.NOISE_EPS, block=block)
+        slow = gumbel.gumbel_noise(shape, ref, like=like, fast=False)
+        np.testing.assert_array_equal(fast, slow)
+        assert _same(gen.bit_generator.state, ref.bit_generator.state)
+        assert gen.integers(0, 2**31, dtype=np.int32) == ref.integers(0, 2**31, dtype=np.int32)
+        assert gen.random() == ref.random()
+
+
+def B_clone(gen):
+    from vqref import backend as B
+
+    return B.clone_generator(gen)
+
+
+def _same(a, b):
+    """Equal generator states (dicts of ints, strings and arrays)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return bool(np.array_equal(a, b))

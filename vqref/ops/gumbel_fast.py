@@ -22,6 +22,15 @@ order, so the result is bit for bit the definition's:
 The noise is drawn on the host for every array library (one seed, the same codes on every
 backend); only the result moves to the device.
 
+With several workers (:func:`vqref.threads.workers`, numpy's BLAS threads) and a PCG64 or
+PCG64DXSM generator (``numpy.random.default_rng``'s), the blocks are split between worker
+threads: each draws its range of the stream from a copy of the generator advanced to the range's
+first draw (``bit_generator.advance``: one 64-bit output per float64 draw, so the copy continues
+exactly where the sequential draws would be), and the caller's generator is advanced past all
+N K draws at the end, its buffered 32-bit value (untouched by float64 draws) kept.  The same
+numbers, bit for bit, and the same final state, on two cores.  Other bit generators draw in
+order on one thread.
+
 The other functions here are numpy fast paths of the (N, K) steps of :mod:`vqref.ops.gumbel`,
 each chosen in one line by its public function (``fast=True``, numpy arrays).  Every one runs
 the definition's operations in the definition's order, block of rows by block of rows, with
@@ -45,11 +54,13 @@ kernel), so the tests pin the logits to float rounding and everything else exact
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
 
 from .. import backend as B
+from .. import threads
 from ..backend import Array
 
 __all__ = [
@@ -87,19 +98,50 @@ def gumbel_noise_blocked(shape: tuple, rng: Any, *, like: Array, eps: float, blo
     host_dtype = np.float32 if like.dtype == xp.float32 else np.float64
     total = B.numel(tuple(shape))
     out = np.empty(total, dtype=host_dtype)  # (N K,) the result, flat
-    buffer = np.empty(max(1, min(total, int(block))), dtype=np.float64)  # (block,) reused
-    for start in range(0, total, buffer.shape[0]):
-        stop = min(total, start + buffer.shape[0])
-        u = buffer[: stop - start]  # (b,) a view: every step below writes into it
-        gen.random(out=u)  # u ~ U[0, 1), the next b draws of the stream
+    size = max(1, min(total, int(block)))  # entries per block
+    split = isinstance(gen.bit_generator, _ADVANCEABLE) and total > size and threads.workers() > 1  # one line
+    workers = threading.local()  # per worker: its copy of the generator, its buffer, where it stands
+
+    def rows(start: int, stop: int) -> None:  # the entries start:stop
+        if getattr(workers, "buffer", None) is None:
+            workers.buffer = np.empty(size, dtype=np.float64)  # (block,) reused
+            workers.gen, workers.at = gen, 0
+            if split:
+                workers.gen, workers.at = B.clone_generator(gen), None
+        if workers.at != start:  # a copy jumps to its range's first draw (only split copies do)
+            workers.gen.bit_generator.advance(start)
+        u = workers.buffer[: stop - start]  # (b,) a view: every step below writes into it
+        workers.gen.random(out=u)  # u ~ U[0, 1), draws start:stop of the stream
+        workers.at = stop
         np.maximum(u, eps, out=u)
         np.log(u, out=u)  # log max(u, eps) < 0
         np.negative(u, out=u)
         np.maximum(u, eps, out=u)
         np.log(u, out=u)
         np.negative(u, out=out[start:stop], casting="same_kind")  # g, rounded once to the output dtype
+
+    if split:
+        threads.for_blocks(total, size, rows)
+        _advance(gen, total)
+    else:
+        for start in range(0, total, size):
+            rows(start, min(total, start + size))
     g = out.reshape(tuple(shape))  # (N, K)
     return B.from_numpy(g, xp, device=B.get_device(like), dtype=like.dtype)
+
+
+# bit generators whose float64 draws take one 64-bit output each, with an exact advance()
+_ADVANCEABLE = (np.random.PCG64, np.random.PCG64DXSM)
+
+
+def _advance(gen: np.random.Generator, draws: int) -> None:
+    """Put ``gen`` where ``draws`` float64 draws would leave it (its buffered 32-bit value kept)."""
+    state = gen.bit_generator.state
+    ahead = B.clone_generator(gen)
+    ahead.bit_generator.advance(draws)
+    new = ahead.bit_generator.state
+    new["has_uint32"], new["uinteger"] = state["has_uint32"], state["uinteger"]
+    gen.bit_generator.state = new
 
 
 def applies(fast: bool, *arrays: Array) -> bool:
