@@ -366,3 +366,34 @@ def _same(a, b):
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return bool(np.array_equal(a, b))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gumbel_blocks_on_workers_are_bit_for_bit_the_loop(rng, monkeypatch, dtype):
+    """The Gumbel fast paths with their blocks on 3 workers (the logits' products with the BLAS
+    held to one thread) give the numbers of the same blocks in order, bit for bit."""
+    from vqref.ops import gumbel_fast as gf
+
+    N, K, D = 97, 13, 5
+    x = rng.standard_normal((N, D)).astype(dtype)
+    C = rng.standard_normal((K, D)).astype(dtype)
+    g = rng.gumbel(size=(N, K)).astype(dtype)
+    dy = rng.standard_normal((N, K)).astype(dtype)
+    blk = 3 * K  # 3 rows per block: 33 blocks
+
+    def run():
+        logits, (xc, cc, dist, passes) = gf.code_logits_forward_blocked(x, C, clamp=1e-8, block=blk)
+        idx = gf.gumbel_max_sample_blocked(logits, g, temperature=0.7, block=blk)
+        y = gf.gumbel_softmax_forward_blocked(logits, temperature=0.7, noise=g, block=blk)
+        dl = gf.gumbel_softmax_backward_blocked(dy, y, 0.7, block=blk)
+        dd2 = gf.distance_gradient_blocked(dl, dist, passes, block=blk)
+        return logits, dist, passes, idx, y, dl, dd2
+
+    monkeypatch.setattr(gf, "_PRODUCT_WORK", 1)  # the logits' products on blocks of a few rows too
+    _on_workers(monkeypatch, 1)
+    one = run()
+    _on_workers(monkeypatch, 3)
+    three = run()
+    for a, b in zip(one, three):
+        np.testing.assert_array_equal(a, b)
+    assert not threads._BLAS_LOCK.locked()

@@ -119,14 +119,18 @@ def workers() -> int:
     return blas_threads(controller())
 
 
-def for_blocks(N: int, step: int, fn: Callable[[int, int], None], *, num_workers: int | None = None) -> None:
+def for_blocks(
+    N: int, step: int, fn: Callable[[int, int], None], *, num_workers: int | None = None, blas: bool = False
+) -> None:
     """Call ``fn(start, stop)`` for the blocks ``[0, step), [step, 2 step), ...`` of N rows.
 
     With W > 1 workers (default :func:`workers`) and at least two blocks, the blocks are split
     into W contiguous ranges, one per worker thread, and this returns when every block is done
     (raising the first worker's exception, if any, after all have stopped).  ``fn`` must write
     only rows ``start:stop`` of its outputs and read no row that another block writes; numpy
-    releases the GIL inside its elementwise loops, so the blocks run on W cores.
+    releases the GIL inside its elementwise loops, so the blocks run on W cores.  ``blas``: ``fn``
+    calls numpy's BLAS (a matrix product per block), which is then held to one thread while the
+    workers run (:class:`BlasLimit`).
     """
     step = max(1, int(step))
     blocks = -(-int(N) // step)
@@ -141,7 +145,13 @@ def for_blocks(N: int, step: int, fn: Callable[[int, int], None], *, num_workers
         for start in range(edges[w], min(edges[w + 1], N), step):
             fn(start, min(start + step, N))
 
-    futures = [worker_pool(W).submit(run, w) for w in range(W)]
-    wait(futures)
+    ctl = controller() if blas else None
+    if ctl is not None:
+        with BlasLimit(ctl):
+            futures = [worker_pool(W).submit(run, w) for w in range(W)]
+            wait(futures)
+    else:
+        futures = [worker_pool(W).submit(run, w) for w in range(W)]
+        wait(futures)
     for f in futures:
         f.result()

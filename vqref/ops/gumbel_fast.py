@@ -49,7 +49,9 @@ input and its result through memory once instead of once per step:
 
 Elementwise steps and row reductions give the definition's numbers bit for bit; the one matrix
 product per block may round differently from one product over all rows (the library's choice of
-kernel), so the tests pin the logits to float rounding and everything else exactly.
+kernel), so the tests pin the logits to float rounding and everything else exactly.  The blocks
+run on worker threads (:func:`vqref.threads.for_blocks`; the logits' products with numpy's BLAS
+held to one thread), which changes no number: each block's rows are computed by the same calls.
 """
 
 from __future__ import annotations
@@ -187,8 +189,8 @@ def code_logits_forward_blocked(
     passes = np.empty((N, K), dtype=bool)
     # a matrix product pays a fixed cost per call: give each about 2^27 multiply-adds
     rows = min(max(_rows(K, block), _PRODUCT_WORK // (K * x.shape[1] + 1)), _rows(K, 16 * block))
-    for start in range(0, N, rows):
-        stop = min(N, start + rows)
+
+    def block_rows(start: int, stop: int) -> None:  # the blocks on worker threads (threads.for_blocks)
         d = dist[start:stop]  # (b, K) a view: written in place
         np.matmul(xc[start:stop], ccT, out=d)  # xc . cc
         d *= -2
@@ -199,6 +201,8 @@ def code_logits_forward_blocked(
         np.maximum(d, clamp, out=d)
         np.sqrt(d, out=d)  # (b, K) sqrt(max(d^2, clamp))
         np.negative(d, out=logits[start:stop])
+
+    threads.for_blocks(N, rows, block_rows, blas=True)
     return logits, (xc, cc, dist, passes)
 
 
@@ -213,12 +217,14 @@ def gumbel_max_sample_blocked(
     """
     N, K = logits.shape
     out = np.empty(N, dtype=np.int64)
-    rows = _rows(K, block)
-    for start in range(0, N, rows):
-        s = logits[start : start + rows] - np.max(logits[start : start + rows], axis=-1, keepdims=True)  # (b, K)
+
+    def block_rows(start: int, stop: int) -> None:
+        s = logits[start:stop] - np.max(logits[start:stop], axis=-1, keepdims=True)  # (b, K)
         s /= temperature
-        s += noise[start : start + rows]
-        np.argmax(s, axis=-1, out=out[start : start + rows])
+        s += noise[start:stop]
+        np.argmax(s, axis=-1, out=out[start:stop])
+
+    threads.for_blocks(N, _rows(K, block), block_rows)
     return out
 
 
@@ -233,9 +239,8 @@ def gumbel_softmax_forward_blocked(
     """
     N, K = logits.shape
     y = np.empty_like(logits)
-    rows = _rows(K, block)
-    for start in range(0, N, rows):
-        stop = min(N, start + rows)
+
+    def block_rows(start: int, stop: int) -> None:
         s = logits[start:stop] - np.max(logits[start:stop], axis=-1, keepdims=True)  # (b, K) the perturbed logits
         s /= temperature
         if noise is not None:
@@ -243,6 +248,8 @@ def gumbel_softmax_forward_blocked(
         s -= np.max(s, axis=-1, keepdims=True)  # the softmax's shift
         e = np.exp(s, out=y[start:stop])  # (b, K)
         e /= np.sum(e, axis=-1, keepdims=True)
+
+    threads.for_blocks(N, _rows(K, block), block_rows)
     return y
 
 
@@ -257,15 +264,16 @@ def gumbel_softmax_backward_blocked(
     """
     N, K = p.shape
     dl = np.empty_like(dy)
-    rows = _rows(K, block)
-    for start in range(0, N, rows):
-        stop = min(N, start + rows)
+
+    def block_rows(start: int, stop: int) -> None:
         pb, d = p[start:stop], dl[start:stop]  # (b, K) each
         np.multiply(pb, dy[start:stop], out=d)
         inner = np.sum(d, axis=-1, keepdims=True)  # (b, 1) <p, dy>
         np.subtract(dy[start:stop], inner, out=d)
         d *= pb
         d /= temperature
+
+    threads.for_blocks(N, _rows(K, block), block_rows)
     return dl
 
 
@@ -280,12 +288,13 @@ def distance_gradient_blocked(
     """
     N, K = dist.shape
     dd2 = np.empty_like(dlogits)
-    rows = _rows(K, block)
-    for start in range(0, N, rows):
-        stop = min(N, start + rows)
+
+    def block_rows(start: int, stop: int) -> None:
         d = dd2[start:stop]  # (b, K)
         np.multiply(dist[start:stop], 2, out=d)
         np.divide(dlogits[start:stop], d, out=d)
         np.negative(d, out=d)  # -dl / (2 dist)
         np.copyto(d, 0, where=np.logical_not(passes[start:stop]))  # 0 where the clamp stops the gradient
+
+    threads.for_blocks(N, _rows(K, block), block_rows)
     return dd2
