@@ -212,3 +212,42 @@ def test_straight_through_value_is_q_and_gradient_is_identity(bk, rng):
     np.testing.assert_array_equal(bk.np(straight_through_backward(g, cache)), bk.np(g))
     with pytest.raises(ValueError, match="shapes differ"):
         straight_through_forward(z, q[:3, :])
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(rotation_trick=True),
+        dict(use_cosine_sim=True, orthogonal_reg_weight=0.5),
+        dict(straight_through=True, sample_codebook_temp=0.7),
+        dict(soft_assignment=True, sample_codebook_temp=0.7, use_cosine_sim=True),
+        dict(learnable_codebook=True, codebook_diversity_loss_weight=0.3),
+    ],
+    ids=["ste", "rotation", "cosine-orth", "gumbel-st", "soft-cos", "learnable-div"],
+)
+def test_backward_without_the_codebook_gradient_gives_the_same_dx(rng, kw):
+    """``quantize_backward(codebook=False)`` (what a module whose codebook is not learned asks):
+    the same dx, bit for bit, and no codebook gradient; ``squared_distance_backward`` likewise."""
+    from vqref.core.quantize import add_orthogonal_term, quantize_backward, quantize_forward
+
+    N, K, D = 40, 6, 5
+    x, C = rng.standard_normal((N, D)), rng.standard_normal((K, D))
+    orth = kw.pop("orthogonal_reg_weight", 0.0)
+    noise = rng.gumbel(size=(N, K)) if kw.get("straight_through") else None
+    out, cache = quantize_forward(x, C, noise=noise, **kw)
+    if orth:
+        _, cache = add_orthogonal_term(cache, C, weight=orth)
+    dq = rng.standard_normal((N, D))
+    dx_all, dc_all = quantize_backward(dq, 0.8, cache)
+    dx, dc = quantize_backward(dq, 0.8, cache, codebook=False)
+    assert dc is None
+    assert (dc_all is None) == (not kw and not orth or kw == dict(rotation_trick=True))  # skipped, not absent
+    np.testing.assert_array_equal(dx, dx_all)
+    # the distance's own backward
+    dist, dcache = squared_distance_forward(x, C)
+    g = rng.standard_normal(dist.shape)
+    dx_all, dc_all = squared_distance_backward(g, dcache)
+    dx, dc = squared_distance_backward(g, dcache, codebook=False)
+    assert dc is None
+    np.testing.assert_array_equal(dx, dx_all)

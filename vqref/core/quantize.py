@@ -441,7 +441,9 @@ def _plus(a: Any, b: Any) -> Any:
     return b if a is None else a if b is None else a + b
 
 
-def quantize_backward(dquantized: Array, dloss: Array, cache: QuantizeCache) -> tuple[Any, Any]:
+def quantize_backward(
+    dquantized: Array, dloss: Array, cache: QuantizeCache, *, codebook: bool = True
+) -> tuple[Any, Any]:
     """Gradients for the input and the codebook.
 
     Parameters
@@ -449,11 +451,15 @@ def quantize_backward(dquantized: Array, dloss: Array, cache: QuantizeCache) -> 
     dquantized : (N, D) float, upstream gradient of ``quantized``
     dloss : scalar or 0-d array, upstream gradient of ``loss``
     cache : QuantizeCache from :func:`quantize_forward`
+    codebook : False: the caller does not want the codebook's gradient (its codebook is not
+        learned: EMA, or frozen); it is not computed and ``dcodebook`` is None.  dx is the same:
+        the codebook's terms never reach it.  Saves the (K x N)(N x D) product of the logits'
+        backward on the soft paths.
 
     Returns
     -------
     dx : (N, D)
-    dcodebook : (K, D), or ``None`` when no term reaches the codebook
+    dcodebook : (K, D), or ``None`` when no term reaches the codebook (or ``codebook`` is False)
     """
     # 1. The estimator carries the decoder's gradient to x^ (STE: unchanged; rotation: lambda R^T g),
     #    or to the logits and the codebook (Gumbel straight-through, soft).
@@ -468,7 +474,7 @@ def quantize_backward(dquantized: Array, dloss: Array, cache: QuantizeCache) -> 
     if cache.commitment_weight:  # dxh + commitment_loss_backward(w dloss), one (N, D) pass
         dxh = commitment_loss_backward_added(dxh, cache.commitment_weight * dloss, cache.mse, in_place=own)
         own = True
-    if cache.codebook_weight:  # lookup_backward(codebook_loss_backward(w dloss)), no (N, D) array
+    if cache.codebook_weight and codebook:  # lookup_backward(codebook_loss_backward(w dloss)), no (N, D) array
         dcodes = codebook_loss_backward_codes(cache.codebook_weight * dloss, cache.mse, cache.lookup.indices,
                                               cache.codebook)  # fmt: skip
         dch = _plus(dch, dcodes)  # (K, D)
@@ -481,18 +487,20 @@ def quantize_backward(dquantized: Array, dloss: Array, cache: QuantizeCache) -> 
 
     # 4. The logits' gradient reaches x^ and C^ through the distances (or dot products).
     if dlogits is not None:
-        dxh_logits, dch_logits = code_logits_backward(dlogits, cache.logits)  # (N, D), (K, D)
+        dxh_logits, dch_logits = code_logits_backward(dlogits, cache.logits, codebook=codebook)  # (N, D), (K, D)
         dxh, own = dxh + dxh_logits, True
         dch = _plus(dch, dch_logits)
 
     # 5. Undo the l2 normalisations (cosine codebooks).
     if cache.x_norm is not None:
         dx = l2norm_backward(dxh, cache.x_norm, in_place=own)
-        dcodebook = None if dch is None else l2norm_backward(dch, cache.c_norm)
+        dcodebook = None if dch is None or not codebook else l2norm_backward(dch, cache.c_norm)
     else:
         dx, dcodebook = dxh, dch
 
     # 6. The orthogonal regulariser acts on the raw codebook.
+    if not codebook:
+        return dx, None
     if cache.orthogonal is not None:
         dorth = orthogonal_loss_backward(cache.orthogonal_weight * dloss, cache.orthogonal)  # (K, D)
         dcodebook = _plus(dcodebook, dorth)

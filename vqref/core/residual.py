@@ -256,7 +256,9 @@ def depth_batches(cache: ResidualCache) -> list:
     return [None if d is None else (d.mse.a, d.lookup.indices) for d in cache.depths]
 
 
-def residual_backward(dquantized: Array, dlosses: Array, cache: ResidualCache) -> tuple[Any, list]:
+def residual_backward(
+    dquantized: Array, dlosses: Array, cache: ResidualCache, *, codebooks: bool = True
+) -> tuple[Any, list]:
     """Gradients for the input and every depth's codebook.
 
     Parameters
@@ -264,6 +266,8 @@ def residual_backward(dquantized: Array, dlosses: Array, cache: ResidualCache) -
     dquantized : (N, D) upstream gradient of ``quantized``
     dlosses : (Q,) upstream gradients of the per-depth losses (or a scalar for all)
     cache : ResidualCache
+    codebooks : False: the codebooks' gradients are not wanted (a codebook that is not learned);
+        each depth skips them (see :func:`vqref.core.quantize.quantize_backward`) and gives None
 
     Returns
     -------
@@ -295,7 +299,7 @@ def residual_backward(dquantized: Array, dlosses: Array, cache: ResidualCache) -
             dcodebooks.append(None)
             continue
         dq = upstream[level] if rows[level] is None else xp.take(upstream[level], rows[level].indices, axis=0)
-        dr, dcb = quantize_backward(dq, dl[level], depth)  # (n_l, D), (K, D) or None
+        dr, dcb = quantize_backward(dq, dl[level], depth, codebook=codebooks)  # (n_l, D), (K, D) or None
         dx, owned = _accumulate(dx, put_rows(dr, rows[level]), owned)  # (N, D)
         dcodebooks.append(dcb)
     if dx is None:  # no depth ran

@@ -101,7 +101,7 @@ def squared_distance_forward(x: Array, codebook: Array) -> tuple[Array, Distance
     return xp.maximum(dist, xp.zeros_like(dist)), DistanceCache(xc, cc)
 
 
-def squared_distance_backward(ddist: Array, cache: DistanceCache) -> tuple[Array, Array]:
+def squared_distance_backward(ddist: Array, cache: DistanceCache, *, codebook: bool = True) -> tuple[Array, Any]:
     """Gradients of the squared distances for inputs and codes.
 
     With ``d_ik = ||x_i - c_k||^2``:  ``dx_i = 2 sum_k ddist_ik (x_i - c_k)`` and
@@ -111,11 +111,13 @@ def squared_distance_backward(ddist: Array, cache: DistanceCache) -> tuple[Array
         dc = 2 (colsum(ddist) * cc - ddist^T @ xc)        (K, D)
 
     The centre m = mean(C) moves with C, but every term depends on ``x - c`` only, so the
-    derivative through m is zero.
+    derivative through m is zero.  ``codebook=False`` skips dc (None): a (K x N)(N x D) product.
     """
     xp = B.get_namespace(ddist)
     xc, cc = cache
     dx = 2 * (xp.sum(ddist, axis=1, keepdims=True) * xc - ddist @ cc)  # (N, D)
+    if not codebook:
+        return dx, None
     dcodebook = 2 * (xp.sum(ddist, axis=0)[:, None] * cc - ddist.mT @ xc)  # (K, D)
     return dx, dcodebook
 

@@ -132,7 +132,9 @@ def code_logits_forward(
     return -dist, LogitsCache("euclidean", dist_cache, dist, d2 >= DISTANCE_CLAMP)
 
 
-def code_logits_backward(dlogits: Array, cache: LogitsCache, *, fast: bool = True) -> tuple[Array, Array]:
+def code_logits_backward(
+    dlogits: Array, cache: LogitsCache, *, fast: bool = True, codebook: bool = True
+) -> tuple[Array, Any]:
     """Gradients of the logits for the vectors and the codes.
 
     Euclidean: ``l = -sqrt(s)`` with ``s = max(d^2, clamp)``, so ``dl/d(d^2) = -1 / (2 sqrt(s))``
@@ -145,22 +147,23 @@ def code_logits_backward(dlogits: Array, cache: LogitsCache, *, fast: bool = Tru
     ----------
     dlogits : (N, K)
     cache : LogitsCache
+    codebook : False: skip the codes' gradient (None), a (K x N)(N x D) product
 
     Returns
     -------
     dx : (N, D)
-    dcodebook : (K, D)
+    dcodebook : (K, D), or None
     """
     xp = B.get_namespace(dlogits)
     if cache.metric == "dot":
-        x, codebook = cache.inner
-        return dlogits @ codebook, dlogits.mT @ x  # (N, D), (K, D)
+        x, cb = cache.inner
+        return dlogits @ cb, (dlogits.mT @ x if codebook else None)  # (N, D), (K, D)
     if blocked.applies(fast, dlogits, cache.dist):  # the one-line choice: the same numbers, block by block
         dd2_blocked = blocked.distance_gradient_blocked(dlogits, cache.dist, cache.passes)  # (N, K)
-        return squared_distance_backward(dd2_blocked, cache.inner)
+        return squared_distance_backward(dd2_blocked, cache.inner, codebook=codebook)
     dd2 = xp.where(cache.passes, -dlogits / (2 * cache.dist), 0.0)  # (N, K) gradient of d^2
     dist_cache: DistanceCache = cache.inner
-    return squared_distance_backward(dd2, dist_cache)
+    return squared_distance_backward(dd2, dist_cache, codebook=codebook)
 
 
 # The softmax over the last axis and its backward are :mod:`vqref.ops.entropy`'s

@@ -451,7 +451,7 @@ def backward_step(dquantized: Array, dlosses: Any, cache: StepCache, m: Any) -> 
     dl = dlosses / G if G > 1 else dlosses  # with a codebook per head the loss is the mean over heads
     dstreams, dcodebooks = [], []
     for dout, rc in zip(doutputs, cache.streams):
-        dz, dcbs = residual_backward(dout, dl, rc)
+        dz, dcbs = residual_backward(dout, dl, rc, codebooks=m.codebook_is_learnable)  # no unused codebook gradient
         dstreams.append(dz)
         dcodebooks.append(dcbs)
     dx, dWi, dbi = layer_in_backward(dstreams, cache.layer_in)
