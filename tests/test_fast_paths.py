@@ -190,6 +190,10 @@ def test_nearest_code_scores_are_clamped_at_zero(rng, dtype, chunk):
     # and the fast path equals the definition to the rounding of the expansion
     tol = 16 * np.finfo(dtype).eps * (np.vecdot(xc, xc) + np.vecdot(cc, cc).max())  # (N,)
     assert np.all(np.abs(s_fast - s_def) <= tol) and np.all(s_fast <= tol)
+    # the threaded fast path (two workers) at the clamp as well
+    i_thr, s_thr = nearest_code_threaded(x, C, chunk_size=chunk, return_score=True, workers=2)
+    np.testing.assert_array_equal(i_thr, truth)
+    assert s_thr.min() >= 0 and np.all(s_thr <= tol)
     np.testing.assert_array_equal(B.to_numpy(s_strict), s_def)
     # the public function takes the fast path on these inputs, bit for bit (the threaded one where
     # numpy's BLAS has several threads: tests/test_nearest_threaded.py holds it to the others)
