@@ -327,7 +327,7 @@ def test_torch_check_catches_the_ste_in_place_of_the_gumbel_estimator(rng, monke
     k = out.indices
     assert check_against_torch(ref, [x, c], (g, np.asarray(1.0)), quantize_backward(g, 1.0, cache)).passed
     # 1. the STE's gradient (what vector-quantize-pytorch's final step gives) fails
-    monkeypatch.setattr(core_quantize, "estimator_backward", lambda d, ca: EstimatorGrads(d, None, None))
+    monkeypatch.setattr(core_quantize, "estimator_backward", lambda d, ca, **kw: EstimatorGrads(d, None, None))
     res = check_against_torch(
         ref, [x, c], (g, np.asarray(1.0)), quantize_backward(g, 1.0, cache), raise_on_failure=False
     )

@@ -294,6 +294,10 @@ def test_elementwise_passes_on_workers_are_bit_for_bit_the_plain_ones(rng, monke
     for W in (1, 3):
         _on_workers(monkeypatch, W)
         np.testing.assert_array_equal(B.difference(a, b), a - b)
+        for src in (a, a[::-1], np.asfortranarray(a)):
+            dup = B.copied(src)
+            np.testing.assert_array_equal(dup, src)
+            assert not np.shares_memory(dup, src) and dup.flags.c_contiguous
         np.testing.assert_array_equal(B.quotient(a, s), a / s)
         total = a.copy()
         assert B.add_into(total, b) is total

@@ -56,6 +56,7 @@ __all__ = [
     "rows_per_block",
     "for_row_blocks",
     "difference",
+    "copied",
     "quotient",
     "add_into",
     "is_float_array",
@@ -429,6 +430,17 @@ def difference(a: Array, b: Array) -> Array:
         return a - b
     out = np.empty(a.shape, dtype=a.dtype)
     for_row_blocks(a, rows_per_block(a, _PASS_ELEMENTS), lambda i, j: np.subtract(a[i:j], b[i:j], out=out[i:j]))
+    return out
+
+
+def copied(a: Array) -> Array:
+    """A copy of ``a`` (a new array); for a numpy (N, D) array written block by block on the worker
+    threads of :func:`for_row_blocks`, else ``asarray(a, copy=True)``."""
+    xp = get_namespace(a)
+    if not (is_numpy(xp) and a.ndim == 2 and a.shape[0] > 0):
+        return xp.asarray(a, copy=True)
+    out = np.empty(a.shape, dtype=a.dtype)
+    for_row_blocks(a, rows_per_block(a, _PASS_ELEMENTS), lambda i, j: np.copyto(out[i:j], a[i:j]))
     return out
 
 

@@ -173,7 +173,7 @@ def estimator_forward(
     return out, EstimatorCache(kind, inner)
 
 
-def estimator_backward(dout: Array, cache: EstimatorCache) -> EstimatorGrads:
+def estimator_backward(dout: Array, cache: EstimatorCache, *, codebook: bool = True) -> EstimatorGrads:
     """Where ``dout`` goes, by estimator:
 
     * ``"ste"``: ``dx = dout``; ``"rotation"``: ``dx = lambda R^T dout`` (surrogates);
@@ -182,6 +182,8 @@ def estimator_backward(dout: Array, cache: EstimatorCache) -> EstimatorGrads:
       carries to the logits;
     * ``"soft"``: ``y C`` differentiated exactly (``dy = dout C^T``, ``dC = y^T dout``), y to the
       logits: the true derivative.
+
+    ``codebook=False``: the soft estimator skips its ``dC`` product (the others' are cheap).
     """
     if cache.kind == "rotation":
         return EstimatorGrads(rotation_trick_backward(dout, cache.inner), None, None)
@@ -189,7 +191,7 @@ def estimator_backward(dout: Array, cache: EstimatorCache) -> EstimatorGrads:
         dz, dcodebook = straight_through_gumbel_backward(dout, cache.inner)  # (N, K), (K, D)
         return EstimatorGrads(None, gumbel_softmax_backward(dz, cache.relaxed), dcodebook)  # dy := dz
     if cache.kind == "soft":
-        dy, dcodebook = soft_assignment_backward(dout, cache.inner)  # (N, K), (K, D)
+        dy, dcodebook = soft_assignment_backward(dout, cache.inner, codebook=codebook)  # (N, K), (K, D) or None
         return EstimatorGrads(None, gumbel_softmax_backward(dy, cache.relaxed), dcodebook)
     return EstimatorGrads(straight_through_backward(dout, cache.inner), None, None)
 
@@ -463,7 +465,7 @@ def quantize_backward(
     """
     # 1. The estimator carries the decoder's gradient to x^ (STE: unchanged; rotation: lambda R^T g),
     #    or to the logits and the codebook (Gumbel straight-through, soft).
-    est = estimator_backward(dquantized, cache.estimator)
+    est = estimator_backward(dquantized, cache.estimator, codebook=codebook)
     dxh = est.dx if est.dx is not None else B.get_namespace(dquantized).zeros_like(dquantized)  # (N, D)
     dch, dlogits = est.dcodebook, est.dlogits  # (K, D) or None, (N, K) or None
     own = dxh is not dquantized  # dxh is a buffer of this backward: the steps below may write it

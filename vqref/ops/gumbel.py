@@ -322,16 +322,18 @@ def soft_assignment_forward(y: Array, codebook: Array) -> tuple[Array, Assignmen
     return y @ codebook, AssignmentCache(y, codebook)  # (N, D)
 
 
-def soft_assignment_backward(dout: Array, cache: AssignmentCache) -> tuple[Array, Array]:
+def soft_assignment_backward(dout: Array, cache: AssignmentCache, *, codebook: bool = True) -> tuple[Array, Any]:
     """The product rule of ``out = y C``: ``dy = dout C^T`` and ``dC = y^T dout`` (a true derivative).
+
+    ``codebook=False`` skips ``dC`` (None), a (K x N)(N x D) product.
 
     Returns
     -------
     dy : (N, K)
-    dcodebook : (K, D)
+    dcodebook : (K, D), or None
     """
-    y, codebook = cache
-    return dout @ codebook.mT, y.mT @ dout  # (N, K), (K, D)
+    y, cb = cache
+    return dout @ cb.mT, (y.mT @ dout if codebook else None)  # (N, K), (K, D)
 
 
 def straight_through_gumbel_forward(codebook: Array, indices: Array) -> tuple[Array, AssignmentCache]:

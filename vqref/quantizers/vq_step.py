@@ -199,7 +199,7 @@ def forward_step(
     lead = tuple(x.shape[:-1])
     xf = xp.reshape(x, (-1, m.dim))  # (N, D)
     if training:  # the cache refers to the input: a private copy, so changing x cannot change a gradient
-        xf = xp.asarray(xf, copy=True)
+        xf = B.copied(xf)  # (N, D) on numpy block by block on worker threads
     fr = frame(lead, mask, heads=m.heads, separate=m.separate_codebook_per_head,
                passthrough=not m.return_zeros_for_masked_padding, like=xf)  # fmt: skip
     arrays = state.arrays
