@@ -421,52 +421,48 @@ def for_row_blocks(x: Array, step: int, fn: Any) -> None:
 _PASS_ELEMENTS = 1 << 18
 
 
-def difference(a: Array, b: Array) -> Array:
-    """``a - b``, a new array.  For two numpy (N, D) arrays of one shape and dtype it is written
-    block by block on the worker threads of :func:`for_row_blocks` (the same numbers, bit for
-    bit: an elementwise operation); otherwise the plain expression."""
-    xp = get_namespace(a, b)
-    if not (is_numpy(xp) and a.ndim == 2 and a.shape == b.shape and a.dtype == b.dtype and a.shape[0] > 0):
-        return a - b
-    out = np.empty(a.shape, dtype=a.dtype)
-    for_row_blocks(a, rows_per_block(a, _PASS_ELEMENTS), lambda i, j: np.subtract(a[i:j], b[i:j], out=out[i:j]))
+def _rows_on_workers(op: Any, out: np.ndarray, *args: np.ndarray) -> np.ndarray:
+    """``op(*args, out=out)`` for numpy (N, ...) arrays, block of rows by block of rows on the worker
+    threads of :func:`for_row_blocks`: an elementwise ``op`` gives the same numbers bit for bit."""
+    for_row_blocks(out, rows_per_block(out, _PASS_ELEMENTS), lambda i, j: op(*(a[i:j] for a in args), out=out[i:j]))
     return out
+
+
+def _same_2d(a: Array, b: Array) -> bool:
+    """numpy (N, D) arrays of one shape and dtype, N > 0: the passes below may take the workers."""
+    return (
+        is_numpy(get_namespace(a, b)) and a.ndim == 2 and a.shape == b.shape and a.dtype == b.dtype and a.shape[0] > 0
+    )
+
+
+def difference(a: Array, b: Array) -> Array:
+    """``a - b``, a new array; for two numpy (N, D) arrays of one shape and dtype on worker threads."""
+    return _rows_on_workers(np.subtract, np.empty(a.shape, dtype=a.dtype), a, b) if _same_2d(a, b) else a - b
 
 
 def copied(a: Array) -> Array:
-    """A copy of ``a`` (a new array); for a numpy (N, D) array written block by block on the worker
-    threads of :func:`for_row_blocks`, else ``asarray(a, copy=True)``."""
-    xp = get_namespace(a)
-    if not (is_numpy(xp) and a.ndim == 2 and a.shape[0] > 0):
-        return xp.asarray(a, copy=True)
-    out = np.empty(a.shape, dtype=a.dtype)
-    for_row_blocks(a, rows_per_block(a, _PASS_ELEMENTS), lambda i, j: np.copyto(out[i:j], a[i:j]))
-    return out
+    """A copy of ``a`` (a new array); for a numpy (N, D) array on worker threads, else ``asarray(a, copy=True)``."""
+    if not _same_2d(a, a):
+        return get_namespace(a).asarray(a, copy=True)
+    return _rows_on_workers(lambda src, out: np.copyto(out, src), np.empty(a.shape, dtype=a.dtype), a)
 
 
 def quotient(x: Array, scale: Array) -> Array:
     """``x / scale`` for (N, D) x and a (N, 1) column of row scales, a new array; for numpy arrays of
-    one dtype written block by block on worker threads (bit for bit the same), else the plain
-    expression."""
+    one dtype on worker threads, else the plain expression."""
     xp = get_namespace(x, scale)
     if not (is_numpy(xp) and x.ndim == 2 and scale.shape == (x.shape[0], 1) and x.dtype == scale.dtype):
         return x / scale
-    out = np.empty(x.shape, dtype=x.dtype)
-    for_row_blocks(x, rows_per_block(x, _PASS_ELEMENTS), lambda i, j: np.divide(x[i:j], scale[i:j], out=out[i:j]))
-    return out
+    return _rows_on_workers(np.divide, np.empty(x.shape, dtype=x.dtype), x, scale)
 
 
 def add_into(total: Array, term: Array) -> Array:
-    """``total += term`` in place (``total``: a buffer the caller owns), returned.  For numpy (N, D)
-    arrays of one shape and dtype, block by block on worker threads (bit for bit the same)."""
-    xp = get_namespace(total, term)
-    if not (is_numpy(xp) and total.ndim == 2 and total.shape == term.shape and total.dtype == term.dtype):
+    """``total += term`` in place (``total``: a buffer the caller owns), returned; for numpy (N, D)
+    arrays of one shape and dtype on worker threads."""
+    if not _same_2d(total, term):
         total += term
         return total
-    for_row_blocks(
-        total, rows_per_block(total, _PASS_ELEMENTS), lambda i, j: np.add(total[i:j], term[i:j], out=total[i:j])
-    )
-    return total
+    return _rows_on_workers(np.add, total, total, term)
 
 
 def numel(shape: tuple) -> int:

@@ -49,8 +49,8 @@ from .options import (
     state_prefixes,
     state_spec,
 )
-from .views import CodebookViews
-from .vq_step import PendingResidual, backward_step, draw_dropout, forward_step, state_gradients, upstream_gradients
+from .views import CodebookViews, PendingResidual
+from .vq_step import backward_step, draw_dropout, forward_step, state_gradients, upstream_gradients
 
 __all__ = ["VectorQuantize"]
 

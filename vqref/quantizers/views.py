@@ -16,7 +16,7 @@ decoding methods; :class:`CodebookView` is one depth's view.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -24,9 +24,8 @@ from .. import backend as B
 from ..backend import Array
 from ..ops.l2norm import l2norm_forward
 from ..ops.linear import linear_forward
-from .vq_step import PendingResidual
 
-__all__ = ["CodebookView", "CodebookViews", "check_codes"]
+__all__ = ["CodebookView", "CodebookViews", "PendingResidual", "check_codes"]
 
 # the module's per-depth options a view shows as its own
 _OPTIONS = (
@@ -37,6 +36,22 @@ _OPTIONS = (
     "stochastic_sample_codes", "sample_codebook_temp", "straight_through", "soft_assignment",
     "codebook_diversity_loss_weight", "codebook_diversity_temperature",
 )  # fmt: skip
+
+
+class PendingResidual(NamedTuple):
+    """The last residual ``r_Q = r_{Q-1} - c_{Q-1}`` of a step, formed only if it is read.
+
+    It is a diagnostic (``last_residuals``) that no computation needs: forming it at every call
+    would cost an (N, d) array and a pass over it.  ``before`` and ``code`` are the arrays of
+    the step (in eval mode, with one depth and no projection, the caller's x and the returned
+    output themselves).
+    """
+
+    before: Any  # (n, d) r_{Q-1}
+    code: Any  # (n, d) c_{Q-1}, 0 for the rows that stopped before depth Q - 1
+
+    def value(self) -> Array:
+        return self.before - self.code  # (n, d)
 
 
 class CodebookView:

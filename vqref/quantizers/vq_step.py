@@ -55,6 +55,7 @@ from ..core.rows import depth_rows, dropout_last_depths, put_indices, sample_of_
 from ..core.state import residual_kmeans_init, residual_training_update
 from ..distributed import as_comm, check_same
 from ..validation import check_fits, check_real, fits
+from .views import PendingResidual
 
 __all__ = ["StepResult", "StepCache", "Dropout", "forward_step", "backward_step", "stream_states", "draw_dropout",
            "upstream_gradients", "state_gradients"]  # fmt: skip
@@ -82,22 +83,6 @@ class StepResult(NamedTuple):
     terms: dict  # the unweighted loss terms (vq.last_losses)
     residuals: tuple  # the Q + 1 residuals (n, d) of the stream (one stream only; the last one a
     # PendingResidual, formed when read), else ()
-
-
-class PendingResidual(NamedTuple):
-    """The last residual ``r_Q = r_{Q-1} - c_{Q-1}`` of a step, formed only if it is read.
-
-    It is a diagnostic (``last_residuals``) that no computation needs: forming it at every call
-    would cost an (N, d) array and a pass over it.  ``before`` and ``code`` are the arrays of
-    the step (in eval mode, with one depth and no projection, the caller's x and the returned
-    output themselves).
-    """
-
-    before: Any  # (n, d) r_{Q-1}
-    code: Any  # (n, d) c_{Q-1}, 0 for the rows that stopped before depth Q - 1
-
-    def value(self) -> Array:
-        return self.before - self.code  # (n, d)
 
 
 class _Stream(NamedTuple):
