@@ -14,6 +14,7 @@ report.
 from __future__ import annotations
 
 import json
+import warnings
 
 import array_api_strict
 import numpy as np
@@ -22,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vqref import backend as B
+from vqref import threads
 from vqref.core.kmeans import kmeans
 from vqref.ops import distance, losses, rotation
 from vqref.ops.distance import default_chunk_size, nearest_code, nearest_code_inplace, nearest_code_portable
@@ -92,6 +94,32 @@ def test_all_finite_fast_path(bk):
         with np.errstate(over="ignore", invalid="ignore"):
             assert B.all_finite(bk.asarray(a)) is want, name
     assert B.all_finite(bk.asarray(np.arange(5)))  # integers: the plain check
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_all_finite_block_sums_on_workers(rng, monkeypatch, workers):
+    """Contiguous arrays larger than one block are summed block by block on the workers: a bad
+    value in any block (first, middle, the partial last one) is found, a block whose sum overflows
+    falls back to the element check, and the workers' overflow is silent."""
+    monkeypatch.setattr(B, "_FINITE_BLOCK", 8)
+    monkeypatch.setattr(threads, "workers", lambda: workers)
+    a = rng.standard_normal((7, 5)).astype(np.float32)  # 35 elements: blocks of 8, the last of 3
+    big = np.finfo(np.float32).max
+    assert B.all_finite(a) and B._sums_are_finite(a)
+    for where in (0, 13, 34):
+        for bad in (np.nan, np.inf, -np.inf):
+            b = a.copy()
+            b.flat[where] = bad
+            assert not B.all_finite(b) and not B._sums_are_finite(b), (where, bad)
+    b = a.copy()
+    b.flat[16:18] = big  # finite, but the sum of that block overflows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning from the workers' sums
+        assert not B._sums_are_finite(b) and B.all_finite(b)
+    b = np.asfortranarray(a)  # not C-contiguous: one sum
+    b[6, 4] = np.nan
+    assert not B.all_finite(b) and not B.all_finite(b[:, ::2]) and B.all_finite(b[:, :4:2])
+    assert B._sums_are_finite(np.zeros(8, np.float32))  # exactly one block
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "some", "all"])

@@ -15,10 +15,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vqref import FSQ
+from vqref import FSQ, threads
 from vqref.core.fsq import Projection, fsq_layer_backward, fsq_layer_forward
 from vqref.core.lfq import LFQOptions, LFQParams, lfq_backward, lfq_forward
-from vqref.ops import entropy_fast, fsq_fast, gumbel_fast
+from vqref.ops import entropy_fast, gumbel_fast, linear_fast
 from vqref.ops.entropy import entropy_penalty_backward, entropy_penalty_forward
 from vqref.ops.gumbel import (
     code_logits_backward,
@@ -230,25 +230,56 @@ def test_blocked_penalty_gradient_passes_finite_differences_and_a_broken_one_fai
 # ------------------------------------------------------------------ FSQ's projections
 
 
+@pytest.fixture
+def small_affine_blocks(monkeypatch):
+    """Blocks of the fast projections shrunk to their minimum of 64 rows."""
+    monkeypatch.setattr(linear_fast, "BLOCK_ELEMENTS", 1)
+    return linear_fast.affine_rows(1, 1)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("din, dout", [(4, 37), (fsq_fast.THIN, 9), (fsq_fast.THIN + 1, 5), (37, 4)])
+@pytest.mark.parametrize("din, dout", [(4, 37), (37, 4), (1, 1)])
+@pytest.mark.parametrize("rows", [0, 1, 64, 200])  # no rows, one, one whole block, blocks ending mid-way
 @pytest.mark.parametrize("bias", [True, False])
-def test_fast_affine_pair_matches_the_linear_definition(rng, dtype, din, dout, bias):
-    x = rng.standard_normal((N, din)).astype(dtype)
+def test_blocked_affine_pair_matches_the_linear_definition(rng, monkeypatch, small_affine_blocks, dtype, din, dout,
+                                                           rows, bias):  # fmt: skip
+    x = rng.standard_normal((rows, din)).astype(dtype)
     W = rng.standard_normal((din, dout)).astype(dtype)
     b = rng.standard_normal(dout).astype(dtype) if bias else None
-    dy = rng.standard_normal((N, dout)).astype(dtype)
-    y, cache = fsq_fast.affine_forward_inplace(x, W, b)
+    dy = rng.standard_normal((rows, dout)).astype(dtype)
     y_want, cache_want = linear_forward(x, W, b)
-    assert y.dtype == dtype and cache.x is not x and cache.W is not W  # copies, as the definition
-    np.testing.assert_allclose(y, y_want, rtol=_tol(dtype), atol=_tol(dtype))
-    got, want = fsq_fast.affine_backward_stacked(dy, cache), linear_backward(dy, cache_want)
-    for a, w in zip(got, want):
-        assert a.dtype == dtype and a.shape == w.shape
-        np.testing.assert_allclose(a, w, rtol=10 * _tol(dtype), atol=10 * _tol(dtype) * np.abs(w).max())
-    if din > fsq_fast.THIN:  # the wide branch is the definition's arithmetic
+    want = linear_backward(dy, cache_want)
+    results = []
+    for W_threads in (1, 2, 3):
+        monkeypatch.setattr(threads, "workers", lambda W_threads=W_threads: W_threads)
+        y, cache = linear_fast.affine_forward_blocked(x, W, b)
+        assert y.dtype == dtype and y.shape == (rows, dout)
+        assert not np.shares_memory(cache.x, x) and not np.shares_memory(cache.W, W)  # copies, as the definition
+        np.testing.assert_array_equal(cache.x, x)
+        np.testing.assert_array_equal(cache.W, W)
+        np.testing.assert_allclose(y, y_want, rtol=_tol(dtype), atol=_tol(dtype))
+        got = linear_fast.affine_backward_blocked(dy, cache)
         for a, w in zip(got, want):
+            assert a.dtype == dtype and a.shape == w.shape
+            np.testing.assert_allclose(
+                a, w, rtol=10 * _tol(dtype), atol=10 * _tol(dtype) * (np.abs(w).max(initial=0) + 1)
+            )
+        results.append((y, *got))
+    for other in results[1:]:  # the partial sums are added in block order: the same numbers on any workers
+        for a, w in zip(other, results[0]):
             np.testing.assert_array_equal(a, w)
+
+
+def test_blocked_affine_sums_every_block(rng, small_affine_blocks):
+    """dW and db collect every block: a gradient nonzero only in the last, partial block still
+    reaches them (a loop that dropped a block, or the tail, would give zeros)."""
+    x = rng.standard_normal((3 * small_affine_blocks + 5, 3))
+    _, cache = linear_fast.affine_forward_blocked(x, rng.standard_normal((3, 2)), None)
+    dy = np.zeros((x.shape[0], 2))
+    dy[-1] = [1.0, -2.0]
+    _, dW, db = linear_fast.affine_backward_blocked(dy, cache)
+    np.testing.assert_array_equal(db, [1.0, -2.0])
+    np.testing.assert_allclose(dW, np.outer(x[-1], [1.0, -2.0]))
 
 
 LAYERS = {

@@ -196,16 +196,37 @@ def is_float_array(x: Array) -> bool:
 def all_finite(x: Array) -> bool:
     """True when every element is finite.  Synchronises with the device: call from drivers only.
 
-    numpy fast path: one sum over the data instead of a boolean array of x's size.  A NaN or an
-    infinity makes the sum non-finite; only when the sum is not finite (which finite data can
-    also give, by overflow) is every element checked.
+    numpy fast path (:func:`_sums_are_finite`): sums over the data instead of a boolean array of
+    x's size.  A NaN or an infinity makes a sum non-finite; only when a sum is not finite (which
+    finite data can also give, by overflow) is every element checked.
     """
     xp = get_namespace(x)
-    if is_numpy(xp) and xp.isdtype(x.dtype, "real floating"):
-        with np.errstate(over="ignore", invalid="ignore"):  # large finite data may overflow the sum
-            if np.isfinite(np.sum(x)):
-                return True
+    if is_numpy(xp) and xp.isdtype(x.dtype, "real floating") and _sums_are_finite(x):
+        return True
     return bool(xp.all(xp.isfinite(x)))
+
+
+_FINITE_BLOCK = 1 << 18  # elements per sum of :func:`_sums_are_finite` (1 MiB in float32)
+
+
+def _sums_are_finite(x: np.ndarray) -> bool:
+    """True when the sums of consecutive blocks of a numpy float array are all finite, which
+    implies every element is; False says nothing (a sum of finite numbers may overflow).
+
+    A contiguous array's blocks of :data:`_FINITE_BLOCK` elements are summed on the worker threads
+    (:func:`vqref.threads.for_blocks`); any other array in one sum."""
+    if not x.flags.c_contiguous or x.size <= _FINITE_BLOCK:
+        with np.errstate(over="ignore", invalid="ignore"):  # large finite data may overflow the sum
+            return bool(np.isfinite(np.sum(x)))
+    flat = x.reshape(-1)  # a view
+    finite = [True] * -(-flat.shape[0] // _FINITE_BLOCK)  # one flag per block
+
+    def block(i: int, j: int) -> None:
+        with np.errstate(over="ignore", invalid="ignore"):  # per thread: errstate is not inherited
+            finite[i // _FINITE_BLOCK] = bool(np.isfinite(np.sum(flat[i:j])))
+
+    threads.for_blocks(flat.shape[0], _FINITE_BLOCK, block)
+    return all(finite)
 
 
 def to_float(x: Array) -> float:

@@ -55,8 +55,8 @@ from ..ops.fsq import (
     symmetric_scale_backward,
     symmetric_scale_forward,
 )
-from ..ops.fsq_fast import affine_backward_stacked, affine_forward_inplace
 from ..ops.linear import LinearCache, linear_backward, linear_forward
+from ..ops.linear_fast import affine_backward_blocked, affine_forward_blocked
 
 __all__ = [
     "FSQOutput",
@@ -190,7 +190,7 @@ def fsq_layer_forward(
     project_out : ``Projection(W (C d, dim), b)`` or None
     rotation : (d, d) orthogonal R, applied as ``z R`` before the quantizer and ``z_q R^T`` after it
         (vector-quantize-pytorch's ``orthogonal_rotation``), or None
-    fast : numpy: the projections of :mod:`vqref.ops.fsq_fast` (fewer passes over (N, dim));
+    fast : numpy: the projections of :mod:`vqref.ops.linear_fast` (blocks of rows on worker threads);
         False, or any other library: :mod:`vqref.ops.linear`, the definition
     **fsq_options : preserve_symmetry, hard_clamp, noise (on the (N C, d) rows) for :func:`fsq_forward`
 
@@ -200,7 +200,7 @@ def fsq_layer_forward(
     cache : FSQLayerCache
     """
     xp = B.get_namespace(x)
-    affine = affine_forward_inplace if fast and B.is_numpy(xp) else linear_forward  # the one-line choice
+    affine = affine_forward_blocked if fast and B.is_numpy(xp) else linear_forward  # the one-line choice
     N, C, d = x.shape[0], num_codebooks, len(levels)
     in_cache = out_cache = None
     projected = x  # (N, dim)
@@ -234,7 +234,7 @@ def fsq_layer_backward(dquantized: Array, cache: FSQLayerCache, *, fast: bool = 
     ----------
     dquantized : (N, dim)
     cache : FSQLayerCache
-    fast : numpy: the projections' backward of :mod:`vqref.ops.fsq_fast`; False: the definition
+    fast : numpy: the projections' backward of :mod:`vqref.ops.linear_fast`; False: the definition
 
     Returns
     -------
@@ -243,7 +243,7 @@ def fsq_layer_backward(dquantized: Array, cache: FSQLayerCache, *, fast: bool = 
         projections present (the ``b`` entries only where there is a bias)
     """
     xp = B.get_namespace(dquantized)
-    affine_backward = affine_backward_stacked if fast and B.is_numpy(xp) else linear_backward  # the one-line choice
+    affine_backward = affine_backward_blocked if fast and B.is_numpy(xp) else linear_backward  # the one-line choice
     N = dquantized.shape[0]
     grads = {}
     dcodes = dquantized  # (N, C d)

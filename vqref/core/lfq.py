@@ -61,6 +61,7 @@ from ..ops.lfq import (
     soft_clamp_forward,
 )
 from ..ops.linear import linear_backward, linear_forward
+from ..ops.linear_fast import affine_backward_blocked, affine_forward_blocked
 from ..ops.lookup import lookup_backward, lookup_forward
 from ..ops.losses import commitment_loss_backward, commitment_loss_forward
 from .residual import residual_stack_backward, residual_stack_forward
@@ -91,7 +92,7 @@ class LFQOptions(NamedTuple):
     inv_temperature: float = 100.0
     softplus_offset: float | None = None  # step 9: softplus(L_ent + offset), or None
     cosine_scale: float | None = None  # step 1 is the cosine-similarity map with this scale
-    fast: bool = True  # step 9's fast paths: blocked on numpy, else factorised scores (False: the definition)
+    fast: bool = True  # numpy: steps 1, 9 and 12 blocked (ops.linear_fast, ops.entropy_fast); False: the definition
 
     @property
     def code_value(self) -> float:
@@ -200,13 +201,14 @@ def lfq_forward(
     o = options
     N, C, d, s = x.shape[0], o.num_codebooks, o.codebook_dim, o.codebook_scale
     zero = xp.zeros((), dtype=x.dtype, device=B.get_device(x))
+    affine = affine_forward_blocked if o.fast and B.is_numpy(xp) else linear_forward  # the one-line choice
     # 1. project in
     h, in_cache = x, None
     if params.project_in_W is not None:
         if o.cosine_scale is not None:
             h, in_cache = cosine_linear_forward(x, params.project_in_W, scale=o.cosine_scale)  # (N, C d)
         else:
-            h, in_cache = linear_forward(x, params.project_in_W, params.project_in_b)  # (N, C d)
+            h, in_cache = affine(x, params.project_in_W, params.project_in_b)  # (N, C d)
     # 2. soft clamp
     clamp_cache = None
     if o.soft_clamp is not None:
@@ -256,7 +258,7 @@ def lfq_forward(
     y = xp.reshape(out_rows, (N, C * d))  # (N, C d)
     out_cache = None
     if params.project_out_W is not None:
-        y, out_cache = linear_forward(y, params.project_out_W, params.project_out_b)  # (N, D)
+        y, out_cache = affine(y, params.project_out_W, params.project_out_b)  # (N, D)
     cache = LFQCache(
         o, (N, C, d), in_cache, params.project_in_b is not None, clamp_cache, params.rotation, sphere_cache,
         ent_cache, commit_cache, out_cache, params.project_out_b is not None,
@@ -283,10 +285,11 @@ def lfq_backward(dquantized: Array, daux: Any, cache: LFQCache) -> tuple[Array, 
     o = cache.options
     N, C, d = cache.shape
     grads = {}
+    affine_backward = affine_backward_blocked if o.fast and B.is_numpy(xp) else linear_backward  # the one-line choice
     # 12. project out, rotate back
     dy = dquantized  # (N, D)
     if cache.project_out is not None:
-        dy, grads["project_out_W"], db = linear_backward(dy, cache.project_out)  # (N, C d)
+        dy, grads["project_out_W"], db = affine_backward(dy, cache.project_out)  # (N, C d)
         if cache.has_out_bias:
             grads["project_out_b"] = db
     drows = xp.reshape(dy, (N * C, d))  # (N C, d)
@@ -328,7 +331,7 @@ def lfq_backward(dquantized: Array, daux: Any, cache: LFQCache) -> tuple[Array, 
         if o.cosine_scale is not None:
             dx, grads["project_in_W"] = cosine_linear_backward(dh, cache.project_in)
         else:
-            dx, grads["project_in_W"], db = linear_backward(dh, cache.project_in)
+            dx, grads["project_in_W"], db = affine_backward(dh, cache.project_in)
             if cache.has_in_bias:
                 grads["project_in_b"] = db
     return dx, grads

@@ -87,7 +87,7 @@ backward                                                               JAX refer
 ``vqref.core.residual.residual_stack_backward``                        ``residual.residual_stack``         test_residual_stack_backward
 ``vqref.core.fsq.fsq_backward``                                        ``fsq.fsq``                         test_fsq_core_backward
 ``vqref.core.fsq.fsq_layer_backward``                                  ``fsq.fsq_layer``                   test_fsq_layer_backward
-``vqref.ops.fsq_fast.affine_backward_stacked``                         ``fsq.fsq_layer``                   test_fsq_layer_backward
+``vqref.ops.linear_fast.affine_backward_blocked``                       ``fsq.fsq_layer``                   test_fsq_layer_backward
 ``vqref.core.residual_fsq.residual_fsq_backward``                      ``fsq.residual_fsq``                test_residual_fsq_core_backward
 ``vqref.core.layer.layer_in_backward``                                 ``layer.layer_in``                  test_layer_backwards
 ``vqref.core.layer.layer_out_backward``                                ``layer.layer_out``                 test_layer_backwards
