@@ -27,6 +27,7 @@ from vqref.ops.gumbel import (
     gumbel_noise,
     gumbel_softmax_backward,
     gumbel_softmax_forward,
+    sample_codes,
 )
 from vqref.ops.lfq import code_scores_backward, code_scores_forward, sign_codebook
 from vqref.ops.linear import linear_backward, linear_forward
@@ -133,6 +134,66 @@ def test_blocked_sampling_and_softmax_are_the_definition_bit_for_bit(rng, dtype,
             dl = gumbel_fast.gumbel_softmax_backward_blocked(dy, cache.softmax.p, tau, block=block)
             np.testing.assert_array_equal(dl, gumbel_softmax_backward(dy, cache, fast=False))
     assert gumbel_max_sample(logits, noise, temperature=tau).dtype == np.int64
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("metric", ["euclidean", "dot"])
+@pytest.mark.parametrize("tau", [0.05, 1.0, 7.0])
+def test_sampling_without_logits_is_the_two_steps(rng, monkeypatch, dtype, metric, tau):
+    """sample_codes_blocked: every row's code is that of the blocked logits and the blocked
+    sample, bit for bit (the same blocks, products and steps), on any number of workers; and the
+    definition's (the two public steps with fast=False) on this random problem."""
+    x, codebook = _problem(rng, dtype)
+    if metric == "dot":
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        codebook /= np.linalg.norm(codebook, axis=1, keepdims=True)
+    noise = gumbel_noise((N, K), rng, like=x)
+    definition = sample_codes(x, codebook, noise, temperature=tau, metric=metric, fast=False)
+    logits_def, _ = code_logits_forward(x, codebook, metric=metric, fast=False)
+    np.testing.assert_array_equal(definition, gumbel_max_sample(logits_def, noise, temperature=tau, fast=False))
+    for block in (1, 2 * K + 3, 10**6):  # one row per block, uneven blocks, one block
+        if metric == "euclidean":
+            logits, _ = gumbel_fast.code_logits_forward_blocked(x, codebook, clamp=1e-8, block=block)
+        else:
+            logits = logits_def
+        chain = gumbel_fast.gumbel_max_sample_blocked(logits, noise, temperature=tau, block=block)
+        for W in (1, 2, 3):
+            monkeypatch.setattr(threads, "workers", lambda W=W: W)
+            got = gumbel_fast.sample_codes_blocked(x, codebook, noise, temperature=tau, metric=metric, clamp=1e-8,
+                                                   block=block)  # fmt: skip
+            assert got.dtype == np.int64 and got.shape == (N,)
+            np.testing.assert_array_equal(got, chain)
+            np.testing.assert_array_equal(got, definition)
+    np.testing.assert_array_equal(sample_codes(x, codebook, noise, temperature=tau, metric=metric), definition)
+
+
+def test_sampling_without_logits_forms_no_n_by_k_array(rng):
+    """The fast sample's memory is its blocks: under a quarter of one (N, K) float64 array (the
+    two-step definition allocates several)."""
+    import tracemalloc
+
+    n, k, d = 32768, 256, 8  # blocks of at most 2^20 entries: an eighth of (N, K)
+    x, codebook = rng.standard_normal((n, d)), rng.standard_normal((k, d))
+    noise = gumbel_noise((n, k), rng, like=x)
+    for fast, most in ((True, n * k * 8 // 4), (False, None)):
+        tracemalloc.start()
+        try:
+            sample_codes(x, codebook, noise, temperature=1.0, fast=fast)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        if most is not None:
+            assert peak < most, peak
+        else:
+            assert peak > n * k * 8  # the control: the definition's (N, K) logits are seen
+
+
+def test_sampling_refuses_a_temperature_of_zero_on_both_paths(rng):
+    x, codebook = _problem(rng, np.float64)
+    noise = gumbel_noise((N, K), rng, like=x)
+    for fast in (True, False):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            sample_codes(x, codebook, noise, temperature=0.0, fast=fast)
 
 
 def test_blocked_sampling_breaks_ties_to_the_lowest_index():

@@ -370,6 +370,32 @@ def test_sampling_is_reproducible_per_seed_on_every_backend(bk, rng):
     assert not np.array_equal(ia, other(x.astype(bk.dtype_name))[1])
 
 
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("estimator", ["ste", "rotation", "gumbel", "diversity"])
+def test_a_sample_forms_the_logits_only_for_a_soft_path(bk, rng, cosine, estimator):
+    """With noise, the STE and the rotation trick sample without keeping the logits (their backward
+    never reaches them); the straight-through Gumbel-softmax and the diversity loss keep them.
+    Either way the codes are the sample of the definition, the logits' Gumbel-max."""
+    x, c = _problem(rng, n=40)
+    noise = gumbel_noise((40, K), 7, like=x)
+    kw = dict(rotation_trick=estimator == "rotation", straight_through=estimator == "gumbel",
+              codebook_diversity_loss_weight=0.3 if estimator == "diversity" else 0.0)  # fmt: skip
+    xs, cs, gs = bk.asarray(x), bk.asarray(c), bk.asarray(noise)
+    out, cache = quantize_forward(xs, cs, use_cosine_sim=cosine, sample_codebook_temp=0.7, noise=gs, **kw)
+    assert (cache.logits is None) is (estimator in ("ste", "rotation"))
+    xh, ch = (
+        (x / np.linalg.norm(x, axis=1, keepdims=True), c / np.linalg.norm(c, axis=1, keepdims=True))
+        if cosine
+        else (x, c)
+    )
+    logits, _ = code_logits_forward(xh, ch, metric="dot" if cosine else "euclidean", fast=False)
+    want = gumbel_max_sample(logits, noise, temperature=0.7, fast=False)
+    np.testing.assert_array_equal(bk.np(out.indices), want)
+    assert not np.array_equal(want, np.argmax(logits, axis=1))  # the noise moved some codes: a real sample
+    dx, _ = quantize_backward(bk.asarray(rng.standard_normal((40, D))), bk.asarray(np.float64(1.0)), cache)
+    assert np.all(np.isfinite(bk.np(dx)))
+
+
 def test_sampling_only_in_training_with_a_positive_temperature(rng):
     x = rng.standard_normal((60, D))
     vq = VectorQuantize(D, K, seed=0, dtype="float64", stochastic_sample_codes=True, ema_update=False)

@@ -52,6 +52,7 @@ from ..ops.gumbel import (
     gumbel_max_sample,
     gumbel_softmax_backward,
     gumbel_softmax_forward,
+    sample_codes,
     soft_assignment_backward,
     soft_assignment_forward,
     softmax_backward,
@@ -372,8 +373,9 @@ def quantize_forward(
 
     Notes
     -----
-    The soft paths (noise, ``straight_through``, ``soft_assignment``, the diversity loss) need
-    all N x K logits; the plain nearest-code search never forms them.
+    The soft paths (``straight_through``, ``soft_assignment``, the diversity loss) need all N x K
+    logits; the plain nearest-code search never forms them, nor does a sample whose logits no soft
+    path needs (:func:`vqref.ops.gumbel.sample_codes`).
     """
     xp = B.get_namespace(x, codebook)
     kind = estimator_kind(rotation_trick=rotation_trick, straight_through=straight_through,
@@ -386,12 +388,16 @@ def quantize_forward(
         xh, x_norm = l2norm_forward(x)  # (N, D) unit rows
         ch, c_norm = l2norm_forward(codebook)  # (K, D) unit rows
     logits = logits_cache = None
-    if noise is not None or kind in ("gumbel", "soft") or codebook_diversity_loss_weight > 0:
-        logits, logits_cache = code_logits_forward(xh, ch, metric="dot" if use_cosine_sim else "euclidean")  # (N, K)
-    if indices is None and noise is not None:
-        indices = gumbel_max_sample(logits, noise, temperature=sample_codebook_temp)  # (N,) a sample
+    metric = "dot" if use_cosine_sim else "euclidean"
+    if kind in ("gumbel", "soft") or codebook_diversity_loss_weight > 0:  # a soft path needs the logits
+        logits, logits_cache = code_logits_forward(xh, ch, metric=metric)  # (N, K)
+    if indices is None and noise is not None:  # (N,) a sample; without logits, no (N, K) array but the noise
+        tau = sample_codebook_temp
+        if logits is None:
+            indices = sample_codes(xh, ch, noise, temperature=tau, metric=metric)
+        else:
+            indices = gumbel_max_sample(logits, noise, temperature=tau)
     if indices is None:  # the search returns the lookup's codes ch[k] too (fetched in the same pass)
-        metric = "dot" if use_cosine_sim else "euclidean"
         indices, q = nearest_code(xh, ch, metric=metric, chunk_size=chunk_size, return_codes=True)
         lookup_cache = LookupCache(indices, ch.shape[0])
     else:

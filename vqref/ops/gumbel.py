@@ -63,6 +63,7 @@ __all__ = [
     "gumbel_noise",
     "perturbed_logits",
     "gumbel_max_sample",
+    "sample_codes",
     "GumbelSoftmaxCache",
     "gumbel_softmax_forward",
     "gumbel_softmax_backward",
@@ -246,6 +247,36 @@ def gumbel_max_sample(logits: Array, noise: Array, *, temperature: float, fast: 
         return blocked.gumbel_max_sample_blocked(logits, noise, temperature=temperature)
     s = perturbed_logits(logits, temperature=temperature, noise=noise)  # (N, K)
     return xp.astype(xp.argmax(s, axis=-1), xp.int64)
+
+
+def sample_codes(
+    x: Array, codebook: Array, noise: Array, *, temperature: float, metric: str = "euclidean", fast: bool = True
+) -> Array:
+    """Codes sampled from ``softmax(l / tau)`` for vectors whose logits nothing else needs.
+
+    The definition is the two steps above, :func:`code_logits_forward` and then
+    :func:`gumbel_max_sample`; the straight-through estimator and the rotation trick sample this
+    way (their backward never reaches the logits).
+
+    Parameters
+    ----------
+    x : (N, D) float (unit rows for ``metric="dot"``)
+    codebook : (K, D), x's dtype
+    noise : (N, K) from :func:`gumbel_noise`
+    temperature : tau > 0
+    metric : ``"euclidean"`` or ``"dot"``, as :func:`code_logits_forward`
+    fast : numpy: each block of rows' logits made, perturbed and reduced to their argmax while in
+        cache, no (N, K) array (:func:`vqref.ops.gumbel_fast.sample_codes_blocked`)
+
+    Returns
+    -------
+    indices : (N,) int64 (ties to the lowest index)
+    """
+    if blocked.applies(fast, x, codebook, noise) and temperature > 0 and metric in ("euclidean", "dot"):  # one line
+        return blocked.sample_codes_blocked(x, codebook, noise, temperature=temperature, metric=metric,
+                                            clamp=DISTANCE_CLAMP)  # fmt: skip
+    logits, _ = code_logits_forward(x, codebook, metric=metric, fast=False)  # (N, K)
+    return gumbel_max_sample(logits, noise, temperature=temperature, fast=False)
 
 
 class GumbelSoftmaxCache(NamedTuple):

@@ -42,6 +42,9 @@ input and its result through memory once instead of once per step:
   seven (N, K) arrays);
 * :func:`gumbel_max_sample_blocked`: the perturbed logits of a block and their argmax, without
   the (N, K) array of perturbed logits;
+* :func:`sample_codes_blocked`: both of the above in one pass, for a sample whose logits nothing
+  else needs: each block's logits are made, perturbed and reduced to their argmax in one (b, K)
+  buffer, and no (N, K) array but the noise exists;
 * :func:`gumbel_softmax_forward_blocked` and :func:`gumbel_softmax_backward_blocked`: the
   softmax of the perturbed logits and its vector-Jacobian product;
 * :func:`distance_gradient_blocked`: the gradient of the squared distances from that of the
@@ -71,6 +74,7 @@ __all__ = [
     "gumbel_noise_blocked",
     "code_logits_forward_blocked",
     "gumbel_max_sample_blocked",
+    "sample_codes_blocked",
     "gumbel_softmax_forward_blocked",
     "gumbel_softmax_backward_blocked",
     "distance_gradient_blocked",
@@ -187,8 +191,7 @@ def code_logits_forward_blocked(
     dist = np.empty((N, K), dtype=x.dtype)
     logits = np.empty((N, K), dtype=x.dtype)
     passes = np.empty((N, K), dtype=bool)
-    # a matrix product pays a fixed cost per call: give each about 2^27 multiply-adds
-    rows = min(max(_rows(K, block), _PRODUCT_WORK // (K * x.shape[1] + 1)), _rows(K, 16 * block))
+    rows = _logit_rows(K, x.shape[1], block)
 
     def block_rows(start: int, stop: int) -> None:  # the blocks on worker threads (threads.for_blocks)
         d = dist[start:stop]  # (b, K) a view: written in place
@@ -225,6 +228,74 @@ def gumbel_max_sample_blocked(
         np.argmax(s, axis=-1, out=out[start:stop])
 
     threads.for_blocks(N, _rows(K, block), block_rows)
+    return out
+
+
+def _logit_rows(K: int, D: int, block: int) -> int:
+    """Rows per block of the blocked logits: about ``block`` entries, and 2^27 multiply-adds per
+    matrix product (a product pays a fixed cost per call), at most 16 ``block`` entries."""
+    return min(max(_rows(K, block), _PRODUCT_WORK // (K * D + 1)), _rows(K, 16 * block))
+
+
+def sample_codes_blocked(
+    x: np.ndarray,
+    codebook: np.ndarray,
+    noise: np.ndarray,
+    *,
+    temperature: float,
+    metric: str,
+    clamp: float,
+    block: int = BLOCK_ELEMENTS,
+) -> np.ndarray:
+    """:func:`vqref.ops.gumbel.sample_codes`: the logits of :func:`code_logits_forward_blocked` and
+    the argmax of :func:`gumbel_max_sample_blocked`, block by block in one buffer.
+
+    Every row gets the numbers of those two functions bit for bit: the same centring, the same
+    matrix product per block of rows (the same blocks), the same elementwise steps in order.
+
+    Parameters
+    ----------
+    x : (N, D) numpy float
+    codebook : (K, D), x's dtype
+    noise : (N, K), x's dtype
+    temperature : tau > 0
+    metric : ``"euclidean"`` (``l = -sqrt(max(d^2, clamp))``) or ``"dot"`` (``l = x . c``)
+    clamp : the clamp of the squared distance (1e-8)
+
+    Returns
+    -------
+    indices : (N,) int64
+    """
+    N, K = x.shape[0], codebook.shape[0]
+    euclidean = metric == "euclidean"
+    if euclidean:
+        m = np.mean(codebook, axis=0)  # (D,) the common centre, as the definition
+        cc = codebook - m  # (K, D)
+        c2 = np.sum(cc * cc, axis=1)  # (K,)
+        ccT = cc.T  # (D, K)
+    else:
+        ccT = codebook.T  # (D, K)
+    out = np.empty(N, dtype=np.int64)
+
+    def block_rows(start: int, stop: int) -> None:
+        s = np.empty((stop - start, K), dtype=x.dtype)  # (b, K) the block's logits, then perturbed
+        if euclidean:
+            xc = x[start:stop] - m  # (b, D)
+            np.matmul(xc, ccT, out=s)  # xc . cc
+            s *= -2
+            s += np.sum(xc * xc, axis=1, keepdims=True)  # x2 - 2 xc . cc
+            s += c2
+            np.maximum(s, clamp, out=s)  # max(max(d^2, 0), clamp) in one step: clamp > 0
+            np.sqrt(s, out=s)
+            np.negative(s, out=s)  # (b, K) the logits
+        else:
+            np.matmul(x[start:stop], ccT, out=s)  # (b, K) the logits
+        s -= np.max(s, axis=-1, keepdims=True)
+        s /= temperature
+        s += noise[start:stop]
+        np.argmax(s, axis=-1, out=out[start:stop])
+
+    threads.for_blocks(N, _logit_rows(K, x.shape[1], block), block_rows, blas=True)
     return out
 
 
