@@ -16,6 +16,7 @@ import pytest
 
 import vqref.core.kmeans as kmeans_module
 import vqref.core.kmeans_fast as fast_module
+from vqref import threads
 from vqref.core.kmeans import kmeans, kmeans_inertia, lloyd
 from vqref.core.kmeans_fast import inertia_fused, lloyd_fused
 from vqref.distributed import SingleProcess, run_in_threads
@@ -363,7 +364,7 @@ def test_workers_run_with_one_blas_thread_and_restore_it(rng, monkeypatch):
     x = rng.standard_normal((90, 4))
     with threadpool_limits(2, user_api="blas"):
         before = _blas_threads_now()
-        assert fast_module._blas_threads(fast_module.ThreadpoolController()) == 2  # W follows the BLAS
+        assert fast_module._blas_threads(fast_module.controller()) == 2  # W follows the BLAS
         lloyd_fused(x, x[:5], 2, comm=SingleProcess(), chunk_size=30)  # 90 rows: blocks for 3 workers
         assert _blas_threads_now() == before
     assert len(seen) == 4 and all(all(n == 1 for n in s) for s in seen)  # 2 iterations x 2 workers
@@ -386,10 +387,10 @@ def test_a_failing_worker_releases_the_limit_and_the_lock(rng, monkeypatch):
 
 
 def test_without_threadpoolctl_one_worker(rng, monkeypatch):
-    monkeypatch.setattr(fast_module, "ThreadpoolController", None)
-    assert fast_module._blas_threads(None) == 1
+    monkeypatch.setattr(threads, "ThreadpoolController", None)
+    assert fast_module.controller() is None and fast_module._blas_threads(None) == 1
     calls = []
-    monkeypatch.setattr(fast_module, "ThreadPoolExecutor", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(fast_module, "worker_pool", lambda *a, **k: calls.append(a))
     x = rng.standard_normal((60, 3))
     m, c, _ = lloyd_fused(x, x[:4], 3, comm=SingleProcess())
     assert calls == [] and c.sum() == 60  # no pool was made
@@ -415,8 +416,8 @@ def test_ranks_with_worker_threads(rng):
 def test_default_workers_get_a_block_each(rng, monkeypatch):
     """Without ``workers``, W is the BLAS threads, but no more than there are blocks of rows."""
     made = []
-    real = fast_module.ThreadPoolExecutor
-    monkeypatch.setattr(fast_module, "ThreadPoolExecutor", lambda W, **k: made.append(W) or real(W, **k))
+    real = fast_module.worker_pool
+    monkeypatch.setattr(fast_module, "worker_pool", lambda W: made.append(W) or real(W))
     monkeypatch.setattr(fast_module, "_blas_threads", lambda controller: 3)
     x = rng.standard_normal((100, 3))
     for chunk, expect in ((40, [3]), (50, [2]), (100, []), (None, [])):  # [] : one worker, no pool

@@ -65,7 +65,6 @@ and the updated means are re-normalised.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any, NamedTuple
 
@@ -76,7 +75,7 @@ from ..ops.l2norm import l2norm
 
 # numpy's BLAS threads and the one-thread limit while the workers run: shared with the other
 # fast paths that use worker threads (vqref.threads), so that they cannot overlap either.
-from ..threads import _BLAS_LOCK, ThreadpoolController, block_rows  # noqa: F401 (the lock: for the tests)
+from ..threads import _BLAS_LOCK, block_rows, controller, worker_pool  # noqa: F401 (the lock: for the tests)
 from ..threads import BlasLimit as _BlasLimit
 from ..threads import blas_threads as _blas_threads
 
@@ -182,11 +181,10 @@ class _Passes:
 
     Made once per call: the centred rows ``[x - m, 1]`` and their squared norms (Euclidean),
     the row ranges (worker w takes rows ``bounds[w]:bounds[w + 1]``), each worker's buffers
-    and the thread pool.  :meth:`run` assigns every row to the nearest of
+    and the process's pool of W worker threads (:func:`vqref.threads.worker_pool`).  :meth:`run` assigns every row to the nearest of
     ``means`` (the indices land in ``self.indices``) and returns the sum of the rows' distances
     (cosine: of their chosen similarities) and, with ``sums``, the (K, D) float64 sums of
-    ``x_i - mu_{a_i}`` per cluster.  Use it in a ``with`` block, which shuts the
-    pool down.
+    ``x_i - mu_{a_i}`` per cluster.  Use it in a ``with`` block.
     """
 
     def __init__(self, x, K: int, centre, *, cosine: bool, chunk_size=None, workers=None, sums: bool) -> None:
@@ -198,8 +196,7 @@ class _Passes:
             np.subtract(x, centre, out=self.rows1[:, :D])
             self.rows1[:, D] = 1
             self.norms = np.vecdot(self.rows1[:, :D], self.rows1[:, :D])  # (N,) ||xc_i||^2
-        # A controller made now sees every BLAS loaded so far (libraries may load at any time).
-        self.controller = ThreadpoolController() if ThreadpoolController is not None else None
+        self.controller = controller()  # the process's (numpy's BLAS is loaded with numpy), or None
         rows = int(chunk_size) if chunk_size else block_rows(K)
         if workers:  # as asked, one row at least per worker
             W = max(1, min(int(workers), N))
@@ -211,14 +208,13 @@ class _Passes:
         self.buffers = [_Buffers.make(step, D, K, x.dtype, sums) for _ in range(W)]
         self.indices = np.empty((N,), dtype=np.int64)  # (N,) the assignment of the last pass
         self.codes = np.empty((D + 1, K), dtype=x.dtype)  # (D + 1, K) = [[-2 cc^T], [|cc|^2]]
-        self.pool = ThreadPoolExecutor(W, thread_name_prefix="vqref-kmeans") if W > 1 else None
+        self.pool = worker_pool(W) if W > 1 else None  # the process's pool of W workers (kept)
 
     def __enter__(self) -> _Passes:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
+        self.pool = None  # the shared pool stays up for the next call
 
     def run(self, means: np.ndarray) -> tuple[float, Any]:
         D = self.x.shape[1]
