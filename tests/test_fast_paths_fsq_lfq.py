@@ -188,6 +188,22 @@ def test_sampling_without_logits_forms_no_n_by_k_array(rng):
             assert peak > n * k * 8  # the control: the definition's (N, K) logits are seen
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "dot"])
+def test_sampling_at_a_tiny_temperature_takes_the_nearest_code_in_float32(rng, monkeypatch, metric):
+    """tau = 1e-40 overflows l / tau in float32: each row's largest logit is subtracted first, so
+    the nearest code stays at 0 and the others go to -inf, on both paths and any workers."""
+    x, codebook = _problem(rng, np.float32)
+    noise = gumbel_noise((N, K), rng, like=x)
+    logits, _ = code_logits_forward(x, codebook, metric=metric, fast=False)
+    nearest = np.argmax(logits, axis=1)
+    for W in (1, 2):
+        monkeypatch.setattr(threads, "workers", lambda W=W: W)
+        for fast in (True, False):
+            with np.errstate(over="ignore"):
+                got = sample_codes(x, codebook, noise, temperature=1e-40, metric=metric, fast=fast)
+            np.testing.assert_array_equal(got, nearest)
+
+
 def test_sampling_refuses_a_temperature_of_zero_on_both_paths(rng):
     x, codebook = _problem(rng, np.float64)
     noise = gumbel_noise((N, K), rng, like=x)
@@ -329,6 +345,26 @@ def test_blocked_affine_pair_matches_the_linear_definition(rng, monkeypatch, sma
     for other in results[1:]:  # the partial sums are added in block order: the same numbers on any workers
         for a, w in zip(other, results[0]):
             np.testing.assert_array_equal(a, w)
+
+
+@pytest.mark.parametrize("kind", ["fsq", "lfq"])
+def test_a_projected_module_step_is_the_same_on_one_and_two_workers(rng, monkeypatch, small_affine_blocks, kind):
+    """FSQ's and LFQ's projections on worker threads (blocks of 64 rows here): the module's
+    output, dx and parameter gradients are the same numbers on one worker and on two."""
+    from vqref import LFQ
+
+    x = rng.standard_normal((300, 37)).astype(np.float32)
+    g = rng.standard_normal((300, 37)).astype(np.float32)
+    results = []
+    for W in (1, 2):
+        monkeypatch.setattr(threads, "workers", lambda W=W: W)
+        m = FSQ(levels=[7, 5, 4], dim=37, seed=0) if kind == "fsq" else LFQ(dim=37, codebook_size=16, seed=0)
+        out = m(x)
+        dx = m.backward(g) if kind == "fsq" else m.backward(g, 1.0)
+        results.append([out[0], out[1], dx, *(m.grads[k] for k in sorted(m.grads))])
+    assert len(results[0]) >= 5  # the projections' W and b gradients are among them
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_blocked_affine_sums_every_block(rng, small_affine_blocks):
