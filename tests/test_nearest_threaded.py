@@ -11,6 +11,7 @@ and the fallback without threadpoolctl.
 from __future__ import annotations
 
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -266,6 +267,27 @@ def test_for_blocks_raises_a_worker_s_error_after_all_stopped():
     with pytest.raises(RuntimeError, match="block failed"):
         threads.for_blocks(40, 10, fn, num_workers=2)
     assert sorted(done) == [20, 30]  # the other worker's range was finished; the failing one stopped
+
+
+def test_workers_run_in_the_caller_s_numpy_errstate(rng, monkeypatch):
+    """numpy's errstate is a context variable: the workers of for_blocks, the threaded search and
+    the fused k-means get the caller's (silent under over="ignore", raising under over="raise")."""
+    big = np.full((40, 3), 3e38, dtype=np.float32)
+
+    def overflow(i, j):
+        big[i:j] * np.float32(10)  # overflows float32
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning from a worker would fail here
+        with np.errstate(over="ignore"):
+            threads.for_blocks(40, 10, overflow, num_workers=2)
+    with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+        threads.for_blocks(40, 10, overflow, num_workers=2)
+    assert threads.run_workers(lambda w: np.geterr()["over"], 3) == ["warn"] * 3  # outside: the default
+    with np.errstate(over="raise"):
+        assert threads.run_workers(lambda w: np.geterr()["over"], 3) == ["raise"] * 3
+        x = rng.standard_normal((64, 4))
+        assert nearest_code_threaded(x, x[:5], chunk_size=16, workers=2).shape == (64,)
 
 
 def _on_workers(monkeypatch, W):

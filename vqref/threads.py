@@ -23,6 +23,7 @@ of vqref (it comes with scikit-learn); without it every fast path that uses work
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Callable
@@ -32,7 +33,16 @@ try:  # optional: reads and limits the BLAS threads
 except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn in the test environment
     ThreadpoolController = None
 
-__all__ = ["ThreadpoolController", "blas_threads", "BlasLimit", "worker_pool", "controller", "block_rows", "for_blocks"]
+__all__ = [
+    "ThreadpoolController",
+    "blas_threads",
+    "BlasLimit",
+    "worker_pool",
+    "run_workers",
+    "controller",
+    "block_rows",
+    "for_blocks",
+]
 
 _BLOCK_ELEMENTS = 1 << 19  # numbers in a default score block (2 MiB in float32)
 _MIN_ROWS, _MAX_ROWS = 256, 8192
@@ -100,6 +110,20 @@ def worker_pool(workers: int) -> ThreadPoolExecutor:
         return pool
 
 
+def run_workers(fn: Callable[[int], Any], W: int, pool: ThreadPoolExecutor | None = None) -> list:
+    """``[fn(0), ..., fn(W - 1)]``, each call on a thread of ``pool`` (default :func:`worker_pool`).
+
+    Each call runs in a copy of the caller's context, so that context variables reach the
+    workers -- numpy's ``errstate`` is one: an overflow inside ``np.errstate(over="ignore")``
+    stays silent on the workers too.  Returns when every call is done, with their results in
+    order, or raises the first failed call's exception after all have stopped.
+    """
+    pool = worker_pool(W) if pool is None else pool
+    futures = [pool.submit(contextvars.copy_context().run, fn, w) for w in range(W)]
+    wait(futures)
+    return [f.result() for f in futures]
+
+
 def block_rows(num_codes: int) -> int:
     """Rows per worker block by default: a (n, K) score block of about 2^19 numbers, 256 to 8192 rows.
 
@@ -130,7 +154,8 @@ def for_blocks(
     only rows ``start:stop`` of its outputs and read no row that another block writes; numpy
     releases the GIL inside its elementwise loops, so the blocks run on W cores.  ``blas``: ``fn``
     calls numpy's BLAS (a matrix product per block), which is then held to one thread while the
-    workers run (:class:`BlasLimit`).
+    workers run (:class:`BlasLimit`).  The workers run in copies of the caller's context
+    (:func:`run_workers`).
     """
     step = max(1, int(step))
     blocks = -(-int(N) // step)
@@ -148,10 +173,6 @@ def for_blocks(
     ctl = controller() if blas else None
     if ctl is not None:
         with BlasLimit(ctl):
-            futures = [worker_pool(W).submit(run, w) for w in range(W)]
-            wait(futures)
+            run_workers(run, W)
     else:
-        futures = [worker_pool(W).submit(run, w) for w in range(W)]
-        wait(futures)
-    for f in futures:
-        f.result()
+        run_workers(run, W)

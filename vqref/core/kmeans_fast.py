@@ -75,7 +75,7 @@ from ..ops.l2norm import l2norm
 
 # numpy's BLAS threads and the one-thread limit while the workers run: shared with the other
 # fast paths that use worker threads (vqref.threads), so that they cannot overlap either.
-from ..threads import _BLAS_LOCK, block_rows, controller, worker_pool  # noqa: F401 (the lock: for the tests)
+from ..threads import _BLAS_LOCK, block_rows, controller, run_workers, worker_pool  # noqa: F401 (the lock: tests)
 from ..threads import BlasLimit as _BlasLimit
 from ..threads import blas_threads as _blas_threads
 
@@ -231,7 +231,7 @@ class _Passes:
             return _assign_and_sum(self, rows, means, self.buffers[w])
 
         with _BlasLimit(self.controller) if self.pool else nullcontext():
-            parts = list(self.pool.map(work, range(self.W))) if self.pool else [work(0)]
+            parts = run_workers(work, self.W, self.pool) if self.pool else [work(0)]
         best = sum(p[1] for p in parts)  # in worker order: the same on every run
         sums = parts[0][0]  # (K, D) float64, or None without sum buffers
         for p in parts[1:] if sums is not None else ():

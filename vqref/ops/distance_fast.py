@@ -33,8 +33,6 @@ threads; with threadpoolctl missing, one BLAS thread, or fewer than two blocks o
 
 from __future__ import annotations
 
-from concurrent.futures import wait
-
 import numpy as np
 
 from .. import threads
@@ -131,9 +129,6 @@ def nearest_code_threaded(
         work(0)
     else:
         with threads.BlasLimit(threads.controller()):
-            futures = [threads.worker_pool(W).submit(work, w) for w in range(W)]
-            wait(futures)  # every worker done before the limit is lifted, even if one failed
-        for f in futures:
-            f.result()  # a worker's exception, raised here
+            threads.run_workers(work, W)  # every worker done before the limit is lifted, even if one failed
     out = (indices,) + ((score,) if return_score else ()) + ((gathered,) if return_codes else ())
     return out if len(out) > 1 else indices
