@@ -367,6 +367,37 @@ def test_a_projected_module_step_is_the_same_on_one_and_two_workers(rng, monkeyp
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("kind", ["fsq", "lfq"])
+def test_residual_stacks_projections_fast_match_the_definition(rng, monkeypatch, small_affine_blocks, kind):
+    """ResidualFSQ's and ResidualLFQ's projections: the blocked path (2 workers, 64-row blocks) and
+    the definition (``fast=False``) give the same codes, output, dx and parameter gradients."""
+    from vqref import ResidualFSQ, ResidualLFQ
+    from vqref.core.lfq import residual_lfq_backward, residual_lfq_forward
+    from vqref.core.residual_fsq import residual_fsq_backward, residual_fsq_forward
+
+    monkeypatch.setattr(threads, "workers", lambda: 2)
+    x, g = rng.standard_normal((200, 37)), rng.standard_normal((200, 37))
+    runs = []
+    for fast in (True, False):
+        if kind == "fsq":
+            m = ResidualFSQ(levels=[7, 5, 4], num_quantizers=3, dim=37, dtype="float64", seed=0)
+            out, cache = residual_fsq_forward(x, m.levels, **m._constants(np.float64), fast=fast)
+            dx, grads = residual_fsq_backward(g, cache, fast=fast)
+        else:
+            m = ResidualLFQ(dim=37, codebook_size=16, num_quantizers=3, dtype="float64", seed=0)
+            params, depth_params, options = m._core(np.float64)
+            options = [o._replace(fast=fast) for o in options]
+            out, cache = residual_lfq_forward(x, params, depth_params, options)
+            dx, grads = residual_lfq_backward(g, 1.0, cache)
+        runs.append((out, dx, grads))
+    (o1, dx1, g1), (o2, dx2, g2) = runs
+    assert sorted(g1) == sorted(g2) and len(g1) == 4  # W and b of both projections
+    np.testing.assert_array_equal(o1.indices, o2.indices)
+    np.testing.assert_allclose(o1.quantized, o2.quantized, rtol=1e-12, atol=1e-12)
+    for a, b in [(dx1, dx2)] + [(g1[k], g2[k]) for k in g1]:
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.abs(b).max())
+
+
 def test_blocked_affine_sums_every_block(rng, small_affine_blocks):
     """dW and db collect every block: a gradient nonzero only in the last, partial block still
     reaches them (a loop that dropped a block, or the tail, would give zeros)."""

@@ -308,8 +308,9 @@ def test_a_broken_entropy_backward_fails_the_module_check(bk64, rng, monkeypatch
     assert not check_vjp(fwd, vjp, [xb], dout=daux, guard=guard, raise_on_failure=False).passed
 
 
-def test_core_fast_and_definition_scores_give_the_same_step(bk, rng):
-    x, params, opts = _setup(rng, CONFIGS["cosine-rotated"])
+@pytest.mark.parametrize("name", ["cosine-rotated", "projected"])  # the cosine map; the affine projections
+def test_core_fast_and_definition_scores_give_the_same_step(bk, rng, name):
+    x, params, opts = _setup(rng, CONFIGS[name])
     g = bk.asarray(rng.standard_normal((N, x.shape[1])))
     res = []
     for fast in (True, False):

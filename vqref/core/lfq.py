@@ -414,9 +414,11 @@ def residual_lfq_forward(
     xp = B.get_namespace(x)
     Q = len(depth_options)
     rows = [None] * Q if entropy_rows is None else list(entropy_rows)
+    fast = all(o.fast for o in depth_options) and B.is_numpy(xp)
+    affine = affine_forward_blocked if fast else linear_forward  # the one-line choice, as the depths'
     h, in_cache = x, None
     if params.project_in_W is not None:
-        h, in_cache = linear_forward(x, params.project_in_W, params.project_in_b)  # (N, d)
+        h, in_cache = affine(x, params.project_in_W, params.project_in_b)  # (N, d)
     depth_fns = [
         (lambda r, lp=lp, lo=lo, er=er: lfq_forward(r, lp, lo, entropy_rows=er, loss_rows=loss_rows))
         for lp, lo, er in zip(depth_params, depth_options, rows)
@@ -424,7 +426,7 @@ def residual_lfq_forward(
     stack, caches = residual_stack_forward(h, depth_fns)
     y, out_cache = stack.quantized, None
     if params.project_out_W is not None:
-        y, out_cache = linear_forward(y, params.project_out_W, params.project_out_b)  # (N, D)
+        y, out_cache = affine(y, params.project_out_W, params.project_out_b)  # (N, D)
     out = ResidualLFQOutput(
         y,
         xp.concat([dep.indices for dep in stack.depths], axis=1),  # (N, Q)
@@ -452,13 +454,15 @@ def residual_lfq_backward(dquantized: Array, dlosses: Any, cache: ResidualLFQCac
     dx : (N, D); grads : ``{"project_in_W", "project_in_b", "project_out_W", "project_out_b"}``
     """
     grads = {}
+    fast = all(c.options.fast for c in cache.depths) and B.is_numpy(B.get_namespace(dquantized))
+    affine_backward = affine_backward_blocked if fast else linear_backward  # the one-line choice, as the forward's
     dy = dquantized
     if cache.project_out is not None:
-        dy, grads["project_out_W"], grads["project_out_b"] = linear_backward(dy, cache.project_out)
+        dy, grads["project_out_W"], grads["project_out_b"] = affine_backward(dy, cache.project_out)
     Q = len(cache.depths)
     dl = [dlosses[level] for level in range(Q)] if B.is_array(dlosses) and dlosses.ndim == 1 else [dlosses] * Q
     dh, _ = residual_stack_backward(dy, dl, cache.depths, lfq_backward)
     dx = dh
     if cache.project_in is not None:
-        dx, grads["project_in_W"], grads["project_in_b"] = linear_backward(dh, cache.project_in)
+        dx, grads["project_in_W"], grads["project_in_b"] = affine_backward(dh, cache.project_in)
     return dx, grads

@@ -38,6 +38,7 @@ from .. import backend as B
 from ..backend import Array
 from ..ops.fsq import SoftClampCache, soft_clamp_backward, soft_clamp_forward
 from ..ops.linear import LinearCache, linear_backward, linear_forward
+from ..ops.linear_fast import affine_backward_blocked, affine_forward_blocked
 from .fsq import FSQCache, Projection, fsq_backward, fsq_forward
 from .residual import residual_stack_backward, residual_stack_forward
 
@@ -86,6 +87,7 @@ def residual_fsq_forward(
     soft_clamp: Array | None = None,
     hard_clamp: bool = True,
     noise: list | None = None,
+    fast: bool = True,
 ) -> tuple[ResidualFSQOutput, ResidualFSQCache]:
     """Quantize ``x`` residually in ``num_active`` of Q depths.
 
@@ -99,6 +101,8 @@ def residual_fsq_forward(
     soft_clamp : (d,) c of the soft clamp, or None for none
     hard_clamp : the bound's phi is the clamp (vector-quantize-pytorch's ``bound_hard_clamp``)
     noise : Q' ``(mask, noise)`` pairs for noise dropout (each (N, d)), or None
+    fast : numpy: the projections of :mod:`vqref.ops.linear_fast` (blocks of rows on worker
+        threads); False, or any other library: :mod:`vqref.ops.linear`, the definition
 
     Returns
     -------
@@ -108,10 +112,11 @@ def residual_fsq_forward(
     xp = B.get_namespace(x)
     N, Q = x.shape[0], scales.shape[0]
     active = Q if num_active is None else num_active
+    affine = affine_forward_blocked if fast and B.is_numpy(xp) else linear_forward  # the one-line choice
     in_cache = clamp_cache = out_cache = None
     projected = z = x  # (N, dim)
     if project_in is not None:
-        projected, in_cache = linear_forward(x, project_in.W, project_in.b)  # (N, d)
+        projected, in_cache = affine(x, project_in.W, project_in.b)  # (N, d)
         z = projected
     if soft_clamp is not None:
         z, clamp_cache = soft_clamp_forward(projected, soft_clamp)  # (N, d) within (-c, c)
@@ -129,7 +134,7 @@ def residual_fsq_forward(
     stack, caches = residual_stack_forward(z, [depth(level) for level in range(active)])
     total = stack.quantized  # (N, d)
     if project_out is not None:
-        total, out_cache = linear_forward(total, project_out.W, project_out.b)  # (N, dim)
+        total, out_cache = affine(total, project_out.W, project_out.b)  # (N, dim)
     idx = [o.indices for o in stack.depths]
     idx += [xp.full((N,), -1, dtype=xp.int64, device=B.get_device(x))] * (Q - active)  # skipped depths
     has_bias = any(p is not None and p.b is not None for p in (project_in, project_out))
@@ -143,8 +148,10 @@ def _depth_backward(dquantized: Array, dloss: Any, cache: DepthCache) -> tuple[A
     return dz / cache.scale, None  # through r_l / s_l
 
 
-def residual_fsq_backward(dquantized: Array, cache: ResidualFSQCache) -> tuple[Array, dict]:
+def residual_fsq_backward(dquantized: Array, cache: ResidualFSQCache, *, fast: bool = True) -> tuple[Array, dict]:
     """``dx`` and the projections' gradients for the upstream gradient ``dquantized (N, dim)``.
+
+    ``fast``: numpy: the projections' backward of :mod:`vqref.ops.linear_fast`; False: the definition.
 
     Returns
     -------
@@ -153,16 +160,17 @@ def residual_fsq_backward(dquantized: Array, cache: ResidualFSQCache) -> tuple[A
         projections present (the ``b`` entries only with a bias)
     """
     grads = {}
+    affine_backward = affine_backward_blocked if fast and B.is_numpy(B.get_namespace(dquantized)) else linear_backward
     dtotal = dquantized  # (N, d)
     if cache.project_out is not None:
-        dtotal, grads["project_out.W"], grads["project_out.b"] = linear_backward(dquantized, cache.project_out)
+        dtotal, grads["project_out.W"], grads["project_out.b"] = affine_backward(dquantized, cache.project_out)
     Qa = len(cache.depths)
     dz, _ = residual_stack_backward(dtotal, [None] * Qa, cache.depths, _depth_backward)  # (N, d)
     if cache.soft_clamp is not None:
         dz = soft_clamp_backward(dz, cache.soft_clamp)  # (N, d)
     if cache.project_in is None:
         return dz, grads
-    dx, grads["project_in.W"], grads["project_in.b"] = linear_backward(dz, cache.project_in)
+    dx, grads["project_in.W"], grads["project_in.b"] = affine_backward(dz, cache.project_in)
     if not cache.has_bias:
         grads.pop("project_in.b")
         grads.pop("project_out.b", None)
