@@ -215,18 +215,17 @@ def _sums_are_finite(x: np.ndarray) -> bool:
 
     A contiguous array's blocks of :data:`_FINITE_BLOCK` elements are summed on the worker threads
     (:func:`vqref.threads.for_blocks`); any other array in one sum."""
-    if not x.flags.c_contiguous or x.size <= _FINITE_BLOCK:
-        with np.errstate(over="ignore", invalid="ignore"):  # large finite data may overflow the sum
+    with np.errstate(over="ignore", invalid="ignore"):  # large finite data may overflow a sum (workers too)
+        if not x.flags.c_contiguous or x.size <= _FINITE_BLOCK:
             return bool(np.isfinite(np.sum(x)))
-    flat = x.reshape(-1)  # a view
-    finite = [True] * -(-flat.shape[0] // _FINITE_BLOCK)  # one flag per block
+        flat = x.reshape(-1)  # a view
+        finite = [True] * -(-flat.shape[0] // _FINITE_BLOCK)  # one flag per block
 
-    def block(i: int, j: int) -> None:
-        with np.errstate(over="ignore", invalid="ignore"):  # per thread: errstate is not inherited
+        def block(i: int, j: int) -> None:
             finite[i // _FINITE_BLOCK] = bool(np.isfinite(np.sum(flat[i:j])))
 
-    threads.for_blocks(flat.shape[0], _FINITE_BLOCK, block)
-    return all(finite)
+        threads.for_blocks(flat.shape[0], _FINITE_BLOCK, block)  # the workers run in this errstate
+        return all(finite)
 
 
 def to_float(x: Array) -> float:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextvars
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from typing import Any, Callable
 
 try:  # optional: reads and limits the BLAS threads
@@ -171,8 +172,5 @@ def for_blocks(
             fn(start, min(start + step, N))
 
     ctl = controller() if blas else None
-    if ctl is not None:
-        with BlasLimit(ctl):
-            run_workers(run, W)
-    else:
+    with BlasLimit(ctl) if ctl is not None else nullcontext():
         run_workers(run, W)

@@ -123,21 +123,19 @@ def lloyd_fused(
     objective = np.empty((iters,), dtype=dtype)
     counts = None
     centre = np.zeros((x.shape[1],), dtype=dtype) if cosine else np.mean(means, axis=0)  # (D,) m
-    with _Passes(
-        x, K, centre, cosine=cosine, chunk_size=chunk_size, workers=workers, sums=_sparse is not None
-    ) as passes:
-        for t in range(iters):
-            best, sums = passes.run(means)  # float, (K, D) float64 or None
-            objective[t] = -best if cosine else best  # -sum_i x_i . mu_{a_i} or sum_i ||x_i - mu_{a_i}||^2
-            counts = comm.allreduce_sum(np.bincount(passes.indices, minlength=K))  # (K,) int64, n_k
-            if sums is None:  # no scipy: the definition's second pass over x
-                sums = B.segment_sum(x, passes.indices, K, offsets=means)  # (K, D)
-            sums = comm.allreduce_sum(sums)  # (K, D) S_k over every rank's rows
-            denom = np.maximum(counts, 1)[:, None]  # (K, 1) max(n_k, 1)
-            new_means = (means + sums / denom).astype(dtype)  # (K, D) mu_k + S_k / n_k = s_k / n_k
-            if cosine:
-                new_means = l2norm(new_means)
-            means = np.where((counts > 0)[:, None], new_means, means)  # empty clusters keep theirs
+    passes = _Passes(x, K, centre, cosine=cosine, chunk_size=chunk_size, workers=workers, sums=_sparse is not None)
+    for t in range(iters):
+        best, sums = passes.run(means)  # float, (K, D) float64 or None
+        objective[t] = -best if cosine else best  # -sum_i x_i . mu_{a_i} or sum_i ||x_i - mu_{a_i}||^2
+        counts = comm.allreduce_sum(np.bincount(passes.indices, minlength=K))  # (K,) int64, n_k
+        if sums is None:  # no scipy: the definition's second pass over x
+            sums = B.segment_sum(x, passes.indices, K, offsets=means)  # (K, D)
+        sums = comm.allreduce_sum(sums)  # (K, D) S_k over every rank's rows
+        denom = np.maximum(counts, 1)[:, None]  # (K, 1) max(n_k, 1)
+        new_means = (means + sums / denom).astype(dtype)  # (K, D) mu_k + S_k / n_k = s_k / n_k
+        if cosine:
+            new_means = l2norm(new_means)
+        means = np.where((counts > 0)[:, None], new_means, means)  # empty clusters keep theirs
     return means, counts, comm.allreduce_sum(objective)
 
 
@@ -169,10 +167,8 @@ def inertia_fused(
     if cosine:
         x, means = l2norm(x), l2norm(means)
     centre = np.zeros((x.shape[1],), dtype=x.dtype) if cosine else np.mean(means, axis=0)  # (D,) m
-    with _Passes(
-        x, means.shape[0], centre, cosine=cosine, chunk_size=chunk_size, workers=workers, sums=False
-    ) as passes:
-        best, _ = passes.run(means)
+    passes = _Passes(x, means.shape[0], centre, cosine=cosine, chunk_size=chunk_size, workers=workers, sums=False)
+    best, _ = passes.run(means)
     return np.asarray(-best if cosine else best, dtype=x.dtype)
 
 
@@ -181,10 +177,10 @@ class _Passes:
 
     Made once per call: the centred rows ``[x - m, 1]`` and their squared norms (Euclidean),
     the row ranges (worker w takes rows ``bounds[w]:bounds[w + 1]``), each worker's buffers
-    and the process's pool of W worker threads (:func:`vqref.threads.worker_pool`).  :meth:`run` assigns every row to the nearest of
-    ``means`` (the indices land in ``self.indices``) and returns the sum of the rows' distances
+    and the process's pool of W worker threads (:func:`vqref.threads.worker_pool`).
+    :meth:`run` assigns every row to the nearest of ``means`` (the indices land in ``self.indices``) and returns the sum of the rows' distances
     (cosine: of their chosen similarities) and, with ``sums``, the (K, D) float64 sums of
-    ``x_i - mu_{a_i}`` per cluster.  Use it in a ``with`` block.
+    ``x_i - mu_{a_i}`` per cluster.
     """
 
     def __init__(self, x, K: int, centre, *, cosine: bool, chunk_size=None, workers=None, sums: bool) -> None:
@@ -209,12 +205,6 @@ class _Passes:
         self.indices = np.empty((N,), dtype=np.int64)  # (N,) the assignment of the last pass
         self.codes = np.empty((D + 1, K), dtype=x.dtype)  # (D + 1, K) = [[-2 cc^T], [|cc|^2]]
         self.pool = worker_pool(W) if W > 1 else None  # the process's pool of W workers (kept)
-
-    def __enter__(self) -> _Passes:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.pool = None  # the shared pool stays up for the next call
 
     def run(self, means: np.ndarray) -> tuple[float, Any]:
         D = self.x.shape[1]
